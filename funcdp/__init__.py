@@ -1,0 +1,88 @@
+"""funcdp: a functional differential-privacy engine for PyTorch.
+
+Any `nn.Module` becomes a pure function (`functionalize`); per-example gradients are
+`vmap(grad(loss))`; clipping, aggregation, noise, normalization and accounting are composable
+transforms (`chain`); a train step is a pure function of one state pytree.
+"""
+
+import torch as _torch
+
+from funcdp import accounting, data, optim, random, transforms, tree
+from funcdp.accounting import Ledger, LedgerRecord, calibrate_noise, dpsgd_epsilon, epsilon
+from funcdp.data import Batch, IndexBatch, PoissonLoader, poisson_batches
+from funcdp.functional import functionalize, to_module
+from funcdp.per_sample import per_sample_grads, per_sample_grads_and_losses, per_sample_norms
+from funcdp.train import NonFiniteError, TrainState, make_eval_step, make_train_step
+from funcdp.transforms import (
+    AccountState,
+    BudgetExceededError,
+    BudgetState,
+    GradientTransformation,
+    account,
+    aggregate,
+    budget,
+    chain,
+    clip,
+    gaussian_noise,
+    identity,
+    normalize,
+)
+from funcdp.validate import Finding, fix, validate
+
+__version__ = "0.1.0"
+
+# Let `torch.load` (weights_only, the default) read a saved TrainState.
+_torch.serialization.add_safe_globals(
+    [
+        TrainState,
+        Ledger,
+        LedgerRecord,
+        AccountState,
+        BudgetState,
+        optim.SgdState,
+        optim.AdamState,
+        optim.TorchOptimizerState,
+    ]
+)
+
+__all__ = [
+    "AccountState",
+    "Batch",
+    "BudgetExceededError",
+    "BudgetState",
+    "Finding",
+    "GradientTransformation",
+    "IndexBatch",
+    "Ledger",
+    "LedgerRecord",
+    "NonFiniteError",
+    "PoissonLoader",
+    "TrainState",
+    "account",
+    "accounting",
+    "aggregate",
+    "budget",
+    "calibrate_noise",
+    "chain",
+    "clip",
+    "data",
+    "dpsgd_epsilon",
+    "epsilon",
+    "fix",
+    "functionalize",
+    "gaussian_noise",
+    "identity",
+    "make_eval_step",
+    "make_train_step",
+    "normalize",
+    "optim",
+    "per_sample_grads",
+    "per_sample_grads_and_losses",
+    "per_sample_norms",
+    "poisson_batches",
+    "random",
+    "to_module",
+    "transforms",
+    "tree",
+    "validate",
+]

@@ -1,0 +1,33 @@
+"""Argument checks shared across modules; each error names the argument, value and range."""
+
+from __future__ import annotations
+
+import math
+
+
+def check_sample_rate(sample_rate: float) -> None:
+    """Raises unless 0 < sample_rate <= 1."""
+    if not _is_real(sample_rate) or not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+
+
+def check_noise_multiplier(noise_multiplier: float) -> None:
+    """Raises unless noise_multiplier is a finite number >= 0."""
+    if not _is_real(noise_multiplier) or not 0.0 <= noise_multiplier < math.inf:
+        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+
+
+def check_delta(delta: float) -> None:
+    """Raises unless 0 < delta < 1."""
+    if not _is_real(delta) or not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+
+
+def check_positive(name: str, value: float) -> None:
+    """Raises unless value is a finite number > 0."""
+    if not _is_real(value) or not 0.0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)

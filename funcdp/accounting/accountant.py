@@ -1,0 +1,108 @@
+"""Epsilon and noise calibration for DP-SGD, computed by Google's `dp_accounting`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Literal
+
+import dp_accounting
+from dp_accounting import pld, rdp
+
+from funcdp._checks import check_delta, check_noise_multiplier, check_positive, check_sample_rate
+from funcdp.accounting.ledger import Ledger
+
+Method = Literal["rdp", "pld"]
+
+
+def epsilon(ledger: Ledger, delta: float, method: Method = "rdp") -> float:
+    """The epsilon spent by the mechanisms in `ledger` at this `delta`.
+
+    Args:
+      ledger: the records of the steps taken (`TrainState.ledger`).
+      delta: target delta in (0, 1).
+      method: "rdp" (Renyi DP, as Opacus and TF Privacy report) or "pld" (privacy loss
+        distributions: tighter, slower).
+
+    Returns:
+      epsilon; 0.0 for an empty ledger and inf if any step was released without noise.
+    """
+    check_delta(delta)
+    if not isinstance(ledger, Ledger):
+        raise TypeError(f"ledger must be a funcdp Ledger, got {type(ledger).__name__}")
+    if ledger.steps == 0:
+        return 0.0
+    if any(rec.noise_multiplier == 0 and rec.steps > 0 for rec in ledger.records):
+        return math.inf
+    accountant = _accountant(method)
+    accountant.compose(ledger.to_dp_event())
+    return float(accountant.get_epsilon(delta))
+
+
+def dpsgd_epsilon(
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    method: Method = "rdp",
+) -> float:
+    """Epsilon of `steps` DP-SGD steps with Poisson sampling at `sample_rate`."""
+    return epsilon(Ledger().record(noise_multiplier, sample_rate, steps), delta, method)
+
+
+def calibrate_noise(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    method: Method = "rdp",
+) -> float:
+    """The smallest noise multiplier whose `steps` DP-SGD steps spend at most `target_epsilon`."""
+    check_positive("target_epsilon", target_epsilon)
+    check_delta(delta)
+    check_sample_rate(sample_rate)
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+
+    def event(noise_multiplier: float) -> dp_accounting.DpEvent:
+        return Ledger().record(noise_multiplier, sample_rate, steps).to_dp_event()
+
+    with _quiet_absl():
+        sigma = dp_accounting.calibrate_dp_mechanism(
+            lambda: _accountant(method),
+            event,
+            target_epsilon,
+            delta,
+            bracket_interval=dp_accounting.LowerEndpointAndGuess(1e-3, 1.0),
+            tol=1e-4,
+        )
+    # The search stops within `tol`; step up until the guarantee holds for the returned value.
+    while dpsgd_epsilon(sigma, sample_rate, steps, delta, method) > target_epsilon:
+        sigma *= 1.0 + 1e-4
+    check_noise_multiplier(sigma)
+    return float(sigma)
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    """Silences dp_accounting's warnings about RDP orders it drops while searching for sigma.
+
+    Dropping an order only loosens the bound on a trial sigma; the returned sigma is checked
+    again below with the full accountant.
+    """
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logger.setLevel(level)
+
+
+def _accountant(method: Method) -> dp_accounting.PrivacyAccountant:
+    if method == "rdp":
+        return rdp.RdpAccountant()
+    if method == "pld":
+        return pld.PLDAccountant()
+    raise ValueError(f'method must be "rdp" or "pld", got {method!r}')

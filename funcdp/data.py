@@ -1,0 +1,156 @@
+"""Poisson sampling with fixed shapes: padded batches and a mask of the real rows.
+
+Privacy amplification by subsampling, which the accountant assumes, holds when every example
+joins each batch independently with probability q. The realised batch size is then random; to
+keep tensor shapes fixed, each batch is padded to a bucket size and carries a boolean mask. A
+batch is never truncated: one larger than the bucket is padded to the next multiple of it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from funcdp import random as fdr
+from funcdp._checks import check_sample_rate
+
+
+class IndexBatch(NamedTuple):
+    """Indices of a Poisson batch padded to a bucket size, and the mask of the real rows."""
+
+    indices: torch.Tensor
+    mask: torch.Tensor
+
+
+class Batch(NamedTuple):
+    """A fixed-shape batch: a tuple of input tensors [B, ...] and a bool mask [B]."""
+
+    inputs: tuple[torch.Tensor, ...]
+    mask: torch.Tensor
+
+
+def default_bucket_size(num_examples: int, sample_rate: float) -> int:
+    """A padded size that a Poisson batch exceeds with negligible probability (mean + 6 sd)."""
+    mean = num_examples * sample_rate
+    sd = math.sqrt(num_examples * sample_rate * (1.0 - sample_rate))
+    return max(1, min(num_examples, math.ceil(mean + 6.0 * sd + 1.0)))
+
+
+def poisson_batches(
+    num_examples: int,
+    sample_rate: float,
+    *,
+    key: torch.Tensor,
+    steps: int | None = None,
+    bucket_size: int | None = None,
+    start: int = 0,
+) -> Iterator[IndexBatch]:
+    """Yields Poisson batches of indices into a data set of `num_examples` examples.
+
+    The batch of step t is drawn from `fold_in(key, t)`, so it depends only on the key and t:
+    resuming at `start=t` gives the batches an uninterrupted run would have seen.
+
+    Args:
+      num_examples: size of the data set.
+      sample_rate: probability q that an example joins a batch, in (0, 1].
+      key: a `funcdp.random` key.
+      steps: number of batches; default one epoch, round(1 / q).
+      bucket_size: padded batch size; default `default_bucket_size(num_examples, q)`.
+      start: index of the first step to yield.
+
+    Raises:
+      ValueError: sample_rate outside (0, 1], num_examples < 1, or steps/bucket_size < 1.
+    """
+    check_sample_rate(sample_rate)
+    if not isinstance(num_examples, int) or num_examples < 1:
+        raise ValueError(f"num_examples must be a positive int, got {num_examples!r}")
+    steps = default_steps(sample_rate) if steps is None else steps
+    bucket = default_bucket_size(num_examples, sample_rate) if bucket_size is None else bucket_size
+    if steps < 0 or bucket < 1:
+        raise ValueError(f"steps must be >= 0 and bucket_size >= 1, got {steps!r} and {bucket!r}")
+    for t in range(start, start + steps):
+        chosen = fdr.uniform(fdr.fold_in(key, t), (num_examples,)) < sample_rate
+        indices = chosen.nonzero().flatten()
+        padded = max(bucket, math.ceil(len(indices) / bucket) * bucket)
+        mask = torch.zeros(padded, dtype=torch.bool)
+        mask[: len(indices)] = True
+        # Padding rows point at example 0; the mask removes them from every sum.
+        full = torch.zeros(padded, dtype=torch.long)
+        full[: len(indices)] = indices
+        yield IndexBatch(full, mask)
+
+
+def default_steps(sample_rate: float) -> int:
+    """Steps in one epoch: round(1 / sample_rate)."""
+    return max(1, round(1.0 / sample_rate))
+
+
+class PoissonLoader:
+    """Iterates `Batch(inputs, mask)` of Poisson-sampled, padded batches of a data set.
+
+    `data` is a tuple of tensors sharing their first dimension, or a `torch.utils.data.Dataset`
+    whose items are tuples of tensors. One iteration is `steps` batches (default one epoch).
+    Iterating again continues with new batches; `start` skips steps for resuming.
+    """
+
+    def __init__(
+        self,
+        data: Sequence[torch.Tensor] | torch.utils.data.Dataset,
+        sample_rate: float,
+        *,
+        key: torch.Tensor,
+        steps: int | None = None,
+        bucket_size: int | None = None,
+        start: int = 0,
+    ) -> None:
+        check_sample_rate(sample_rate)
+        self.data = data
+        self.num_examples = _num_examples(data)
+        self.sample_rate = float(sample_rate)
+        self.key = key
+        self.steps = default_steps(sample_rate) if steps is None else steps
+        self.bucket_size = bucket_size
+        self.next_step = start
+
+    @property
+    def expected_batch_size(self) -> float:
+        """q times the data set size: what `normalize` divides by."""
+        return self.sample_rate * self.num_examples
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[Batch]:
+        batches = poisson_batches(
+            self.num_examples,
+            self.sample_rate,
+            key=self.key,
+            steps=self.steps,
+            bucket_size=self.bucket_size,
+            start=self.next_step,
+        )
+        for index_batch in batches:
+            self.next_step += 1
+            yield Batch(_gather(self.data, index_batch.indices), index_batch.mask)
+
+
+def _num_examples(data: Any) -> int:
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, (tuple, list)):
+        return len(data)
+    if not isinstance(data, (tuple, list)) or not data:
+        raise TypeError("data must be a non-empty tuple of tensors or a torch Dataset")
+    sizes = {len(t) for t in data}
+    if len(sizes) != 1:
+        raise ValueError(f"the tensors in data must share their first dimension, got sizes {sorted(sizes)}")
+    return sizes.pop()
+
+
+def _gather(data: Any, indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    if isinstance(data, (tuple, list)):
+        return tuple(t[indices] for t in data)
+    items = [data[i] for i in indices.tolist()]
+    items = [item if isinstance(item, (tuple, list)) else (item,) for item in items]
+    return tuple(torch.stack([torch.as_tensor(x[j]) for x in items]) for j in range(len(items[0])))

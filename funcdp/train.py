@@ -1,0 +1,246 @@
+"""The train state and the pure DP-SGD step built from a loss, a privatizer and an optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import optree
+import torch
+
+from funcdp import random as fdr
+from funcdp.accounting.ledger import Ledger
+from funcdp.data import Batch
+from funcdp.optim import apply_updates
+from funcdp.per_sample import per_sample_grads_and_losses
+from funcdp.transforms.accounting import AccountState
+from funcdp.transforms.aggregation import check_mask
+from funcdp.transforms.base import GradientTransformation, split_at_reduce
+from funcdp.tree import per_example_norms, tree_add
+
+Metrics = dict[str, Any]
+OnNonFinite = Literal["raise", "skip"]
+
+
+class NonFiniteError(FloatingPointError):
+    """A real example of the batch has a non-finite loss or gradient; nothing was changed."""
+
+
+class TrainState(NamedTuple):
+    """Everything a step reads and writes, as one pytree that `torch.save` can write.
+
+    Attributes:
+      params: trainable parameters, keyed as in `named_parameters()`.
+      buffers: buffers (and nothing else), keyed as in `named_buffers()`.
+      opt_state: the optimizer's state.
+      privacy_state: the privatizer's state (a tuple, one entry per transform of the chain).
+      key: the run's key; the step's randomness is `fold_in(key, step)`.
+      step: the number of steps taken.
+    """
+
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    opt_state: Any
+    privacy_state: Any
+    key: torch.Tensor
+    step: int
+
+    @classmethod
+    def create(
+        cls,
+        params: dict[str, torch.Tensor],
+        *,
+        buffers: dict[str, torch.Tensor] | None = None,
+        privatizer: GradientTransformation,
+        optimizer: GradientTransformation,
+        key: torch.Tensor,
+    ) -> TrainState:
+        """The state before the first step: initial optimizer and privacy states, step 0."""
+        fdr.fold_in(key, 0)  # validates the key
+        return cls(
+            params=dict(params),
+            buffers=dict(buffers or {}),
+            opt_state=optimizer.init(params),
+            privacy_state=privatizer.init(params),
+            key=key,
+            step=0,
+        )
+
+    @property
+    def ledger(self) -> Ledger:
+        """The privacy ledger kept by the privatizer's `account` transform."""
+        accounts = optree.tree_leaves(
+            self.privacy_state, is_leaf=lambda node: isinstance(node, AccountState)
+        )
+        accounts = [a for a in accounts if isinstance(a, AccountState)]
+        if len(accounts) != 1:
+            raise ValueError(
+                f"the privatizer must hold exactly one account(sample_rate) transform to keep a "
+                f"ledger, found {len(accounts)}"
+            )
+        return accounts[0].ledger
+
+
+def make_train_step(
+    loss_fn: Callable[..., torch.Tensor],
+    privatizer: GradientTransformation,
+    optimizer: GradientTransformation,
+    *,
+    chunk_size: int | None = None,
+    microbatch_size: int | None = None,
+    on_nonfinite: OnNonFinite = "raise",
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """Builds the pure DP-SGD step `step(state, batch) -> (state, metrics)`.
+
+    Per micro-batch, the per-example gradients of `loss_fn` go through the privatizer up to and
+    including `aggregate()`; the sums are added, and the rest of the privatizer (noise,
+    normalization, accounting) runs once per logical batch. The optimizer then updates the
+    parameters. The input state is never modified.
+
+    Args:
+      loss_fn: `loss_fn(params, buffers, *example)`, the scalar loss of ONE example.
+      privatizer: a `chain(clip(...), aggregate(), gaussian_noise(...), normalize(...),
+        account(...))` or any chain with an `aggregate()`.
+      optimizer: a transform from `funcdp.optim`.
+      chunk_size: vmap at most this many examples at once (bounds activation memory).
+      microbatch_size: split the batch into micro-batches of this many rows, each clipped and
+        summed before the next is differentiated (bounds per-example gradient memory).
+      on_nonfinite: a real example with a non-finite loss or gradient norm either raises
+        `NonFiniteError` ("raise") or returns the state unchanged with `metrics["skipped"]`
+        true ("skip"). Either way the state is unchanged; note that a skipped step is visible
+        and depends on the data, which the DP guarantee does not cover.
+
+    Returns:
+      `step(state, batch)`. Its metrics (loss, clipped_fraction, grad_norm, batch_size) are
+      computed from the private batch WITHOUT noise: use them for monitoring, do not release them.
+    """
+    if on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f'on_nonfinite must be "raise" or "skip", got {on_nonfinite!r}')
+    if microbatch_size is not None and (not isinstance(microbatch_size, int) or microbatch_size < 1):
+        raise ValueError(f"microbatch_size must be a positive int or None, got {microbatch_size!r}")
+    through_sum, after_sum, split = split_at_reduce(privatizer)
+    clip_norm = privatizer.sensitivity
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        inputs, mask = _check_batch(batch)
+        step_key = fdr.fold_in(state.key, state.step)
+        grads_fn = per_sample_grads_and_losses(
+            lambda params, *example: loss_fn(params, state.buffers, *example),
+            chunk_size=chunk_size,
+        )
+        size = mask.shape[0]
+        micro = microbatch_size or size
+        total, losses, norms = None, [], []
+        pre_state = state.privacy_state[:split]
+        for start in range(0, size, micro):
+            rows = slice(start, start + micro)
+            grads, loss = grads_fn(state.params, *(x[rows] for x in inputs))
+            losses.append(loss.detach())
+            norms.append(per_example_norms(grads).detach())
+            if not _all_finite(losses[-1], norms[-1], mask[rows]):
+                if on_nonfinite == "skip":
+                    return state, _skipped_metrics(mask)
+                raise NonFiniteError(
+                    f"step {state.step}: a real example has a non-finite loss or gradient; the "
+                    "state is unchanged (use on_nonfinite='skip' to skip such steps)"
+                )
+            summed, pre_state = through_sum.update(
+                grads, pre_state, state.params, key=step_key, mask=mask[rows]
+            )
+            total = summed if total is None else tree_add(total, summed)
+        private, post_state = after_sum.update(
+            total, state.privacy_state[split:], state.params, key=step_key
+        )
+        updates, opt_state = optimizer.update(private, state.opt_state, state.params)
+        new_state = state._replace(
+            params=apply_updates(state.params, updates),
+            opt_state=opt_state,
+            privacy_state=(*pre_state, *post_state),
+            step=state.step + 1,
+        )
+        return new_state, _metrics(torch.cat(losses), torch.cat(norms), mask, clip_norm)
+
+    return step
+
+
+def make_eval_step(
+    metric_fn: Callable[..., Any], *, chunk_size: int | None = None
+) -> Callable[[TrainState, Batch], dict[str, float]]:
+    """Builds `eval_step(state, batch) -> {name: mean over the real rows}`.
+
+    `metric_fn(params, buffers, *example)` returns a scalar (reported as "loss") or a dict of
+    scalars for ONE example, e.g. `{"loss": ..., "accuracy": ...}`.
+    """
+
+    def as_dict(params, buffers, *example):
+        values = metric_fn(params, buffers, *example)
+        return values if isinstance(values, dict) else {"loss": values}
+
+    def eval_step(state: TrainState, batch: Batch) -> dict[str, float]:
+        inputs, mask = _check_batch(batch)
+        with torch.no_grad():
+            in_dims = (None, None) + (0,) * len(inputs)
+            values = torch.func.vmap(as_dict, in_dims=in_dims, chunk_size=chunk_size)(
+                state.params, state.buffers, *inputs
+            )
+        count = max(int(mask.sum()), 1)
+        return {
+            name: float(torch.where(mask, v.float(), 0.0).sum() / count)
+            for name, v in values.items()
+        }
+
+    return eval_step
+
+
+def _check_batch(batch: Batch) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    if not isinstance(batch, (Batch, tuple)) or len(batch) != 2:
+        raise TypeError("batch must be a funcdp.data.Batch(inputs, mask)")
+    inputs, mask = batch
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+        raise TypeError("batch.inputs must be a non-empty tuple of tensors")
+    size = inputs[0].shape[0] if inputs[0].dim() else 0
+    check_mask(mask, size)
+    for i, x in enumerate(inputs):
+        if x.dim() == 0 or x.shape[0] != size:
+            raise ValueError(
+                f"batch.inputs[{i}] has shape {tuple(x.shape)}, but the mask and inputs[0] have "
+                f"{size} rows: every input needs the same leading (batch) dimension"
+            )
+    if size == 0:
+        raise ValueError("a batch needs at least one row (pad an empty Poisson batch with mask false)")
+    return tuple(inputs), mask
+
+
+def _all_finite(losses: torch.Tensor, norms: torch.Tensor, mask: torch.Tensor) -> bool:
+    mask = mask.to(losses.device)
+    ok = torch.isfinite(losses) & torch.isfinite(norms.to(losses.device))
+    return bool((ok | ~mask).all())
+
+
+def _metrics(
+    losses: torch.Tensor, norms: torch.Tensor, mask: torch.Tensor, clip_norm: float | None
+) -> Metrics:
+    mask = mask.to(losses.device)
+    real = int(mask.sum())
+    denominator = max(real, 1)
+    clipped = (norms > clip_norm) & mask if clip_norm is not None else torch.zeros_like(mask)
+    return {
+        "loss": float(torch.where(mask, losses, 0.0).sum() / denominator),
+        "clipped_fraction": float(clipped.sum() / denominator),
+        "grad_norm": float(torch.where(mask, norms, 0.0).sum() / denominator),
+        "batch_size": real,
+        "skipped": False,
+    }
+
+
+def _skipped_metrics(mask: torch.Tensor) -> Metrics:
+    nan = float("nan")
+    return {
+        "loss": nan,
+        "clipped_fraction": nan,
+        "grad_norm": nan,
+        "batch_size": int(mask.sum()),
+        "skipped": True,
+    }

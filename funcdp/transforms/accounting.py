@@ -1,0 +1,100 @@
+"""Accounting transforms: record each step in the privacy ledger, refuse steps over budget."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from funcdp._checks import check_delta, check_positive, check_sample_rate
+from funcdp.accounting.accountant import Method, epsilon
+from funcdp.accounting.ledger import Ledger
+from funcdp.transforms.base import AGGREGATE, GradientTransformation, PrivacyContext
+
+
+class AccountState(NamedTuple):
+    """The privacy ledger of the steps this chain has released."""
+
+    ledger: Ledger
+
+
+class BudgetState(NamedTuple):
+    """The ledger of the steps this budget has allowed."""
+
+    ledger: Ledger
+
+
+class BudgetExceededError(RuntimeError):
+    """A step would spend more privacy than the budget allows; nothing was released."""
+
+
+def account(sample_rate: float) -> GradientTransformation:
+    """Records one Poisson-subsampled Gaussian step (sigma from upstream, rate q) per update.
+
+    The gradient passes unchanged; the ledger lives in this transform's state, and so in the
+    train state (`TrainState.ledger`), where `funcdp.accounting.epsilon` reads it.
+
+    Raises:
+      ValueError: sample_rate outside (0, 1], or no `gaussian_noise` upstream when chained.
+    """
+    check_sample_rate(sample_rate)
+    sample_rate = float(sample_rate)
+
+    def bind(context: PrivacyContext) -> tuple[GradientTransformation, PrivacyContext]:
+        noise_multiplier = _noise_multiplier_of(context, "account")
+        return _recorder(AccountState, noise_multiplier, sample_rate), context._replace(
+            sample_rate=sample_rate
+        )
+
+    return GradientTransformation(lambda params: AccountState(Ledger()), _unbound, AGGREGATE, bind=bind)
+
+
+def budget(max_epsilon: float, delta: float, method: Method = "rdp") -> GradientTransformation:
+    """Refuses a step that would take epsilon above `max_epsilon`, before anything is released.
+
+    Place it after `account(sample_rate)`; it reads sigma and q from the chain. The check raises
+    `BudgetExceededError` inside the step, so the train step returns no noisy gradient and the
+    state stays as it was.
+
+    Raises:
+      ValueError: max_epsilon is not > 0, delta outside (0, 1), or no `account` upstream.
+    """
+    check_positive("max_epsilon", max_epsilon)
+    check_delta(delta)
+
+    def bind(context: PrivacyContext) -> tuple[GradientTransformation, PrivacyContext]:
+        noise_multiplier = _noise_multiplier_of(context, "budget")
+        if context.sample_rate is None:
+            raise ValueError("budget needs account(sample_rate) upstream in the chain")
+        record = _recorder(BudgetState, noise_multiplier, context.sample_rate)
+
+        def update(updates, state, params=None, *, key=None, mask=None):
+            updates, new_state = record.update(updates, state, params, key=key, mask=mask)
+            spent = epsilon(new_state.ledger, delta, method)
+            if spent > max_epsilon or math.isnan(spent):
+                raise BudgetExceededError(
+                    f"this step would spend epsilon={spent:.4g} at delta={delta:g}, over the "
+                    f"budget max_epsilon={max_epsilon:g}; the step was refused"
+                )
+            return updates, new_state
+
+        return record._replace(update=update), context
+
+    return GradientTransformation(lambda params: BudgetState(Ledger()), _unbound, AGGREGATE, bind=bind)
+
+
+def _recorder(state_type, noise_multiplier: float, sample_rate: float) -> GradientTransformation:
+    def update(updates, state, params=None, *, key=None, mask=None):
+        del params, key, mask
+        return updates, state_type(state.ledger.record(noise_multiplier, sample_rate))
+
+    return GradientTransformation(lambda params: state_type(Ledger()), update, AGGREGATE)
+
+
+def _noise_multiplier_of(context: PrivacyContext, name: str) -> float:
+    if context.noise_multiplier is None:
+        raise ValueError(f"{name} needs gaussian_noise(noise_multiplier) upstream in the chain")
+    return context.noise_multiplier
+
+
+def _unbound(updates, state, params=None, *, key=None, mask=None):
+    raise ValueError("account and budget read sigma from the chain: use them inside chain(...)")

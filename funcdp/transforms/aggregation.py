@@ -1,0 +1,47 @@
+"""Aggregation: the sum over the real examples of a padded batch."""
+
+from __future__ import annotations
+
+import torch
+
+from funcdp.transforms.base import REDUCE, GradientTransformation
+from funcdp.tree import batch_size_of, tree_map
+
+
+def aggregate() -> GradientTransformation:
+    """Sums per-example gradients over the examples where `mask` is true.
+
+    Padded rows (mask false) contribute exactly zero, even if their gradient is NaN or inf: they
+    are selected away, not multiplied by zero. With no mask every row counts.
+    """
+
+    def update(updates, state, params=None, *, key=None, mask=None):
+        del params, key
+        if mask is None:
+            return tree_map(lambda g: g.sum(0), updates), state
+        check_mask(mask, batch_size_of(updates))
+
+        def masked_sum(g: torch.Tensor) -> torch.Tensor:
+            keep = mask.to(g.device).reshape((-1,) + (1,) * (g.dim() - 1))
+            return torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device)).sum(0)
+
+        return tree_map(masked_sum, updates), state
+
+    return GradientTransformation(lambda params: (), update, REDUCE)
+
+
+def check_mask(mask: torch.Tensor, batch_size: int) -> None:
+    """Raises unless `mask` is a bool tensor of shape [batch_size]."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor, got {_describe(mask)}")
+    if tuple(mask.shape) != (batch_size,):
+        raise ValueError(
+            f"mask must have shape ({batch_size},) to fit a batch of {batch_size} rows, "
+            f"got shape {tuple(mask.shape)}"
+        )
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__

@@ -1,0 +1,179 @@
+"""`GradientTransformation`, the privacy context it declares, and `chain`.
+
+A transform is a pair of pure functions, optax-style: `init(params) -> state` and
+`update(updates, state, params=None, *, key=None, mask=None) -> (updates, state)`. Beside them
+it declares where it may stand in a privacy chain:
+
+- `stage`: `"per_example"` (sees and returns a tree of [B, ...] leaves), `"reduce"` (sees
+  per-example leaves, returns one tree: `aggregate()` is the boundary), or `"aggregate"` (sees
+  and returns one tree);
+- `sensitivity`: for a clipping transform, the L2 bound of one example's contribution to the sum;
+- `bind`: for a transform that needs what stands upstream (noise needs the sensitivity, the
+  accountant needs the noise multiplier), a function from the `PrivacyContext` upstream to the
+  concrete transform and the context it passes downstream.
+
+`chain` checks the order once, when it is built, so a misordered pipeline never runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from funcdp import random as fdr
+
+PER_EXAMPLE = "per_example"
+REDUCE = "reduce"
+AGGREGATE = "aggregate"
+STAGES = (PER_EXAMPLE, REDUCE, AGGREGATE)
+
+
+class PrivacyContext(NamedTuple):
+    """What the transforms upstream guarantee, carried down a chain while it is built.
+
+    Attributes:
+      sensitivity: L2 bound of one example's contribution (set by a clipping transform).
+      scale: factor applied to the sum since aggregation (`normalize` divides it).
+      noise_multiplier: sigma of the Gaussian noise added (set by `gaussian_noise`).
+      sample_rate: Poisson sampling rate (set by `account`).
+      reduced: whether `aggregate()` has run, so leaves no longer have a batch dimension.
+    """
+
+    sensitivity: float | None = None
+    scale: float = 1.0
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    reduced: bool = False
+
+
+Bind = Callable[[PrivacyContext], tuple["GradientTransformation", PrivacyContext]]
+
+
+class GradientTransformation(NamedTuple):
+    """A pure gradient transformation and its declared place in a privacy chain.
+
+    Attributes:
+      init: `init(params) -> state`.
+      update: `update(updates, state, params=None, *, key=None, mask=None) -> (updates, state)`.
+      stage: "per_example", "reduce" or "aggregate" (see the module docstring).
+      sensitivity: for clipping transforms, the per-example L2 bound of the contribution.
+      bind: resolves the transform against the context upstream; None if it needs none.
+      parts: for a chain, the transforms it is made of (unbound, in order).
+    """
+
+    init: Callable[[Any], Any]
+    update: Callable[..., tuple[Any, Any]]
+    stage: str = AGGREGATE
+    sensitivity: float | None = None
+    bind: Bind | None = None
+    parts: tuple[GradientTransformation, ...] = ()
+
+
+def identity() -> GradientTransformation:
+    """A transform that changes nothing (stage "aggregate")."""
+
+    def update(updates, state, params=None, *, key=None, mask=None):
+        del params, key, mask
+        return updates, state
+
+    return GradientTransformation(lambda params: (), update)
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Composes transforms in order, checking their stages and carrying sensitivity downstream.
+
+    The state of a chain is a tuple with one entry per transform. Each transform receives its own
+    key, `fold_in(key, index)`, and the chain's mask.
+
+    Raises:
+      ValueError: a per-example transform after aggregation, an aggregate-stage transform
+        before it, two aggregations, or a transform whose `bind` refuses its context (noise
+        without a bounded-sensitivity clip upstream, accounting without noise).
+    """
+    parts = _flatten(transforms)
+    bound, context = bind_parts(parts)
+    init, update = _compose(bound, offset=0)
+    stage = _stage_of(bound)
+    return GradientTransformation(init, update, stage, context.sensitivity, None, parts)
+
+
+def bind_parts(
+    parts: tuple[GradientTransformation, ...],
+) -> tuple[tuple[GradientTransformation, ...], PrivacyContext]:
+    """Checks the order of `parts` and resolves each against the context upstream of it."""
+    context = PrivacyContext()
+    bound = []
+    for index, part in enumerate(parts):
+        if part.stage not in STAGES:
+            raise ValueError(f"transform {index} has unknown stage {part.stage!r}; use one of {STAGES}")
+        if part.stage in (PER_EXAMPLE, REDUCE) and context.reduced:
+            raise ValueError(
+                f"transform {index} works on per-example gradients (stage {part.stage!r}) but stands "
+                "after aggregate(); clip and aggregate before adding noise or normalizing"
+            )
+        if part.stage == AGGREGATE and not context.reduced:
+            raise ValueError(
+                f"transform {index} works on the aggregated gradient but stands before aggregate(); "
+                "put aggregate() between the per-example transforms (clipping) and it"
+            )
+        if part.sensitivity is not None:
+            context = context._replace(sensitivity=float(part.sensitivity))
+        if part.bind is not None:
+            part, context = part.bind(context)
+        if part.stage == REDUCE:
+            context = context._replace(reduced=True)
+        bound.append(part)
+    return tuple(bound), context
+
+
+def split_at_reduce(
+    chain_transform: GradientTransformation,
+) -> tuple[GradientTransformation, GradientTransformation, int]:
+    """Splits a chain into (through `aggregate()`, after it, index of the first part after).
+
+    The train step runs the first half on each micro-batch and sums the results, then the second
+    half once per logical batch, so noise and accounting happen once. States and keys of both
+    halves match those of the whole chain: `state[:index]` and `state[index:]`.
+    """
+    parts = chain_transform.parts or (chain_transform,)
+    bound, _ = bind_parts(parts)
+    reducers = [i for i, part in enumerate(bound) if part.stage == REDUCE]
+    if not reducers:
+        raise ValueError("the privatizer has no aggregate() step; build it with chain(clip(...), aggregate(), ...)")
+    index = reducers[0] + 1
+    first = GradientTransformation(*_compose(bound[:index], offset=0), REDUCE)
+    second = GradientTransformation(*_compose(bound[index:], offset=index), AGGREGATE)
+    return first, second, index
+
+
+def _compose(bound: tuple[GradientTransformation, ...], offset: int):
+    def init(params):
+        return tuple(part.init(params) for part in bound)
+
+    def update(updates, state, params=None, *, key=None, mask=None):
+        if len(state) != len(bound):
+            raise ValueError(f"chain state has {len(state)} entries, expected {len(bound)}")
+        new_state = []
+        for index, (part, part_state) in enumerate(zip(bound, state, strict=True)):
+            part_key = None if key is None else fdr.fold_in(key, offset + index)
+            updates, part_state = part.update(updates, part_state, params, key=part_key, mask=mask)
+            new_state.append(part_state)
+        return updates, tuple(new_state)
+
+    return init, update
+
+
+def _flatten(transforms: tuple[GradientTransformation, ...]) -> tuple[GradientTransformation, ...]:
+    parts = []
+    for t in transforms:
+        if not isinstance(t, GradientTransformation):
+            raise TypeError(f"chain takes GradientTransformations, got {type(t).__name__}")
+        parts.extend(_flatten(t.parts) if t.parts else (t,))
+    return tuple(parts)
+
+
+def _stage_of(bound: tuple[GradientTransformation, ...]) -> str:
+    stages = {part.stage for part in bound}
+    if REDUCE in stages:
+        return REDUCE
+    return PER_EXAMPLE if PER_EXAMPLE in stages else AGGREGATE

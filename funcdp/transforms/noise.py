@@ -1,0 +1,79 @@
+"""Gaussian noise calibrated to the sensitivity declared upstream."""
+
+from __future__ import annotations
+
+import torch
+
+from funcdp import random as fdr
+from funcdp._checks import check_noise_multiplier
+from funcdp.transforms.base import AGGREGATE, GradientTransformation, PrivacyContext
+from funcdp.tree import tree_flatten, tree_unflatten
+
+
+def gaussian_noise(noise_multiplier: float, *, secure: bool = False) -> GradientTransformation:
+    """Adds N(0, (noise_multiplier * C)^2) to every coordinate of the aggregated gradient.
+
+    C is the sensitivity of the clipping transform upstream in the chain (times the scale of any
+    `normalize` between aggregation and noise), so the noise cannot drift from the clip. This is
+    the Gaussian mechanism: with Poisson sampling at rate q, each step is the subsampled Gaussian
+    mechanism that `account(q)` records.
+
+    The noise of a step is drawn from the key the chain hands it, so the same key gives the same
+    noise. With `secure=True` the key is ignored: every draw comes from the operating system's
+    entropy through `funcdp.random.secure_normal`, which resists floating-point attacks.
+
+    Raises:
+      ValueError: noise_multiplier < 0 (when built) or no clipping transform upstream (when
+        chained).
+    """
+    check_noise_multiplier(noise_multiplier)
+    noise_multiplier = float(noise_multiplier)
+
+    def bind(context: PrivacyContext) -> tuple[GradientTransformation, PrivacyContext]:
+        if context.sensitivity is None:
+            raise ValueError(
+                "gaussian_noise needs a transform with bounded sensitivity upstream: put a "
+                "clipping transform such as clip(max_norm) and aggregate() before it"
+            )
+        std = noise_multiplier * context.sensitivity * context.scale
+        bound = GradientTransformation(lambda params: (), _noise_update(std, secure), AGGREGATE)
+        return bound, context._replace(noise_multiplier=noise_multiplier)
+
+    return GradientTransformation(lambda params: (), _unbound_update, AGGREGATE, bind=bind)
+
+
+def add_noise(tree, std: float, key, *, secure: bool = False):
+    """`tree` plus N(0, std^2) on every coordinate, drawn from `key` (or OS entropy if secure)."""
+    leaves, spec = tree_flatten(tree)
+    if std == 0:
+        return tree
+    generators: dict[torch.device, torch.Generator] = {}
+    noisy = []
+    for leaf in leaves:
+        if secure:
+            draw = fdr.secure_normal(leaf.shape, dtype=leaf.dtype, device=leaf.device)
+        else:
+            if leaf.device not in generators:
+                generators[leaf.device] = fdr.generator(key, leaf.device)
+            draw = torch.randn(
+                leaf.shape, generator=generators[leaf.device], dtype=leaf.dtype, device=leaf.device
+            )
+        noisy.append(leaf + std * draw)
+    return tree_unflatten(spec, noisy)
+
+
+def _noise_update(std: float, secure: bool):
+    def update(updates, state, params=None, *, key=None, mask=None):
+        del params, mask
+        if key is None and not secure:
+            raise ValueError("gaussian_noise needs a key: call update(..., key=funcdp.random.key(seed))")
+        return add_noise(updates, std, key, secure=secure), state
+
+    return update
+
+
+def _unbound_update(updates, state, params=None, *, key=None, mask=None):
+    raise ValueError(
+        "gaussian_noise takes its scale from the clipping transform upstream: use it inside "
+        "chain(clip(...), aggregate(), gaussian_noise(...), ...)"
+    )

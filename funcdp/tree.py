@@ -1,0 +1,81 @@
+"""Pytree helpers on optree for trees of tensors (gradients, parameters, states)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import optree
+import torch
+
+PyTree = Any
+
+
+def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
+    """Applies `fn` leaf-wise over one or more trees of the same structure."""
+    return optree.tree_map(fn, tree, *rest)
+
+
+def tree_leaves(tree: PyTree) -> list[Any]:
+    """The leaves of `tree` in optree's canonical order."""
+    return optree.tree_leaves(tree)
+
+
+def tree_flatten(tree: PyTree) -> tuple[list[Any], Any]:
+    """Leaves and the structure to rebuild the tree with `tree_unflatten`."""
+    return optree.tree_flatten(tree)
+
+
+def tree_unflatten(treespec: Any, leaves: list[Any]) -> PyTree:
+    """Rebuilds a tree from its structure and leaves."""
+    return optree.tree_unflatten(treespec, leaves)
+
+
+def tree_zeros_like(tree: PyTree) -> PyTree:
+    """A tree of zero tensors shaped like `tree`."""
+    return tree_map(torch.zeros_like, tree)
+
+
+def tree_add(a: PyTree, b: PyTree) -> PyTree:
+    """Leaf-wise sum of two trees."""
+    return tree_map(torch.add, a, b)
+
+
+def tree_scale(tree: PyTree, factor: float | torch.Tensor) -> PyTree:
+    """Every leaf multiplied by `factor`."""
+    return tree_map(lambda x: x * factor, tree)
+
+
+def tree_clone(tree: PyTree) -> PyTree:
+    """A copy of `tree` whose tensor leaves share no storage with the original."""
+    return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
+
+
+def global_norm(tree: PyTree) -> torch.Tensor:
+    """The L2 norm of all leaves taken together, computed in float32 or wider."""
+    leaves = tree_leaves(tree)
+    if not leaves:
+        return torch.zeros(())
+    squares = [_upcast(x).pow(2).sum() for x in leaves]
+    return torch.stack(squares).sum().sqrt()
+
+
+def per_example_norms(tree: PyTree) -> torch.Tensor:
+    """The L2 norm of each example's slice of a tree whose leaves are [B, ...]; returns [B]."""
+    leaves = tree_leaves(tree)
+    if not leaves:
+        raise ValueError("per_example_norms needs a tree with at least one leaf")
+    squares = [_upcast(x).reshape(x.shape[0], -1).pow(2).sum(1) for x in leaves]
+    return torch.stack(squares).sum(0).sqrt()
+
+
+def batch_size_of(tree: PyTree) -> int:
+    """The shared leading dimension of a per-example tree; raises if the leaves disagree."""
+    sizes = {x.shape[0] for x in tree_leaves(tree)}
+    if len(sizes) != 1:
+        raise ValueError(f"per-example leaves must share their leading dimension, got {sorted(sizes)}")
+    return sizes.pop()
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
