@@ -148,6 +148,8 @@ def make_train_step(
                 grads, pre_state, state.params, key=step_key, mask=mask[rows]
             )
             total = summed if total is None else tree_add(total, summed)
+        if through_sum.finish is not None:  # per-example statistics close once per batch
+            pre_state = through_sum.finish(pre_state, key=step_key)
         private, post_state = after_sum.update(
             total, state.privacy_state[split:], state.params, key=step_key
         )
@@ -223,14 +225,23 @@ def _metrics(
     losses: torch.Tensor, norms: torch.Tensor, mask: torch.Tensor, clip_norm: float | None
 ) -> Metrics:
     mask = mask.to(losses.device)
-    real = int(mask.sum())
-    denominator = max(real, 1)
+    zero = torch.zeros((), dtype=losses.dtype, device=losses.device)
     clipped = (norms > clip_norm) & mask if clip_norm is not None else torch.zeros_like(mask)
+    sums = torch.stack(
+        [
+            mask.sum().to(losses.dtype),
+            torch.where(mask, losses, zero).sum(),
+            clipped.sum().to(losses.dtype),
+            torch.where(mask, norms.to(losses.dtype), zero).sum(),
+        ]
+    )
+    real, loss, clipped_count, norm = sums.tolist()  # one device sync for all metrics
+    denominator = max(real, 1.0)
     return {
-        "loss": float(torch.where(mask, losses, 0.0).sum() / denominator),
-        "clipped_fraction": float(clipped.sum() / denominator),
-        "grad_norm": float(torch.where(mask, norms, 0.0).sum() / denominator),
-        "batch_size": real,
+        "loss": loss / denominator,
+        "clipped_fraction": clipped_count / denominator,
+        "grad_norm": norm / denominator,
+        "batch_size": int(real),
         "skipped": False,
     }
 

@@ -1,0 +1,200 @@
+"""Time one full DP-SGD step of funcdp, Opacus and non-private PyTorch, side by side.
+
+A step is: per-example gradients, clipping at C=1, Gaussian noise with sigma=1, an SGD update.
+Each (model, engine) pair runs in its own subprocess so that peak memory is its own. Printed per
+model: median seconds per step, the ratio to the non-private step of the same run, and peak memory
+(CUDA: max allocated; CPU: growth of the process's max resident set after the model is built).
+
+    python bench/step_time.py                     # all models and engines, on CUDA if available
+    python bench/step_time.py --models mlp cnn --engines nonprivate funcdp opacus-hooks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ENGINES = ["nonprivate", "funcdp", "opacus-hooks", "opacus-functorch", "opacus-ghost"]
+
+
+def _mlp():
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    return model, (torch.randn(256, 64),), torch.randint(0, 10, (256,))
+
+
+def _cnn():
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(), nn.Linear(64 * 16, 10),
+    )
+    return model, (torch.randn(64, 3, 32, 32),), torch.randint(0, 10, (64,))
+
+
+class _Encoder(nn.Module):
+    def __init__(self, vocab=5000, d=128, heads=4, layers=2, classes=2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, tokens):
+        return self.head(self.encoder(self.embed(tokens)).mean(1))
+
+
+def _transformer():
+    return _Encoder(), (torch.randint(0, 5000, (32, 64)),), torch.randint(0, 2, (32,))
+
+
+MODELS = {"mlp": _mlp, "cnn": _cnn, "transformer": _transformer}
+
+
+def _nonprivate_step(model, inputs, targets):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(*inputs), targets).backward()
+        optimizer.step()
+
+    return step
+
+
+def _funcdp_step(model, inputs, targets):
+    import funcdp as fdp
+
+    apply_fn, params, buffers = fdp.functionalize(model)
+    batch = inputs[0].shape[0]
+
+    def loss_fn(params, buffers, x, y):
+        return F.cross_entropy(apply_fn(params, buffers, x[None]), y[None])
+
+    privatizer = fdp.chain(
+        fdp.clip(1.0), fdp.aggregate(), fdp.gaussian_noise(1.0),
+        fdp.normalize(batch), fdp.account(0.01),
+    )
+    optimizer = fdp.optim.sgd(0.1)
+    train_step = fdp.make_train_step(loss_fn, privatizer, optimizer)
+    holder = [fdp.TrainState.create(params, buffers=buffers, privatizer=privatizer,
+                                    optimizer=optimizer, key=fdp.random.key(0))]
+    data = fdp.Batch((*inputs, targets), torch.ones(batch, dtype=torch.bool, device=targets.device))
+
+    def step():
+        holder[0], _ = train_step(holder[0], data)
+
+    return step
+
+
+def _opacus_step(mode):
+    def build(model, inputs, targets):
+        from opacus import PrivacyEngine
+        from opacus.validators import ModuleValidator
+
+        # Opacus needs its own attention layer (DPMultiheadAttention) in place of torch's.
+        model = ModuleValidator.fix(model)
+        dataset = torch.utils.data.TensorDataset(*(t.cpu() for t in inputs), targets.cpu())
+        loader = torch.utils.data.DataLoader(dataset, batch_size=len(targets))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        engine = PrivacyEngine()
+        made = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
+            max_grad_norm=1.0, grad_sample_mode=mode, criterion=nn.CrossEntropyLoss(),
+        )
+        private_model, private_optimizer = made[0], made[1]
+        criterion = made[2] if mode == "ghost" else nn.CrossEntropyLoss()
+
+        def step():
+            private_optimizer.zero_grad(set_to_none=True)
+            criterion(private_model(*inputs), targets).backward()
+            private_optimizer.step()
+
+        return step
+
+    return build
+
+
+BUILDERS = {
+    "nonprivate": _nonprivate_step,
+    "funcdp": _funcdp_step,
+    "opacus-hooks": _opacus_step("hooks"),
+    "opacus-functorch": _opacus_step("functorch"),
+    "opacus-ghost": _opacus_step("ghost"),
+}
+
+
+def run_one(model_name: str, engine: str, device: str, warmup: int, repeats: int) -> dict:
+    """Times one engine on one model in this process; returns a JSON-able record."""
+    torch.manual_seed(0)
+    model, inputs, targets = MODELS[model_name]()
+    model, inputs, targets = model.to(device), tuple(x.to(device) for x in inputs), targets.to(device)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step = BUILDERS[engine](model, inputs, targets)
+    times = []
+    for i in range(warmup + repeats):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    if device == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    return {"model": model_name, "engine": engine, "seconds": statistics.median(times), "peak_mb": peak_mb}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--engines", nargs="+", default=ENGINES, choices=ENGINES)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--one", nargs=2, metavar=("MODEL", "ENGINE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(*args.one, args.device, args.warmup, args.repeats)))
+        return
+    print(f"# {platform.node()} {platform.processor() or platform.machine()}, device={args.device}"
+          f"{' ' + torch.cuda.get_device_name() if args.device == 'cuda' else ''}, "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"# {' '.join(sys.argv)}")
+    print(f"{'model':<12} {'engine':<17} {'s/step':>9} {'x nonpriv':>10} {'peak MB':>9}")
+    for model_name in args.models:
+        baseline = None
+        for engine in args.engines:
+            command = [sys.executable, __file__, "--one", model_name, engine, "--device", args.device,
+                       "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                reason = (done.stderr.strip().splitlines() or ["failed"])[-1][:60]
+                print(f"{model_name:<12} {engine:<17} {'failed: ' + reason}")
+                continue
+            record = json.loads(done.stdout.strip().splitlines()[-1])
+            baseline = record["seconds"] if engine == "nonprivate" else baseline
+            ratio = f"{record['seconds'] / baseline:.2f}" if baseline else "-"
+            print(f"{model_name:<12} {engine:<17} {record['seconds']:>9.4f} {ratio:>10} {record['peak_mb']:>9.1f}")
+
+
+if __name__ == "__main__":
+    main()
