@@ -34,9 +34,7 @@ def functionalize(module: nn.Module) -> tuple[ApplyFn, Params, Params]:
         submodule and points to `funcdp.validate` / `funcdp.fix`.
     """
     _refuse_example_mixing(module)
-    params = {
-        name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad
-    }
+    params = {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
     buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
 
     def apply_fn(params: Params, buffers: Params, *args: Any, **kwargs: Any) -> Any:
@@ -56,8 +54,17 @@ def to_module(module: nn.Module, state: Any) -> nn.Module:
     missing = set(tensors) - set(trained.state_dict(keep_vars=True))
     if missing:
         raise ValueError(f"state holds tensors the module does not have: {sorted(missing)}")
+    own = trained.state_dict(keep_vars=True)
+    wrong = {
+        n: (tuple(v.shape), tuple(own[n].shape))
+        for n, v in tensors.items()
+        if v.shape != own[n].shape
+    }
+    if wrong:
+        raise ValueError(
+            f"state tensors do not fit the module (name: (state shape, module shape)): {wrong}"
+        )
     with torch.no_grad():
-        own = trained.state_dict(keep_vars=True)
         for name, value in tensors.items():
             own[name].copy_(value)
     return trained

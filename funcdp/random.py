@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 _MASK64 = (1 << 64) - 1
+_SPLIT_SALT = 0x6A09E667F3BCC909
 Key = torch.Tensor
 
 
@@ -39,7 +40,14 @@ def split(k: Key, num: int = 2) -> Key:
     _check_key(k)
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
-    return torch.stack([fold_in(k, (1 << 32) + i) for i in range(num)])
+    hi, lo = _words(k)
+    # A salt of its own keeps split's children apart from every fold_in(k, data).
+    return torch.stack(
+        [
+            _from_words(_mix(hi ^ _SPLIT_SALT ^ _mix(i)), _mix(lo + _mix(i ^ _SPLIT_SALT)))
+            for i in range(num)
+        ]
+    )
 
 
 def fold_in(k: Key, data: int) -> Key:
@@ -126,5 +134,6 @@ def _check_key(k: Key) -> None:
     if not isinstance(k, torch.Tensor) or k.dtype != torch.int64 or tuple(k.shape) != (2,):
         raise TypeError(
             "a key must be an int64 tensor of shape [2] made by funcdp.random.key(seed), got "
-            f"{type(k).__name__}" + (f" {k.dtype} {tuple(k.shape)}" if isinstance(k, torch.Tensor) else "")
+            f"{type(k).__name__}"
+            + (f" {k.dtype} {tuple(k.shape)}" if isinstance(k, torch.Tensor) else "")
         )

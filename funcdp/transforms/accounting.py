@@ -45,7 +45,9 @@ def account(sample_rate: float) -> GradientTransformation:
             sample_rate=sample_rate
         )
 
-    return GradientTransformation(lambda params: AccountState(Ledger()), _unbound, AGGREGATE, bind=bind)
+    return GradientTransformation(
+        lambda params: AccountState(Ledger()), _unbound, AGGREGATE, bind=bind
+    )
 
 
 def budget(max_epsilon: float, delta: float, method: Method = "rdp") -> GradientTransformation:
@@ -60,6 +62,8 @@ def budget(max_epsilon: float, delta: float, method: Method = "rdp") -> Gradient
     """
     check_positive("max_epsilon", max_epsilon)
     check_delta(delta)
+    if method not in ("rdp", "pld"):
+        raise ValueError(f'method must be "rdp" or "pld", got {method!r}')
 
     def bind(context: PrivacyContext) -> tuple[GradientTransformation, PrivacyContext]:
         noise_multiplier = _noise_multiplier_of(context, "budget")
@@ -79,7 +83,9 @@ def budget(max_epsilon: float, delta: float, method: Method = "rdp") -> Gradient
 
         return record._replace(update=update), context
 
-    return GradientTransformation(lambda params: BudgetState(Ledger()), _unbound, AGGREGATE, bind=bind)
+    return GradientTransformation(
+        lambda params: BudgetState(Ledger()), _unbound, AGGREGATE, bind=bind
+    )
 
 
 def _recorder(state_type, noise_multiplier: float, sample_rate: float) -> GradientTransformation:
