@@ -1,0 +1,274 @@
+"""Tests for funcdp/accounting/: the ledger, epsilon, dpsgd_epsilon and calibrate_noise."""
+
+from __future__ import annotations
+
+import math
+
+import dp_accounting as dpa
+import pytest
+from dp_accounting import pld, rdp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opacus.accountants import RDPAccountant
+
+from funcdp.accounting import Ledger, LedgerRecord, calibrate_noise, dpsgd_epsilon, epsilon
+
+ACCOUNTANTS = {"rdp": rdp.RdpAccountant, "pld": pld.PLDAccountant}
+
+# (noise_multiplier, sample_rate, steps, delta); moderate settings keep PLD fast.
+SETTINGS = [
+    (1.1, 0.01, 100, 1e-5),
+    (2.0, 0.05, 50, 1e-5),
+    (1.5, 0.02, 200, 1e-6),
+    (0.9, 0.004, 300, 1e-5),
+]
+
+
+def _dpsgd_event(noise_multiplier: float, sample_rate: float, steps: int) -> dpa.DpEvent:
+    return dpa.SelfComposedDpEvent(
+        dpa.PoissonSampledDpEvent(sample_rate, dpa.GaussianDpEvent(noise_multiplier)), steps
+    )
+
+
+def _reference_epsilon(event: dpa.DpEvent, delta: float, method: str) -> float:
+    return ACCOUNTANTS[method]().compose(event).get_epsilon(delta)
+
+
+# ---------------------------------------------------------------- epsilon vs dp_accounting
+
+
+@pytest.mark.parametrize("method", ["rdp", "pld"])
+@pytest.mark.parametrize("noise_multiplier,sample_rate,steps,delta", SETTINGS)
+def test_epsilon_equals_dp_accounting_exactly(noise_multiplier, sample_rate, steps, delta, method):
+    expected = _reference_epsilon(_dpsgd_event(noise_multiplier, sample_rate, steps), delta, method)
+    ledger = Ledger().record(noise_multiplier, sample_rate, steps)
+    assert epsilon(ledger, delta, method) == expected
+    assert dpsgd_epsilon(noise_multiplier, sample_rate, steps, delta, method) == expected
+
+
+@pytest.mark.parametrize("method", ["rdp", "pld"])
+def test_full_batch_epsilon_is_the_plain_gaussian_composition(method):
+    # q = 1 means every example is in every batch: no amplification, no Poisson wrapper.
+    expected = _reference_epsilon(
+        dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(3.0), 5), 1e-5, method
+    )
+    assert dpsgd_epsilon(3.0, 1.0, 5, 1e-5, method) == expected
+
+
+@pytest.mark.parametrize("method", ["rdp", "pld"])
+def test_two_record_ledger_equals_the_composed_event(method):
+    ledger = Ledger().record(1.1, 0.01, 100).record(2.0, 0.05, 50)
+    event = dpa.ComposedDpEvent([_dpsgd_event(1.1, 0.01, 100), _dpsgd_event(2.0, 0.05, 50)])
+    spent = epsilon(ledger, 1e-5, method)
+    assert spent == _reference_epsilon(event, 1e-5, method)
+    if method == "rdp":  # composition spends more than either part alone
+        assert spent > dpsgd_epsilon(1.1, 0.01, 100, 1e-5, method)
+        assert spent > dpsgd_epsilon(2.0, 0.05, 50, 1e-5, method)
+
+
+def test_rdp_matches_opacus_reference_figure():
+    # Opacus's RDP accountant gives 7.329 for this classic setting.
+    assert dpsgd_epsilon(1.5, 0.04, 2250, 1e-5, "rdp") == pytest.approx(7.329, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "noise_multiplier,sample_rate,steps,delta",
+    [
+        (1.5, 0.04, 2250, 1e-5),
+        (1.1, 0.01, 1000, 1e-5),
+        (2.0, 0.1, 300, 1e-5),
+        (0.8, 0.004, 5000, 1e-6),
+    ],
+)
+def test_rdp_matches_opacus_accountant(noise_multiplier, sample_rate, steps, delta):
+    accountant = RDPAccountant()
+    accountant.history = [(noise_multiplier, sample_rate, steps)]
+    expected = accountant.get_epsilon(delta)
+    actual = dpsgd_epsilon(noise_multiplier, sample_rate, steps, delta, "rdp")
+    assert actual == pytest.approx(expected, rel=1e-3)
+
+
+def test_pld_is_no_looser_than_rdp():
+    assert dpsgd_epsilon(1.1, 0.01, 100, 1e-5, "pld") < dpsgd_epsilon(1.1, 0.01, 100, 1e-5, "rdp")
+
+
+def test_empty_ledger_spends_nothing():
+    assert epsilon(Ledger(), 1e-5) == 0.0
+    assert epsilon(Ledger(), 1e-5, "pld") == 0.0
+    assert dpsgd_epsilon(1.0, 0.01, 0, 1e-5) == 0.0
+
+
+@pytest.mark.parametrize("method", ["rdp", "pld"])
+def test_noiseless_step_spends_infinite_epsilon(method):
+    assert dpsgd_epsilon(0.0, 0.01, 10, 1e-5, method) == math.inf
+    mixed = Ledger().record(1.1, 0.01, 100).record(0.0, 0.01, 1)
+    assert epsilon(mixed, 1e-5, method) == math.inf
+
+
+def test_epsilon_grows_with_steps_and_shrinks_with_noise():
+    assert dpsgd_epsilon(1.0, 0.01, 200, 1e-5) > dpsgd_epsilon(1.0, 0.01, 100, 1e-5)
+    assert dpsgd_epsilon(2.0, 0.01, 100, 1e-5) < dpsgd_epsilon(1.0, 0.01, 100, 1e-5)
+
+
+# ---------------------------------------------------------------- the ledger
+
+
+def test_record_merges_equal_records_and_keeps_distinct_ones():
+    ledger = Ledger().record(1.0, 0.01, 3).record(2.0, 0.01).record(1, 0.01, 2)
+    assert ledger.records == (LedgerRecord(1.0, 0.01, 5), LedgerRecord(2.0, 0.01, 1))
+    assert ledger.steps == 6
+    assert Ledger().record(1.0, 0.02).record(1.0, 0.01).records == (
+        LedgerRecord(1.0, 0.02, 1),
+        LedgerRecord(1.0, 0.01, 1),
+    )
+
+
+@settings(max_examples=50, derandomize=True, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([0.5, 1.0, 2.0]), st.sampled_from([0.01, 0.1, 1.0]), st.integers(0, 5)
+        ),
+        max_size=20,
+    )
+)
+def test_record_merge_invariants(entries):
+    ledger = Ledger()
+    for noise_multiplier, sample_rate, steps in entries:
+        ledger = ledger.record(noise_multiplier, sample_rate, steps)
+    keys = [(rec.noise_multiplier, rec.sample_rate) for rec in ledger.records]
+    assert len(keys) == len(set(keys)) == len({(s, q) for s, q, _ in entries})
+    for rec in ledger.records:
+        expected = sum(
+            n for s, q, n in entries if (s, q) == (rec.noise_multiplier, rec.sample_rate)
+        )
+        assert rec.steps == expected
+    assert ledger.steps == sum(n for _, _, n in entries)
+
+
+def test_ledger_is_immutable():
+    ledger = Ledger().record(1.0, 0.01, 3)
+    longer = ledger.record(1.0, 0.01)
+    assert ledger.records == (LedgerRecord(1.0, 0.01, 3),)
+    assert longer.records == (LedgerRecord(1.0, 0.01, 4),)
+    assert isinstance(ledger.records, tuple)
+    with pytest.raises(AttributeError):
+        ledger.records = ()
+    with pytest.raises(AttributeError):
+        ledger.records[0].steps = 10
+
+
+@pytest.mark.parametrize(
+    "args,name",
+    [
+        ((-1.0, 0.01), "noise_multiplier"),
+        ((math.nan, 0.01), "noise_multiplier"),
+        ((math.inf, 0.01), "noise_multiplier"),
+        (("1.0", 0.01), "noise_multiplier"),
+        ((1.0, 0.0), "sample_rate"),
+        ((1.0, 1.5), "sample_rate"),
+        ((1.0, -0.1), "sample_rate"),
+        ((1.0, math.nan), "sample_rate"),
+        ((1.0, 0.01, -1), "steps"),
+        ((1.0, 0.01, 1.5), "steps"),
+    ],
+)
+def test_record_rejects_bad_input(args, name):
+    ledger = Ledger().record(1.0, 0.01)
+    with pytest.raises(ValueError, match=name):
+        ledger.record(*args)
+    assert ledger.records == (LedgerRecord(1.0, 0.01, 1),)
+
+
+def test_to_dp_event_structure():
+    ledger = Ledger().record(1.1, 0.01, 100).record(0.0, 0.5, 2).record(3.0, 1.0, 4)
+    assert ledger.to_dp_event() == dpa.ComposedDpEvent(
+        [
+            _dpsgd_event(1.1, 0.01, 100),
+            dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(0.5, dpa.NonPrivateDpEvent()), 2),
+            dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(3.0), 4),
+        ]
+    )
+    assert Ledger().to_dp_event() == dpa.ComposedDpEvent([])
+
+
+def test_to_dp_event_composes_with_other_mechanisms():
+    ledger = Ledger().record(1.1, 0.01, 100)
+    other = dpa.GaussianDpEvent(5.0)
+    combined = dpa.ComposedDpEvent([ledger.to_dp_event(), other])
+    expected = dpa.ComposedDpEvent([_dpsgd_event(1.1, 0.01, 100), other])
+    assert _reference_epsilon(combined, 1e-5, "rdp") == _reference_epsilon(expected, 1e-5, "rdp")
+
+
+# ---------------------------------------------------------------- calibrate_noise
+
+
+@pytest.mark.parametrize(
+    "target,delta,sample_rate,steps", [(3.0, 1e-5, 0.01, 100), (1.0, 1e-6, 0.02, 500)]
+)
+def test_calibrate_noise_meets_target_tightly(target, delta, sample_rate, steps):
+    sigma = calibrate_noise(target, delta, sample_rate, steps, "rdp")
+    spent = dpsgd_epsilon(sigma, sample_rate, steps, delta, "rdp")
+    assert spent <= target
+    assert spent >= target * (1 - 1e-3)
+    assert dpsgd_epsilon(sigma * 0.99, sample_rate, steps, delta, "rdp") > target
+
+
+# ---------------------------------------------------------------- argument checks
+
+
+@pytest.mark.parametrize("delta", [0.0, 1.0, -1e-5, 1.5, math.nan])
+def test_bad_delta_raises(delta):
+    ledger = Ledger().record(1.0, 0.01)
+    with pytest.raises(ValueError, match="delta"):
+        epsilon(ledger, delta)
+    with pytest.raises(ValueError, match="delta"):
+        epsilon(Ledger(), delta)
+    with pytest.raises(ValueError, match="delta"):
+        dpsgd_epsilon(1.0, 0.01, 10, delta)
+    with pytest.raises(ValueError, match="delta"):
+        calibrate_noise(1.0, delta, 0.01, 10)
+
+
+@pytest.mark.parametrize("sample_rate", [0.0, -0.5, 1.0001, math.nan])
+def test_bad_sample_rate_raises(sample_rate):
+    with pytest.raises(ValueError, match="sample_rate"):
+        dpsgd_epsilon(1.0, sample_rate, 10, 1e-5)
+    with pytest.raises(ValueError, match="sample_rate"):
+        calibrate_noise(1.0, 1e-5, sample_rate, 10)
+
+
+def test_negative_noise_multiplier_raises():
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        dpsgd_epsilon(-0.1, 0.01, 10, 1e-5)
+
+
+def test_bad_method_raises():
+    ledger = Ledger().record(1.0, 0.01)
+    with pytest.raises(ValueError, match="method"):
+        epsilon(ledger, 1e-5, "gdp")
+    with pytest.raises(ValueError, match="method"):
+        dpsgd_epsilon(1.0, 0.01, 10, 1e-5, "RDP")
+    with pytest.raises(ValueError, match="method"):
+        calibrate_noise(1.0, 1e-5, 0.01, 10, "gdp")
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"target_epsilon": 0.0}, "target_epsilon"),
+        ({"target_epsilon": -1.0}, "target_epsilon"),
+        ({"target_epsilon": math.inf}, "target_epsilon"),
+        ({"steps": 0}, "steps"),
+        ({"steps": 2.5}, "steps"),
+    ],
+)
+def test_calibrate_noise_bad_args(kwargs, name):
+    args = {"target_epsilon": 1.0, "delta": 1e-5, "sample_rate": 0.01, "steps": 10, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        calibrate_noise(**args)
+
+
+def test_epsilon_needs_a_ledger():
+    with pytest.raises(TypeError, match="ledger"):
+        epsilon([(1.0, 0.01, 10)], 1e-5)

@@ -1,0 +1,351 @@
+"""Tests for funcdp/train.py: TrainState, make_train_step, make_eval_step (and to_module)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import funcdp as fdp
+from funcdp import optim
+from funcdp.data import Batch, PoissonLoader
+from funcdp.tree import tree_clone, tree_leaves
+
+Q, N = 0.25, 16  # sample rate and data set size: expected batch size 4
+EXPECTED = Q * N
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2))
+    model[1].running_mean.uniform_(-0.5, 0.5)
+    model[1].running_var.uniform_(0.5, 2.0)
+    return model.eval()  # BatchNorm in eval mode reads its buffers and mixes no examples
+
+
+def _setup(noise=1.0, max_norm=1.0, optimizer=None, extra=(), **step_kwargs):
+    model = _model()
+    apply_fn, params, buffers = fdp.functionalize(model)
+
+    def loss_fn(params, buffers, x, y):
+        return F.cross_entropy(apply_fn(params, buffers, x[None]), y[None])
+
+    privatizer = fdp.chain(
+        fdp.clip(max_norm),
+        fdp.aggregate(),
+        fdp.gaussian_noise(noise),
+        fdp.normalize(EXPECTED),
+        fdp.account(Q),
+        *extra,
+    )
+    optimizer = optimizer or optim.sgd(0.5)
+    step = fdp.make_train_step(loss_fn, privatizer, optimizer, **step_kwargs)
+    state = fdp.TrainState.create(
+        params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(0)
+    )
+    return model, apply_fn, loss_fn, state, step
+
+
+def _data(n=N, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, generator=gen), torch.randint(0, 2, (n,), generator=gen)
+
+
+def _batch(rows=6, real=4, seed=1):
+    x, y = _data(rows, seed)
+    return Batch((x, y), torch.arange(rows) < real)
+
+
+def _assert_states_equal(a, b):
+    leaves_a, leaves_b = tree_leaves(a), tree_leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+
+
+def _states_equal(a, b) -> bool:
+    try:
+        _assert_states_equal(a, b)
+    except AssertionError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- the update formula
+
+
+@pytest.mark.parametrize("max_norm", [1e6, 0.3])
+def test_noiseless_step_is_sgd_on_clipped_sum_over_expected_size(max_norm):
+    _, _, loss_fn, state, step = _setup(noise=0.0, max_norm=max_norm)
+    batch = _batch(rows=6, real=3)  # realised size 3, expected size 4: the formula tells them apart
+    new_state, metrics = step(state, batch)
+    # Reference: each real example's gradient by plain autograd, clipped by hand.
+    total = {name: torch.zeros_like(p) for name, p in state.params.items()}
+    clipped = 0
+    for i in range(3):
+        params = {n: p.clone().requires_grad_(True) for n, p in state.params.items()}
+        loss = loss_fn(params, state.buffers, batch.inputs[0][i], batch.inputs[1][i])
+        grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))
+        factor = min(1.0, max_norm / float(norm))
+        clipped += factor < 1.0
+        for name in total:
+            total[name] += factor * grads[name]
+    for name, p in state.params.items():
+        expected = p - 0.5 * total[name] / EXPECTED
+        torch.testing.assert_close(new_state.params[name], expected, atol=1e-6, rtol=0)
+    assert (clipped > 0) == (max_norm < 1.0)  # the small clip really clips
+    assert metrics["clipped_fraction"] == pytest.approx(clipped / 3)
+    assert new_state.step == 1 and new_state.ledger.steps == 1
+
+
+def test_metrics_on_a_hand_made_example():
+    def loss_fn(params, buffers, x, y):
+        return 0.5 * (params["w"] @ x - y) ** 2  # gradient at w = 0: -y * x
+
+    privatizer = fdp.chain(
+        fdp.clip(1.0), fdp.aggregate(), fdp.gaussian_noise(0.0), fdp.normalize(4.0), fdp.account(Q)
+    )
+    optimizer = optim.sgd(1.0)
+    step = fdp.make_train_step(loss_fn, privatizer, optimizer)
+    state = fdp.TrainState.create(
+        {"w": torch.zeros(2)}, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(0)
+    )
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [5.0, 5.0]])
+    y = torch.tensor([0.5, 2.0, 3.0, 100.0])  # gradient norms 0.5, 2, 3; the last row is padding
+    new_state, metrics = step(state, Batch((x, y), torch.tensor([True, True, True, False])))
+    assert metrics["loss"] == pytest.approx(0.5 * (0.25 + 4.0 + 9.0) / 3)
+    assert metrics["clipped_fraction"] == pytest.approx(2 / 3)
+    assert metrics["grad_norm"] == pytest.approx((0.5 + 2.0 + 3.0) / 3)
+    assert metrics["batch_size"] == 3 and metrics["skipped"] is False
+    # Clipped gradients (-0.5, 0), (0, -1), (-0.6, -0.8); sum / 4, times -lr.
+    torch.testing.assert_close(new_state.params["w"], torch.tensor([0.275, 0.45]))
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"microbatch_size": 3}, {"chunk_size": 4}, {"microbatch_size": 4, "chunk_size": 2}]
+)
+def test_microbatches_and_chunks_match_the_plain_step_with_noise(kwargs):
+    *_, state, plain = _setup(noise=1.0)
+    *_, _, split = _setup(noise=1.0, **kwargs)
+    a = b = state
+    for seed in range(3):
+        batch = _batch(rows=10, real=8, seed=seed)
+        a, metrics_a = plain(a, batch)
+        b, metrics_b = split(b, batch)
+        assert metrics_a["loss"] == pytest.approx(metrics_b["loss"], rel=1e-6)
+    for name in a.params:
+        torch.testing.assert_close(a.params[name], b.params[name], atol=1e-6, rtol=0)
+    assert a.ledger == b.ledger == fdp.Ledger().record(1.0, Q, 3)  # noise and account once a batch
+    assert not torch.allclose(a.params["3.weight"], state.params["3.weight"])
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [lambda: optim.adam(1e-2), lambda: optim.from_torch(torch.optim.Adam, lr=1e-2)],
+    ids=["adam", "from_torch"],
+)
+def test_save_load_resume_is_bit_identical(tmp_path, make_optimizer):
+    extra = (fdp.budget(max_epsilon=100.0, delta=1e-5),)
+    *_, state0, step = _setup(noise=1.0, optimizer=make_optimizer(), extra=extra)
+    data, key = _data(), fdp.random.key(7)
+    uninterrupted = state0
+    for batch in PoissonLoader(data, Q, key=key, steps=6):
+        uninterrupted, _ = step(uninterrupted, batch)
+
+    state = state0
+    for batch in PoissonLoader(data, Q, key=key, steps=3):
+        state, _ = step(state, batch)
+    torch.save(state, tmp_path / "state.pt")
+    del state
+    state = torch.load(tmp_path / "state.pt")  # weights_only=True, the default
+    assert isinstance(state, fdp.TrainState) and state.step == 3
+    *_, _, fresh_step = _setup(noise=1.0, optimizer=make_optimizer(), extra=extra)
+    for batch in PoissonLoader(data, Q, key=key, steps=3, start=state.step):
+        state, _ = fresh_step(state, batch)
+
+    _assert_states_equal(state, uninterrupted)
+    assert state.ledger == uninterrupted.ledger and state.ledger.steps == 6
+    assert fdp.epsilon(state.ledger, 1e-5) == fdp.epsilon(uninterrupted.ledger, 1e-5)
+
+
+# ---------------------------------------------------------------- refused input
+
+
+@pytest.mark.parametrize(
+    "make_batch,match",
+    [
+        (lambda b: Batch(b.inputs, b.mask[:-1]), "mask must have shape"),
+        (lambda b: Batch(b.inputs, torch.cat([b.mask, b.mask])), "mask must have shape"),
+        (lambda b: Batch(b.inputs, b.mask.int()), "mask must be a bool"),
+        (lambda b: Batch(b.inputs, b.mask.float()), "mask must be a bool"),
+        (lambda b: Batch((b.inputs[0], b.inputs[1][:-1]), b.mask), r"inputs\[1\]"),
+        (lambda b: Batch((b.inputs[0][:3], b.inputs[1]), b.mask), "mask"),
+    ],
+)
+def test_bad_batch_raises_and_changes_nothing(make_batch, match):
+    *_, state, step = _setup()
+    snapshot = tree_clone(state)
+    with pytest.raises(ValueError, match=match):
+        step(state, make_batch(_batch()))
+    _assert_states_equal(state, snapshot)
+
+
+@pytest.mark.parametrize("microbatch_size", [None, 2])
+def test_nonfinite_real_row_raises_or_skips(microbatch_size):
+    batch = _batch(rows=6, real=4)
+    batch.inputs[0][3, 1] = math.nan  # a real row, in the last micro-batch when split by 2
+    *_, state, raising = _setup(microbatch_size=microbatch_size)
+    *_, _, skipping = _setup(microbatch_size=microbatch_size, on_nonfinite="skip")
+    state, _ = raising(state, _batch(seed=5))  # a step taken, so the state holds a ledger record
+    snapshot = tree_clone(state)
+    with pytest.raises(fdp.NonFiniteError):
+        raising(state, batch)
+    _assert_states_equal(state, snapshot)
+    new_state, metrics = skipping(state, batch)
+    assert metrics["skipped"] is True
+    _assert_states_equal(new_state, snapshot)
+    _assert_states_equal(state, snapshot)
+    assert new_state.step == 1 and new_state.ledger.steps == 1
+
+
+def test_nonfinite_padded_row_changes_nothing():
+    *_, state, step = _setup(noise=1.0)
+    clean = _batch(rows=6, real=4)
+    dirty = Batch(tuple(x.clone() for x in clean.inputs), clean.mask)
+    dirty.inputs[0][4] = math.nan
+    dirty.inputs[0][5] = math.inf
+    expected, expected_metrics = step(state, clean)
+    actual, metrics = step(state, dirty)
+    _assert_states_equal(actual, expected)
+    assert metrics == expected_metrics and math.isfinite(metrics["loss"])
+
+
+# ---------------------------------------------------------------- empty batches, purity, noise
+
+
+def test_empty_batch_adds_noise_is_accounted_and_advances():
+    *_, state, step = _setup(noise=1.0)
+    x, y = _data(4)
+    new_state, metrics = step(state, Batch((x, y), torch.zeros(4, dtype=torch.bool)))
+    assert metrics["batch_size"] == 0 and metrics["loss"] == 0.0
+    assert all(not torch.equal(new_state.params[n], p) for n, p in state.params.items())
+    assert new_state.ledger.steps == 1 and new_state.step == 1
+
+
+def test_step_is_pure_and_noise_depends_on_step_and_key():
+    *_, state, step = _setup(noise=1.0)
+    batch = _batch()
+    snapshot = tree_clone(state)
+    first, metrics_first = step(state, batch)
+    second, metrics_second = step(state, batch)
+    _assert_states_equal(first, second)
+    assert metrics_first == metrics_second
+    _assert_states_equal(state, snapshot)
+    later, _ = step(state._replace(step=5), batch)
+    other_key, _ = step(state._replace(key=fdp.random.key(1)), batch)
+    for name in state.params:
+        assert not torch.equal(later.params[name], first.params[name])
+        assert not torch.equal(other_key.params[name], first.params[name])
+
+
+# ---------------------------------------------------------------- budget, ledger, eval, to_module
+
+
+def test_budget_refuses_the_step_that_would_exceed_it():
+    spent = [fdp.dpsgd_epsilon(1.0, Q, t, 1e-5) for t in (2, 3)]
+    max_epsilon = (spent[0] + spent[1]) / 2
+    *_, state, step = _setup(noise=1.0, extra=(fdp.budget(max_epsilon, delta=1e-5),))
+    for seed in range(2):
+        state, _ = step(state, _batch(seed=seed))
+    snapshot = tree_clone(state)
+    with pytest.raises(fdp.BudgetExceededError, match="epsilon"):
+        step(state, _batch(seed=2))
+    _assert_states_equal(state, snapshot)
+    assert state.step == 2 and state.ledger.steps == 2
+    assert fdp.epsilon(state.ledger, 1e-5) == spent[0] < max_epsilon
+
+
+def test_ledger_needs_exactly_one_account():
+    model = _model()
+    _, params, buffers = fdp.functionalize(model)
+    for privatizer in (
+        fdp.chain(fdp.clip(1.0), fdp.aggregate(), fdp.gaussian_noise(1.0)),
+        fdp.chain(
+            fdp.clip(1.0), fdp.aggregate(), fdp.gaussian_noise(1.0), fdp.account(Q), fdp.account(Q)
+        ),
+    ):
+        state = fdp.TrainState.create(
+            params,
+            buffers=buffers,
+            privatizer=privatizer,
+            optimizer=optim.sgd(0.1),
+            key=fdp.random.key(0),
+        )
+        with pytest.raises(ValueError, match="account"):
+            _ = state.ledger
+
+
+def test_make_train_step_rejects_bad_configuration():
+    _, _, loss_fn, _, _ = _setup()
+    privatizer = fdp.chain(fdp.clip(1.0), fdp.aggregate(), fdp.gaussian_noise(1.0))
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        fdp.make_train_step(loss_fn, privatizer, optim.sgd(0.1), on_nonfinite="ignore")
+    with pytest.raises(ValueError, match="microbatch_size"):
+        fdp.make_train_step(loss_fn, privatizer, optim.sgd(0.1), microbatch_size=0)
+    with pytest.raises(ValueError, match="aggregate"):
+        fdp.make_train_step(loss_fn, fdp.chain(fdp.clip(1.0)), optim.sgd(0.1))
+
+
+def test_eval_step_takes_masked_means():
+    _, apply_fn, _, state, _ = _setup()
+
+    def metric_fn(params, buffers, x, y):
+        logits = apply_fn(params, buffers, x[None])
+        return {
+            "loss": F.cross_entropy(logits, y[None]),
+            "accuracy": (logits.argmax(-1) == y).float()[0],
+        }
+
+    batch = _batch(rows=7, real=5)
+    batch.inputs[0][6] = math.nan  # garbage in a padded row is ignored
+    logits = apply_fn(state.params, state.buffers, batch.inputs[0][:5])
+    expected_loss = F.cross_entropy(logits, batch.inputs[1][:5]).item()
+    expected_accuracy = (logits.argmax(-1) == batch.inputs[1][:5]).float().mean().item()
+    values = fdp.make_eval_step(metric_fn, chunk_size=3)(state, batch)
+    assert values["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    assert values["accuracy"] == pytest.approx(expected_accuracy)
+
+    def scalar_fn(params, buffers, x, y):
+        return metric_fn(params, buffers, x, y)["loss"]
+
+    assert fdp.make_eval_step(scalar_fn)(state, batch) == pytest.approx(
+        {"loss": expected_loss}, rel=1e-5
+    )
+
+
+def test_to_module_round_trip():
+    model, apply_fn, _, state, step = _setup()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    for seed in range(2):
+        state, _ = step(state, _batch(seed=seed))
+    trained = fdp.to_module(model, state)
+    assert trained is not model
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, original[name])  # the input module is untouched
+    own = trained.state_dict()
+    for name, value in {**state.buffers, **state.params}.items():
+        assert torch.equal(own[name], value)
+    x, _ = _data(5)
+    with torch.no_grad():
+        assert torch.equal(trained(x), apply_fn(state.params, state.buffers, x))
+    _, params_again, buffers_again = fdp.functionalize(trained)
+    _assert_states_equal((params_again, buffers_again), (state.params, state.buffers))
+    with pytest.raises(ValueError, match="does not have"):
+        fdp.to_module(model, state._replace(params={**state.params, "extra": torch.zeros(1)}))
