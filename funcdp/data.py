@@ -62,16 +62,23 @@ def poisson_batches(
       start: index of the first step to yield.
 
     Raises:
-      ValueError: sample_rate outside (0, 1], num_examples < 1, or steps/bucket_size < 1.
+      ValueError: sample_rate outside (0, 1], num_examples < 1, steps or start < 0, or
+        bucket_size < 1, raised when called, before any batch is drawn.
     """
     check_sample_rate(sample_rate)
     if not isinstance(num_examples, int) or num_examples < 1:
         raise ValueError(f"num_examples must be a positive int, got {num_examples!r}")
     steps = default_steps(sample_rate) if steps is None else steps
     bucket = default_bucket_size(num_examples, sample_rate) if bucket_size is None else bucket_size
-    if steps < 0 or bucket < 1:
-        raise ValueError(f"steps must be >= 0 and bucket_size >= 1, got {steps!r} and {bucket!r}")
-    for t in range(start, start + steps):
+    _check_counts(steps=steps, bucket_size=bucket, start=start)
+    fdr.fold_in(key, 0)  # validates the key now, not at the first batch
+    return _generate(num_examples, sample_rate, key, range(start, start + steps), bucket)
+
+
+def _generate(
+    num_examples: int, sample_rate: float, key: torch.Tensor, step_range: range, bucket: int
+) -> Iterator[IndexBatch]:
+    for t in step_range:
         chosen = fdr.uniform(fdr.fold_in(key, t), (num_examples,)) < sample_rate
         indices = chosen.nonzero().flatten()
         padded = max(bucket, math.ceil(len(indices) / bucket) * bucket)
@@ -81,6 +88,15 @@ def poisson_batches(
         full = torch.zeros(padded, dtype=torch.long)
         full[: len(indices)] = indices
         yield IndexBatch(full, mask)
+
+
+def _check_counts(**counts: int | None) -> None:
+    for name, value in counts.items():
+        minimum = 1 if name == "bucket_size" else 0
+        if value is None and name != "start":
+            continue  # the default applies
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def default_steps(sample_rate: float) -> int:
@@ -107,6 +123,8 @@ class PoissonLoader:
         start: int = 0,
     ) -> None:
         check_sample_rate(sample_rate)
+        _check_counts(steps=steps, bucket_size=bucket_size, start=start)
+        fdr.fold_in(key, 0)  # validates the key
         self.data = data
         self.num_examples = _num_examples(data)
         self.sample_rate = float(sample_rate)
@@ -144,7 +162,9 @@ def _num_examples(data: Any) -> int:
         raise TypeError("data must be a non-empty tuple of tensors or a torch Dataset")
     sizes = {len(t) for t in data}
     if len(sizes) != 1:
-        raise ValueError(f"the tensors in data must share their first dimension, got sizes {sorted(sizes)}")
+        raise ValueError(
+            f"the tensors in data must share their first dimension, got sizes {sorted(sizes)}"
+        )
     return sizes.pop()
 
 

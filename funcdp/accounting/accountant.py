@@ -29,6 +29,7 @@ def epsilon(ledger: Ledger, delta: float, method: Method = "rdp") -> float:
       epsilon; 0.0 for an empty ledger and inf if any step was released without noise.
     """
     check_delta(delta)
+    _check_method(method)
     if not isinstance(ledger, Ledger):
         raise TypeError(f"ledger must be a funcdp Ledger, got {type(ledger).__name__}")
     if ledger.steps == 0:
@@ -64,18 +65,24 @@ def calibrate_noise(
     check_sample_rate(sample_rate)
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
+    _check_method(method)
 
     def event(noise_multiplier: float) -> dp_accounting.DpEvent:
         return Ledger().record(noise_multiplier, sample_rate, steps).to_dp_event()
 
+    if method == "rdp":
+        bracket = dp_accounting.LowerEndpointAndGuess(1e-3, 1.0)
+    else:
+        # PLD is tighter than RDP, so RDP's sigma bounds PLD's from above; a PLD accountant at a
+        # tiny sigma would need gigabytes, so the search starts from that bound and halves down.
+        upper = calibrate_noise(target_epsilon, delta, sample_rate, steps, "rdp")
+        lower = upper / 2
+        while dpsgd_epsilon(lower, sample_rate, steps, delta, "pld") <= target_epsilon:
+            upper, lower = lower, lower / 2
+        bracket = dp_accounting.ExplicitBracketInterval(lower, upper)
     with _quiet_absl():
         sigma = dp_accounting.calibrate_dp_mechanism(
-            lambda: _accountant(method),
-            event,
-            target_epsilon,
-            delta,
-            bracket_interval=dp_accounting.LowerEndpointAndGuess(1e-3, 1.0),
-            tol=1e-4,
+            lambda: _accountant(method), event, target_epsilon, delta, bracket, tol=1e-4
         )
     # The search stops within `tol`; step up until the guarantee holds for the returned value.
     while dpsgd_epsilon(sigma, sample_rate, steps, delta, method) > target_epsilon:
@@ -101,8 +108,10 @@ def _quiet_absl():
 
 
 def _accountant(method: Method) -> dp_accounting.PrivacyAccountant:
-    if method == "rdp":
-        return rdp.RdpAccountant()
-    if method == "pld":
-        return pld.PLDAccountant()
-    raise ValueError(f'method must be "rdp" or "pld", got {method!r}')
+    _check_method(method)
+    return rdp.RdpAccountant() if method == "rdp" else pld.PLDAccountant()
+
+
+def _check_method(method: str) -> None:
+    if method not in ("rdp", "pld"):
+        raise ValueError(f'method must be "rdp" or "pld", got {method!r}')

@@ -30,7 +30,7 @@ class Ledger(NamedTuple):
         """A new ledger with `steps` more releases at (noise_multiplier, sample_rate)."""
         check_noise_multiplier(noise_multiplier)
         check_sample_rate(sample_rate)
-        if not isinstance(steps, int) or steps < 0:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
             raise ValueError(f"steps must be a non-negative int, got {steps!r}")
         noise_multiplier, sample_rate = float(noise_multiplier), float(sample_rate)
         records = list(self.records)
