@@ -11,21 +11,34 @@ from funcdp import accounting, data, optim, random, transforms, tree
 from funcdp.accounting import Ledger, LedgerRecord, calibrate_noise, dpsgd_epsilon, epsilon
 from funcdp.data import Batch, IndexBatch, PoissonLoader, poisson_batches
 from funcdp.functional import functionalize, to_module
-from funcdp.per_sample import per_sample_grads, per_sample_grads_and_losses, per_sample_norms
+from funcdp.per_sample import (
+    clipped_sum,
+    per_sample_grads,
+    per_sample_grads_and_losses,
+    per_sample_norms,
+)
 from funcdp.train import NonFiniteError, TrainState, make_eval_step, make_train_step
 from funcdp.transforms import (
     AccountState,
+    AdaptiveClipState,
     BudgetExceededError,
     BudgetState,
     GradientTransformation,
+    NonFiniteState,
     account,
+    adaptive_clip,
     aggregate,
     budget,
     chain,
     clip,
+    clip_by,
+    clip_per_layer,
+    flat_factors,
     gaussian_noise,
+    gradient_noise_multiplier,
     identity,
     normalize,
+    normalize_per_example,
 )
 from funcdp.validate import Finding, fix, validate
 
@@ -39,6 +52,8 @@ _torch.serialization.add_safe_globals(
         LedgerRecord,
         AccountState,
         BudgetState,
+        AdaptiveClipState,
+        NonFiniteState,
         optim.SgdState,
         optim.AdamState,
         optim.TorchOptimizerState,
@@ -47,6 +62,7 @@ _torch.serialization.add_safe_globals(
 
 __all__ = [
     "AccountState",
+    "AdaptiveClipState",
     "Batch",
     "BudgetExceededError",
     "BudgetState",
@@ -56,25 +72,33 @@ __all__ = [
     "Ledger",
     "LedgerRecord",
     "NonFiniteError",
+    "NonFiniteState",
     "PoissonLoader",
     "TrainState",
     "account",
     "accounting",
+    "adaptive_clip",
     "aggregate",
     "budget",
     "calibrate_noise",
     "chain",
     "clip",
+    "clip_by",
+    "clip_per_layer",
+    "clipped_sum",
     "data",
     "dpsgd_epsilon",
     "epsilon",
     "fix",
+    "flat_factors",
     "functionalize",
     "gaussian_noise",
+    "gradient_noise_multiplier",
     "identity",
     "make_eval_step",
     "make_train_step",
     "normalize",
+    "normalize_per_example",
     "optim",
     "per_sample_grads",
     "per_sample_grads_and_losses",

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.func import grad, grad_and_value, vmap
 
-from funcdp.tree import per_example_norms
+from funcdp.tree import per_example_norms, tree_map
 
 LossFn = Callable[..., Any]
 
@@ -27,7 +27,7 @@ def per_sample_grads(
       chunk_size: evaluate at most this many examples at once to bound activation memory.
       has_aux: return `(grads, aux)`, with aux stacked over examples.
     """
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     return _over_examples(grad(loss_fn, has_aux=has_aux), chunk_size)
 
 
@@ -35,7 +35,7 @@ def per_sample_grads_and_losses(
     loss_fn: LossFn, *, chunk_size: int | None = None
 ) -> Callable[..., tuple[Any, torch.Tensor]]:
     """Like `per_sample_grads`, returning `(grads, losses)` with losses of shape [B]."""
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     return _over_examples(grad_and_value(loss_fn), chunk_size)
 
 
@@ -62,6 +62,111 @@ def _over_examples(fn: Callable[..., Any], chunk_size: int | None) -> Callable[.
     return mapped
 
 
-def _check_chunk_size(chunk_size: int | None) -> None:
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+def check_chunk_size(chunk_size: int | None) -> None:
+    """Raises unless chunk_size is None or a positive int."""
+    if chunk_size is not None and (
+        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+    ):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def clipped_sum(
+    loss_fn: LossFn,
+    *,
+    max_norm: float | None = None,
+    factor_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    mode: str = "vmap",
+    chunk_size: int | None = None,
+) -> Callable[..., tuple[Any, torch.Tensor]]:
+    """Returns `fn(params, *batch, mask=None) -> (sum_i c_i g_i, norms)` for a flat factor rule.
+
+    c_i = min(1, max_norm / ||g_i||) (flat clipping), or `factor_fn(norms)` for another rule
+    that scales a whole example by one factor (automatic clipping: R / (n + gamma); adaptive
+    flat clipping). Padded rows (mask false) are left out; `norms` is [B] with 0 for them.
+
+    - `mode="vmap"` materialises the per-example gradients [B, ...] (in `chunk_size` chunks of
+      computation), then scales and sums them.
+    - `mode="two_pass"` never holds more than `chunk_size` (default 32) per-example gradients:
+      pass 1 computes the norms chunk by chunk and drops the gradients; pass 2 differentiates
+      sum_i c_i * loss_i once, with the factors held constant. Its memory is that of one
+      ordinary batched backward plus one chunk. Both passes must see the same function, so
+      `loss_fn` must be deterministic: random layers (dropout) raise an error in this mode.
+
+    Raises:
+      ValueError: neither or both of max_norm and factor_fn, max_norm <= 0, an unknown mode, or
+        a bad chunk_size.
+    """
+    if (max_norm is None) == (factor_fn is None):
+        raise ValueError("clipped_sum takes exactly one of max_norm and factor_fn")
+    if max_norm is not None:
+        if not isinstance(max_norm, (int, float)) or not 0 < max_norm < float("inf"):
+            raise ValueError(f"max_norm must be a finite number > 0, got {max_norm!r}")
+        limit = float(max_norm)
+        factor_fn = lambda norms: limit / torch.clamp(norms, min=limit)  # noqa: E731
+    if mode not in ("vmap", "two_pass"):
+        raise ValueError(f'mode must be "vmap" or "two_pass", got {mode!r}')
+    check_chunk_size(chunk_size)
+    if mode == "vmap":
+        return _clipped_sum_vmap(loss_fn, factor_fn, chunk_size)
+    return _clipped_sum_two_pass(loss_fn, factor_fn, chunk_size or 32)
+
+
+def _clipped_sum_vmap(loss_fn, factor_fn, chunk_size):
+    grads_fn = per_sample_grads(loss_fn, chunk_size=chunk_size)
+
+    def fn(params: Any, *batch: Any, mask: torch.Tensor | None = None):
+        grads = grads_fn(params, *batch)
+        norms = per_example_norms(grads)
+        keep = torch.ones_like(norms, dtype=torch.bool) if mask is None else mask.to(norms.device)
+        factors = torch.where(keep, factor_fn(norms), torch.zeros((), dtype=norms.dtype))
+
+        def weighted_sum(g: torch.Tensor) -> torch.Tensor:
+            rows = keep.reshape((-1,) + (1,) * (g.dim() - 1))
+            scaled = g * factors.reshape(rows.shape).to(g.dtype)
+            return torch.where(rows, scaled, torch.zeros((), dtype=g.dtype)).sum(0)
+
+        summed = tree_map(weighted_sum, grads)
+        return summed, torch.where(keep, norms, torch.zeros((), dtype=norms.dtype))
+
+    return fn
+
+
+def _clipped_sum_two_pass(loss_fn, factor_fn, chunk_size):
+    norm_of_example = _deterministic(grad(loss_fn))
+
+    def fn(params: Any, *batch: Any, mask: torch.Tensor | None = None):
+        if not batch:
+            raise ValueError("per-example functions need at least one batched argument")
+        size = batch[0].shape[0]
+        rows = torch.arange(size) if mask is None else torch.nonzero(mask.cpu()).flatten()
+        norms = torch.zeros(size, dtype=torch.float32)
+        real = [x[rows.to(x.device)] for x in batch]
+        parts = []
+        for start in range(0, rows.numel(), chunk_size):  # pass 1: norms, gradients dropped
+            chunk = [x[start : start + chunk_size] for x in real]
+            parts.append(per_example_norms(norm_of_example(params, *chunk)).detach())
+        if not parts:
+            return tree_map(torch.zeros_like, params), norms
+        real_norms = torch.cat(parts)
+        norms = norms.to(real_norms.device, real_norms.dtype)
+        norms[rows.to(norms.device)] = real_norms
+        factors = factor_fn(real_norms).detach()
+        losses_fn = _deterministic(loss_fn)
+
+        def weighted(p):  # pass 2: one backward of sum_i c_i * loss_i
+            losses = losses_fn(p, *real)
+            return (factors.to(losses.dtype) * losses).sum()
+
+        return grad(weighted)(params), norms
+
+    return fn
+
+
+def _deterministic(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` mapped over the examples; random operations raise instead of drawing."""
+
+    def mapped(params: Any, *batch: Any) -> Any:
+        in_dims = (None,) + (0,) * len(batch)
+        return vmap(fn, in_dims=in_dims, randomness="error")(params, *batch)
+
+    return mapped

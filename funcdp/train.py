@@ -12,7 +12,7 @@ from funcdp import random as fdr
 from funcdp.accounting.ledger import Ledger
 from funcdp.data import Batch
 from funcdp.optim import apply_updates
-from funcdp.per_sample import per_sample_grads_and_losses
+from funcdp.per_sample import check_chunk_size, per_sample_grads_and_losses
 from funcdp.transforms.accounting import AccountState
 from funcdp.transforms.aggregation import check_mask
 from funcdp.transforms.base import GradientTransformation, split_at_reduce
@@ -116,8 +116,11 @@ def make_train_step(
     """
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f'on_nonfinite must be "raise" or "skip", got {on_nonfinite!r}')
-    if microbatch_size is not None and (not isinstance(microbatch_size, int) or microbatch_size < 1):
+    if microbatch_size is not None and (
+        not isinstance(microbatch_size, int) or microbatch_size < 1
+    ):
         raise ValueError(f"microbatch_size must be a positive int or None, got {microbatch_size!r}")
+    check_chunk_size(chunk_size)
     through_sum, after_sum, split = split_at_reduce(privatizer)
     clip_norm = privatizer.sensitivity
 
@@ -211,7 +214,9 @@ def _check_batch(batch: Batch) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
                 f"{size} rows: every input needs the same leading (batch) dimension"
             )
     if size == 0:
-        raise ValueError("a batch needs at least one row (pad an empty Poisson batch with mask false)")
+        raise ValueError(
+            "a batch needs at least one row (pad an empty Poisson batch with mask false)"
+        )
     return tuple(inputs), mask
 
 

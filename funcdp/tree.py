@@ -65,7 +65,9 @@ def per_example_norms(tree: PyTree) -> torch.Tensor:
     leaves = tree_leaves(tree)
     if not leaves:
         raise ValueError("per_example_norms needs a tree with at least one leaf")
-    squares = [_upcast(x).reshape(x.shape[0], -1).pow(2).sum(1) for x in leaves]
+    squares = [
+        _upcast(x).flatten(1).pow(2).sum(1) if x.dim() > 1 else _upcast(x).pow(2) for x in leaves
+    ]
     return torch.stack(squares).sum(0).sqrt()
 
 
@@ -73,7 +75,9 @@ def batch_size_of(tree: PyTree) -> int:
     """The shared leading dimension of a per-example tree; raises if the leaves disagree."""
     sizes = {x.shape[0] for x in tree_leaves(tree)}
     if len(sizes) != 1:
-        raise ValueError(f"per-example leaves must share their leading dimension, got {sorted(sizes)}")
+        raise ValueError(
+            f"per-example leaves must share their leading dimension, got {sorted(sizes)}"
+        )
     return sizes.pop()
 
 

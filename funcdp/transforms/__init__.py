@@ -7,6 +7,7 @@ from funcdp.transforms.accounting import (
     account,
     budget,
 )
+from funcdp.transforms.adaptive_clipping import AdaptiveClipState, adaptive_clip
 from funcdp.transforms.aggregation import aggregate
 from funcdp.transforms.base import (
     AGGREGATE,
@@ -17,8 +18,15 @@ from funcdp.transforms.base import (
     chain,
     identity,
 )
-from funcdp.transforms.clipping import clip
-from funcdp.transforms.noise import gaussian_noise
+from funcdp.transforms.clipping import (
+    NonFiniteState,
+    clip,
+    clip_by,
+    clip_per_layer,
+    flat_factors,
+    normalize_per_example,
+)
+from funcdp.transforms.noise import gaussian_noise, gradient_noise_multiplier
 from funcdp.transforms.normalization import normalize
 
 __all__ = [
@@ -26,16 +34,24 @@ __all__ = [
     "PER_EXAMPLE",
     "REDUCE",
     "AccountState",
+    "AdaptiveClipState",
     "BudgetExceededError",
     "BudgetState",
     "GradientTransformation",
+    "NonFiniteState",
     "PrivacyContext",
     "account",
+    "adaptive_clip",
     "aggregate",
     "budget",
     "chain",
     "clip",
+    "clip_by",
+    "clip_per_layer",
+    "flat_factors",
     "gaussian_noise",
+    "gradient_noise_multiplier",
     "identity",
     "normalize",
+    "normalize_per_example",
 ]

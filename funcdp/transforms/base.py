@@ -10,7 +10,11 @@ it declares where it may stand in a privacy chain:
 - `sensitivity`: for a clipping transform, the L2 bound of one example's contribution to the sum;
 - `bind`: for a transform that needs what stands upstream (noise needs the sensitivity, the
   accountant needs the noise multiplier), a function from the `PrivacyContext` upstream to the
-  concrete transform and the context it passes downstream.
+  concrete transform and the context it passes downstream;
+- `finish`: for a per-example transform that accumulates batch statistics in its state (adaptive
+  clipping counts the unclipped examples), `finish(state, *, key) -> state` closes one logical
+  batch. A chain's `update` calls it after all parts ran; a train step that feeds the first half
+  of a split chain micro-batch by micro-batch calls it once, after the last micro-batch.
 
 `chain` checks the order once, when it is built, so a misordered pipeline never runs.
 """
@@ -37,6 +41,9 @@ class PrivacyContext(NamedTuple):
       noise_multiplier: sigma of the Gaussian noise added (set by `gaussian_noise`).
       sample_rate: Poisson sampling rate (set by `account`).
       reduced: whether `aggregate()` has run, so leaves no longer have a batch dimension.
+      count_noise_multiplier: sigma_b of a privatized count released beside the gradient
+        (adaptive clipping); `gaussian_noise` then raises the gradient's noise multiplier so
+        that both releases together spend what the accountant records.
     """
 
     sensitivity: float | None = None
@@ -44,6 +51,7 @@ class PrivacyContext(NamedTuple):
     noise_multiplier: float | None = None
     sample_rate: float | None = None
     reduced: bool = False
+    count_noise_multiplier: float | None = None
 
 
 Bind = Callable[[PrivacyContext], tuple["GradientTransformation", PrivacyContext]]
@@ -59,6 +67,8 @@ class GradientTransformation(NamedTuple):
       sensitivity: for clipping transforms, the per-example L2 bound of the contribution.
       bind: resolves the transform against the context upstream; None if it needs none.
       parts: for a chain, the transforms it is made of (unbound, in order).
+      finish: `finish(state, *, key) -> state`, closing one logical batch for a transform whose
+        `update` only accumulates statistics; None for transforms that need no such step.
     """
 
     init: Callable[[Any], Any]
@@ -67,6 +77,7 @@ class GradientTransformation(NamedTuple):
     sensitivity: float | None = None
     bind: Bind | None = None
     parts: tuple[GradientTransformation, ...] = ()
+    finish: Callable[..., Any] | None = None
 
 
 def identity() -> GradientTransformation:
@@ -92,7 +103,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """
     parts = _flatten(transforms)
     bound, context = bind_parts(parts)
-    init, update = _compose(bound, offset=0)
+    init, update, _ = _compose(bound, offset=0, finish_in_update=True)
     stage = _stage_of(bound)
     return GradientTransformation(init, update, stage, context.sensitivity, None, parts)
 
@@ -133,7 +144,9 @@ def split_at_reduce(
 
     The train step runs the first half on each micro-batch and sums the results, then the second
     half once per logical batch, so noise and accounting happen once. States and keys of both
-    halves match those of the whole chain: `state[:index]` and `state[index:]`.
+    halves match those of the whole chain: `state[:index]` and `state[index:]`. The first half's
+    `update` does not close the batch: call its `finish` (when not None) once per logical batch,
+    after the last micro-batch.
     """
     parts = chain_transform.parts or (chain_transform,)
     bound, _ = bind_parts(parts)
@@ -141,12 +154,15 @@ def split_at_reduce(
     if not reducers:
         raise ValueError("the privatizer has no aggregate() step; build it with chain(clip(...), aggregate(), ...)")
     index = reducers[0] + 1
-    first = GradientTransformation(*_compose(bound[:index], offset=0), REDUCE)
-    second = GradientTransformation(*_compose(bound[index:], offset=index), AGGREGATE)
+    init, update, finish = _compose(bound[:index], offset=0, finish_in_update=False)
+    first = GradientTransformation(init, update, REDUCE, finish=finish)
+    second = GradientTransformation(
+        *_compose(bound[index:], offset=index, finish_in_update=True)[:2], AGGREGATE
+    )
     return first, second, index
 
 
-def _compose(bound: tuple[GradientTransformation, ...], offset: int):
+def _compose(bound: tuple[GradientTransformation, ...], offset: int, finish_in_update: bool):
     def init(params):
         return tuple(part.init(params) for part in bound)
 
@@ -158,9 +174,20 @@ def _compose(bound: tuple[GradientTransformation, ...], offset: int):
             part_key = None if key is None else fdr.fold_in(key, offset + index)
             updates, part_state = part.update(updates, part_state, params, key=part_key, mask=mask)
             new_state.append(part_state)
+        if finish_in_update:
+            new_state = finish(tuple(new_state), key=key)
         return updates, tuple(new_state)
 
-    return init, update
+    def finish(state, *, key=None):
+        new_state = list(state)
+        for index, part in enumerate(bound):
+            if part.finish is not None:
+                part_key = None if key is None else fdr.fold_in(key, offset + index)
+                new_state[index] = part.finish(state[index], key=part_key)
+        return tuple(new_state)
+
+    has_finish = any(part.finish is not None for part in bound)
+    return init, update, (finish if has_finish else None)
 
 
 def _flatten(transforms: tuple[GradientTransformation, ...]) -> tuple[GradientTransformation, ...]:

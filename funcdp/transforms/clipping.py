@@ -1,25 +1,58 @@
-"""Per-example clipping: bound each example's contribution to the aggregated gradient."""
+"""Per-example clipping: bound each example's contribution to the aggregated gradient.
+
+Every scheme here is a factor rule: the engine splits each example's gradient into groups of
+leaves (one group for flat clipping), takes the L2 norm of every group, asks the rule for one
+factor per example and group, and multiplies. `clip_by(factor_fn, sensitivity)` exposes that
+machinery, so a new scheme is a function from norms [B, G] to factors [B, G] plus the L2 bound
+it claims; `funcdp.testing.check_sensitivity` checks the claim.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+import optree
 import torch
 
 from funcdp._checks import check_positive
 from funcdp.transforms.base import PER_EXAMPLE, GradientTransformation
 from funcdp.tree import per_example_norms, tree_map
 
+FactorFn = Callable[[torch.Tensor], torch.Tensor]
+GroupFn = Callable[[str], str]
 
-def clip(max_norm: float) -> GradientTransformation:
+
+class NonFiniteState(NamedTuple):
+    """State of a NaN-safe clipping transform.
+
+    Attributes:
+      nonfinite: running count of real examples whose gradient was not finite and was replaced
+        by zero (an int64 tensor; the difference between two steps is that step's count).
+    """
+
+    nonfinite: torch.Tensor
+
+
+def clip(max_norm: float, *, nan_safe: bool = False) -> GradientTransformation:
     """Scales each example's gradient to L2 norm at most `max_norm` (flat clipping).
 
     Example i is multiplied by min(1, C / ||g_i||), so ||clipped g_i|| <= C and adding or
     removing one example moves the sum by at most C: the declared sensitivity is C.
+
+    Args:
+      max_norm: the clipping norm C.
+      nan_safe: replace an example whose gradient is not finite by zero and count it in the
+        state (`NonFiniteState`) instead of letting it poison the sum.
 
     Raises:
       ValueError: max_norm is not a finite number > 0.
     """
     check_positive("max_norm", max_norm)
     max_norm = float(max_norm)
+    if nan_safe:
+        return clip_by(flat_factors(max_norm), max_norm, nan_safe=True)
 
     def update(updates, state, params=None, *, key=None, mask=None):
         del params, key, mask
@@ -30,6 +63,150 @@ def clip(max_norm: float) -> GradientTransformation:
     return GradientTransformation(lambda params: (), update, PER_EXAMPLE, sensitivity=max_norm)
 
 
+def clip_by(
+    factor_fn: FactorFn,
+    sensitivity: float,
+    *,
+    groups: GroupFn | None = None,
+    group_names: tuple[str, ...] | None = None,
+    nan_safe: bool = False,
+) -> GradientTransformation:
+    """A clipping transform from a user's factor rule and the sensitivity it claims.
+
+    The engine computes, for each example i and group g of leaves, the norm n[i, g] of the
+    example's slice of the group; `factor_fn(n)` returns factors f[i, g] and every leaf of group
+    g of example i is multiplied by f[i, g]. The transform declares `sensitivity`: the claim that
+    one example's scaled gradient has L2 norm at most that, whatever its gradient, which
+    `funcdp.testing.check_sensitivity` tests. Example, a "soft" clip:
+    `clip_by(lambda n: C * torch.tanh(n / C) / n.clamp_min(1e-12), sensitivity=C)`.
+
+    Args:
+      factor_fn: maps norms [B, G] (float32 or wider, >= 0, inf for overflowing rows) to
+        factors [B, G]. It must treat rows independently.
+      sensitivity: the L2 bound of one example's contribution the rule guarantees.
+      groups: maps a leaf's path ("fc1.weight" for a params dict; path entries joined by ".")
+        to its group's name; None puts every leaf in one group (G = 1).
+      group_names: the groups' names in column order; default the sorted names `groups` gives.
+        A leaf whose group is not listed is an error.
+      nan_safe: an example whose gradient is not finite gets factor 0 and zero rows instead of
+        NaN, and is counted in the state (`NonFiniteState`).
+
+    Raises:
+      ValueError: sensitivity is not a finite number > 0 (when built); a leaf in no listed
+        group, or factors of the wrong shape (when updated).
+    """
+    check_positive("sensitivity", sensitivity)
+    if not callable(factor_fn):
+        raise TypeError(f"factor_fn must be callable, got {type(factor_fn).__name__}")
+
+    def init(params):
+        del params
+        return NonFiniteState(torch.zeros((), dtype=torch.int64)) if nan_safe else ()
+
+    def update(updates, state, params=None, *, key=None, mask=None):
+        del params, key
+        leaves, spec, columns, norms, finite = _grouped(updates, groups, group_names, nan_safe)
+        factors = factor_fn(norms)
+        if not isinstance(factors, torch.Tensor) or tuple(factors.shape) != tuple(norms.shape):
+            raise ValueError(
+                f"factor_fn must return a tensor of shape {tuple(norms.shape)} (examples, groups), "
+                f"got {getattr(factors, 'shape', type(factors).__name__)}"
+            )
+        if finite is not None:
+            factors = torch.where(finite[:, None], factors, torch.zeros((), dtype=factors.dtype))
+        scaled = [
+            _scale_leaf(leaf, factors[:, column], finite)
+            for leaf, column in zip(leaves, columns, strict=True)
+        ]
+        if nan_safe:
+            bad = ~finite if mask is None else (~finite & mask.to(finite.device))
+            state = NonFiniteState(state.nonfinite + bad.sum().cpu())
+        return optree.tree_unflatten(spec, scaled), state
+
+    return GradientTransformation(init, update, PER_EXAMPLE, sensitivity=float(sensitivity))
+
+
+def flat_factors(max_norm: float) -> FactorFn:
+    """The factor rule of flat clipping, min(1, C / n), for `clip_by`."""
+    return lambda norms: max_norm / torch.clamp(norms, min=max_norm)
+
+
+def clip_per_layer(
+    max_norms: Mapping[str, float],
+    *,
+    groups: GroupFn | None = None,
+    nan_safe: bool = False,
+) -> GradientTransformation:
+    """Clips each group of leaves (by default each leaf: per-layer clipping) to its own norm.
+
+    Group g of each example is multiplied by min(1, C_g / ||g_g||). The groups are disjoint, so
+    one example's contribution has norm at most sqrt(sum_g C_g^2): the declared sensitivity.
+
+    Args:
+      max_norms: the threshold C_g of every group, by name. With `groups=None` the names are
+        the leaves' paths, so for a params dict they are the parameter names.
+      groups: maps a leaf's path to its group's name (e.g. `lambda p: p.split(".")[0]` for one
+        group per top-level module); None makes each leaf its own group.
+      nan_safe: as in `clip_by`.
+
+    Raises:
+      ValueError: max_norms is empty or holds a value that is not a finite number > 0.
+    """
+    names, thresholds = _thresholds("max_norms", max_norms)
+    sensitivity = math.sqrt(sum(c * c for c in thresholds))
+    limits = torch.tensor(thresholds, dtype=torch.float64)
+
+    def factor_fn(norms):
+        c = limits.to(norms.device, norms.dtype)
+        return c / torch.maximum(norms, c)
+
+    return clip_by(
+        factor_fn, sensitivity, groups=groups or _by_path, group_names=names, nan_safe=nan_safe
+    )
+
+
+def normalize_per_example(
+    max_norm: float | None,
+    gamma: float = 0.01,
+    *,
+    groups: GroupFn | None = None,
+    group_norms: Mapping[str, float] | None = None,
+    nan_safe: bool = False,
+) -> GradientTransformation:
+    """Automatic clipping (Bu et al. 2023): example i is multiplied by R / (||g_i|| + gamma).
+
+    Every example then has norm R * n / (n + gamma) < R, whatever its gradient, so there is no
+    threshold to tune: the declared sensitivity is R. With `group_norms` each group g is scaled
+    by R_g / (||g_g|| + gamma) instead, with sensitivity sqrt(sum_g R_g^2).
+
+    Args:
+      max_norm: R, the bound on every example's norm (ignored when `group_norms` is given).
+      gamma: the stability constant, > 0; it keeps small gradients from being blown up.
+      groups: as in `clip_per_layer`, used with `group_norms`.
+      group_norms: per-group bounds R_g by name, for the per-layer variant.
+      nan_safe: as in `clip_by`.
+
+    Raises:
+      ValueError: max_norm, gamma or a group norm is not a finite number > 0.
+    """
+    check_positive("gamma", gamma)
+    gamma = float(gamma)
+    if group_norms is None:
+        check_positive("max_norm", max_norm)
+        radius = float(max_norm)
+        return clip_by(lambda n: radius / (n + gamma), radius, nan_safe=nan_safe)
+    names, radii = _thresholds("group_norms", group_norms)
+    limits = torch.tensor(radii, dtype=torch.float64)
+
+    def factor_fn(norms):
+        return limits.to(norms.device, norms.dtype) / (norms + gamma)
+
+    sensitivity = math.sqrt(sum(r * r for r in radii))
+    return clip_by(
+        factor_fn, sensitivity, groups=groups or _by_path, group_names=names, nan_safe=nan_safe
+    )
+
+
 def scale_examples(updates, factors: torch.Tensor):
     """Multiplies example i of every [B, ...] leaf by factors[i]."""
 
@@ -38,3 +215,82 @@ def scale_examples(updates, factors: torch.Tensor):
         return (leaf * shaped).to(leaf.dtype)
 
     return tree_map(scale, updates)
+
+
+def leaf_paths(tree) -> list[str]:
+    """The path of every leaf of `tree` in optree's order, entries joined by "."."""
+    paths, _, _ = optree.tree_flatten_with_path(tree)
+    return [".".join(str(entry) for entry in path) for path in paths]
+
+
+def grouped_norms(
+    updates, groups: GroupFn | None = None, group_names: tuple[str, ...] | None = None
+) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """The norms [B, G] that `clip_by` hands its rule, and the group names of the columns."""
+    norms = _grouped(updates, groups, group_names, nan_safe=False)[3]
+    return norms, _column_names(updates, groups, group_names)
+
+
+def _grouped(updates, groups, group_names, nan_safe):
+    leaves, spec = optree.tree_flatten(updates)
+    if not leaves:
+        raise ValueError("clipping needs a tree with at least one leaf")
+    names = _column_names(updates, groups, group_names)
+    if groups is None:
+        columns = [0] * len(leaves)
+    else:
+        index = {name: i for i, name in enumerate(names)}
+        columns = []
+        for path in leaf_paths(updates):
+            name = groups(path)
+            if name not in index:
+                raise ValueError(f"leaf {path!r} is in group {name!r}, which is not one of {names}")
+            columns.append(index[name])
+    finite = None
+    if nan_safe:
+        rows = [torch.isfinite(x.reshape(x.shape[0], -1)).all(1) for x in leaves]
+        finite = torch.stack(rows).all(0)
+    squares = torch.zeros(
+        (leaves[0].shape[0], len(names)), dtype=_norm_dtype(leaves), device=leaves[0].device
+    )
+    for leaf, column in zip(leaves, columns, strict=True):
+        flat = leaf.reshape(leaf.shape[0], -1).to(squares.dtype)
+        if finite is not None:
+            flat = torch.where(finite[:, None], flat, torch.zeros((), dtype=flat.dtype))
+        squares[:, column] += flat.pow(2).sum(1)
+    return leaves, spec, columns, squares.sqrt(), finite
+
+
+def _column_names(updates, groups, group_names) -> tuple[str, ...]:
+    if group_names is not None:
+        return tuple(group_names)
+    if groups is None:
+        return ("all",)
+    return tuple(sorted({groups(path) for path in leaf_paths(updates)}))
+
+
+def _scale_leaf(leaf: torch.Tensor, factors: torch.Tensor, finite: torch.Tensor | None):
+    shaped = factors.reshape((-1,) + (1,) * (leaf.dim() - 1))
+    if finite is not None:
+        keep = finite.reshape((-1,) + (1,) * (leaf.dim() - 1))
+        leaf = torch.where(keep, leaf, torch.zeros((), dtype=leaf.dtype, device=leaf.device))
+    return (leaf * shaped).to(leaf.dtype)
+
+
+def _norm_dtype(leaves) -> torch.dtype:
+    return torch.float64 if any(x.dtype == torch.float64 for x in leaves) else torch.float32
+
+
+def _by_path(path: str) -> str:
+    return path
+
+
+def _thresholds(argument: str, values: Mapping[str, float]) -> tuple[tuple[str, ...], list[float]]:
+    if not isinstance(values, Mapping) or not values:
+        raise ValueError(
+            f"{argument} must be a non-empty mapping from group name to norm, got {values!r}"
+        )
+    names = tuple(sorted(values))
+    for name in names:
+        check_positive(f"{argument}[{name!r}]", values[name])
+    return names, [float(values[name]) for name in names]

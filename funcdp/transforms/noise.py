@@ -18,13 +18,19 @@ def gaussian_noise(noise_multiplier: float, *, secure: bool = False) -> Gradient
     the Gaussian mechanism: with Poisson sampling at rate q, each step is the subsampled Gaussian
     mechanism that `account(q)` records.
 
+    When a clipping transform upstream also releases a privatized count with noise multiplier
+    sigma_b (adaptive clipping), the gradient gets the raised multiplier
+    (sigma^-2 - (2 sigma_b)^-2)^-1/2, so that gradient and count together spend exactly what a
+    single Gaussian release at `noise_multiplier` spends (Andrew et al. 2021, Theorem 1): the
+    accountant records `noise_multiplier`.
+
     The noise of a step is drawn from the key the chain hands it, so the same key gives the same
     noise. With `secure=True` the key is ignored: every draw comes from the operating system's
     entropy through `funcdp.random.secure_normal`, which resists floating-point attacks.
 
     Raises:
-      ValueError: noise_multiplier < 0 (when built) or no clipping transform upstream (when
-        chained).
+      ValueError: noise_multiplier < 0 (when built), no clipping transform upstream, or
+        noise_multiplier >= 2 sigma_b with a privatized count upstream (when chained).
     """
     check_noise_multiplier(noise_multiplier)
     noise_multiplier = float(noise_multiplier)
@@ -35,11 +41,37 @@ def gaussian_noise(noise_multiplier: float, *, secure: bool = False) -> Gradient
                 "gaussian_noise needs a transform with bounded sensitivity upstream: put a "
                 "clipping transform such as clip(max_norm) and aggregate() before it"
             )
-        std = noise_multiplier * context.sensitivity * context.scale
+        gradient_multiplier = noise_multiplier
+        if context.count_noise_multiplier is not None:
+            gradient_multiplier = gradient_noise_multiplier(
+                noise_multiplier, context.count_noise_multiplier
+            )
+        std = gradient_multiplier * context.sensitivity * context.scale
         bound = GradientTransformation(lambda params: (), _noise_update(std, secure), AGGREGATE)
         return bound, context._replace(noise_multiplier=noise_multiplier)
 
     return GradientTransformation(lambda params: (), _unbound_update, AGGREGATE, bind=bind)
+
+
+def gradient_noise_multiplier(noise_multiplier: float, count_noise_multiplier: float) -> float:
+    """The gradient's multiplier (sigma^-2 - (2 sigma_b)^-2)^-1/2 beside a count at sigma_b.
+
+    Raises:
+      ValueError: noise_multiplier >= 2 * count_noise_multiplier (no gradient noise could make
+        up the budget), or count_noise_multiplier <= 0.
+    """
+    sigma, sigma_b = float(noise_multiplier), float(count_noise_multiplier)
+    if not sigma_b > 0:
+        raise ValueError(f"count_noise_multiplier must be > 0, got {count_noise_multiplier!r}")
+    if sigma == 0:
+        return 0.0
+    if sigma >= 2 * sigma_b:
+        raise ValueError(
+            f"noise_multiplier must be < 2 * count_noise_multiplier = {2 * sigma_b:g} when a "
+            f"privatized count is released beside the gradient, got {sigma:g}: raise "
+            "count_noise_multiplier or lower noise_multiplier"
+        )
+    return (sigma**-2 - (2 * sigma_b) ** -2) ** -0.5
 
 
 def add_noise(tree, std: float, key, *, secure: bool = False):

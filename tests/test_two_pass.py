@@ -1,0 +1,160 @@
+"""Tests for `clipped_sum` in funcdp/per_sample.py: the two-pass path equals the vmap path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import funcdp as fdp
+from funcdp.per_sample import clipped_sum
+
+CLASSES = 3
+
+
+class _Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(5, 8)
+        self.norm = nn.LayerNorm(8)
+        self.fc2 = nn.Linear(8, CLASSES)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.norm(self.fc1(x))))
+
+
+class _Conv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.fc = nn.Linear(4 * 3 * 3, CLASSES)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.norm(self.conv(x))).flatten(1))
+
+
+class _Embed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.fc = nn.Linear(6, CLASSES)
+
+    def forward(self, tokens):
+        return self.fc(self.embed(tokens).mean(1))
+
+
+MODELS = {
+    "mlp": (_Mlp, lambda g, n: torch.randn(n, 5, generator=g)),
+    "conv": (_Conv, lambda g, n: torch.randn(n, 2, 3, 3, generator=g)),
+    "embed": (_Embed, lambda g, n: torch.randint(0, 11, (n, 4), generator=g)),
+}
+
+
+def _setup(name: str, batch: int = 11):
+    torch.manual_seed(0)
+    module_class, inputs = MODELS[name]
+    apply_fn, params, buffers = fdp.functionalize(module_class())
+
+    def loss_fn(p, x, y):
+        return F.cross_entropy(apply_fn(p, buffers, x[None]), y[None])
+
+    gen = torch.Generator().manual_seed(1)
+    x, y = inputs(gen, batch), torch.randint(0, CLASSES, (batch,), generator=gen)
+    return loss_fn, params, x, y
+
+
+def _reference(loss_fn, params, x, y, mask, max_norm):
+    """Clip-and-sum by an explicit loop of torch.autograd.grad, one example at a time."""
+    total = {k: torch.zeros_like(v) for k, v in params.items()}
+    for i in range(x.shape[0]):
+        if not mask[i]:
+            continue
+        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        grads = torch.autograd.grad(loss_fn(leaves, x[i], y[i]), list(leaves.values()))
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        factor = min(1.0, max_norm / float(norm))
+        for k, g in zip(leaves, grads, strict=True):
+            total[k] += factor * g
+    return total
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("chunk_size", [None, 1, 4])
+def test_two_pass_equals_vmap_and_a_loop(name, chunk_size):
+    loss_fn, params, x, y = _setup(name)
+    mask = torch.tensor([True, False, True, True, True, False, True, True, True, True, False])
+    # the median real norm: some examples are clipped, some are not
+    max_norm = float(fdp.per_sample_norms(loss_fn)(params, x, y)[mask].median())
+    vmap_sum, vmap_norms = clipped_sum(loss_fn, max_norm=max_norm)(params, x, y, mask=mask)
+    two_sum, two_norms = clipped_sum(
+        loss_fn, max_norm=max_norm, mode="two_pass", chunk_size=chunk_size
+    )(params, x, y, mask=mask)
+    reference = _reference(loss_fn, params, x, y, mask, max_norm)
+    clipped = (vmap_norms > max_norm) & mask
+    assert clipped.any() and (~clipped & mask).any()
+    torch.testing.assert_close(two_norms, vmap_norms, rtol=1e-5, atol=1e-6)
+    assert (two_norms[~mask] == 0).all()
+    for k in params:
+        torch.testing.assert_close(two_sum[k], vmap_sum[k], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(vmap_sum[k], reference[k], rtol=1e-5, atol=1e-5)
+
+
+def test_two_pass_with_a_factor_rule_matches_the_chain():
+    loss_fn, params, x, y = _setup("mlp")
+    automatic = fdp.transforms.normalize_per_example(0.5, 0.01)
+    rule = lambda n: 0.5 / (n + 0.01)  # noqa: E731 - the same rule for whole examples
+    two_sum, _ = clipped_sum(loss_fn, factor_fn=rule, mode="two_pass", chunk_size=3)(params, x, y)
+    grads = fdp.per_sample_grads(loss_fn)(params, x, y)
+    summed = fdp.chain(automatic, fdp.aggregate())
+    expected, _ = summed.update(grads, summed.init(params))
+    for k in params:
+        torch.testing.assert_close(two_sum[k], expected[k], rtol=1e-5, atol=1e-6)
+
+
+def test_padded_rows_do_not_matter_even_if_not_finite():
+    loss_fn, params, x, y = _setup("mlp", batch=6)
+    mask = torch.tensor([True, True, False, True, False, True])
+    garbage = x.clone()
+    garbage[~mask] = float("nan")
+    for mode in ("vmap", "two_pass"):
+        fn = clipped_sum(loss_fn, max_norm=1.0, mode=mode)
+        clean, _ = fn(params, x, y, mask=mask)
+        dirty, _ = fn(params, garbage, y, mask=mask)
+        for k in params:
+            assert torch.isfinite(dirty[k]).all()
+            torch.testing.assert_close(dirty[k], clean[k], rtol=0, atol=0)
+
+
+def test_all_padded_batch_sums_to_zero():
+    loss_fn, params, x, y = _setup("conv", batch=3)
+    out, norms = clipped_sum(loss_fn, max_norm=1.0, mode="two_pass")(
+        params, x, y, mask=torch.zeros(3, dtype=torch.bool)
+    )
+    assert all(torch.equal(out[k], torch.zeros_like(params[k])) for k in params)
+    assert torch.equal(norms, torch.zeros(3))
+
+
+def test_two_pass_refuses_random_layers():
+    module = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+    apply_fn, params, buffers = fdp.functionalize(module)
+
+    def loss_fn(p, x):
+        return apply_fn(p, buffers, x[None]).sum()
+
+    with pytest.raises(RuntimeError, match="randomness"):
+        clipped_sum(loss_fn, max_norm=1.0, mode="two_pass")(params, torch.randn(3, 4))
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError, match="exactly one of max_norm and factor_fn"):
+        clipped_sum(lambda p, x: x, mode="vmap")
+    with pytest.raises(ValueError, match="exactly one of max_norm and factor_fn"):
+        clipped_sum(lambda p, x: x, max_norm=1.0, factor_fn=lambda n: n)
+    with pytest.raises(ValueError, match="max_norm must be a finite number > 0, got 0"):
+        clipped_sum(lambda p, x: x, max_norm=0)
+    with pytest.raises(ValueError, match='mode must be "vmap" or "two_pass", got \'ghost\''):
+        clipped_sum(lambda p, x: x, max_norm=1.0, mode="ghost")
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        clipped_sum(lambda p, x: x, max_norm=1.0, mode="two_pass", chunk_size=0)
