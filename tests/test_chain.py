@@ -188,3 +188,31 @@ def test_split_at_reduce_over_micro_batches(trees_close):
 def test_split_at_reduce_needs_an_aggregate():
     with pytest.raises(ValueError, match="no aggregate"):
         split_at_reduce(fdp.chain(fdp.clip(1.0)))
+
+
+def _times_ten_per_example() -> GradientTransformation:
+    """A per-example transform that scales every example by 10 and declares nothing."""
+
+    def update(updates, state, params=None, *, key=None, mask=None):
+        return fdp.tree.tree_scale(updates, 10.0), state
+
+    return GradientTransformation(lambda params: (), update, PER_EXAMPLE)
+
+
+def test_per_example_transform_without_declared_sensitivity_after_clip_makes_noise_refuse():
+    # Scaling after the clip breaks the bound C; inheriting it would under-noise by 10x.
+    with pytest.raises(ValueError, match="bounded sensitivity"):
+        fdp.chain(fdp.clip(1.0), _times_ten_per_example(), fdp.aggregate(), fdp.gaussian_noise(1.0))
+    # Before the clip it does no harm: the clip sets the bound again.
+    chained = fdp.chain(
+        _times_ten_per_example(), fdp.clip(1.0), fdp.aggregate(), fdp.gaussian_noise(1.0)
+    )
+    assert chained.sensitivity == 1.0
+
+
+def test_chain_of_aggregate_stage_transforms_builds_alone_and_nests():
+    tail = fdp.chain(fdp.normalize(4), fdp.identity())
+    out, _ = tail.update({"w": torch.full((3,), 8.0)}, tail.init(None))
+    assert torch.equal(out["w"], torch.full((3,), 2.0))
+    whole = fdp.chain(fdp.clip(1.0), fdp.aggregate(), fdp.gaussian_noise(0.0), tail)
+    assert whole.sensitivity == 1.0

@@ -111,12 +111,20 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 def bind_parts(
     parts: tuple[GradientTransformation, ...],
 ) -> tuple[tuple[GradientTransformation, ...], PrivacyContext]:
-    """Checks the order of `parts` and resolves each against the context upstream of it."""
-    context = PrivacyContext()
+    """Checks the order of `parts` and resolves each against the context upstream of it.
+
+    A per-example transform sets the sensitivity to what it declares: one that declares none
+    leaves it unknown, since it could scale an example past the bound of a clip before it. A
+    chain with no per-example or reduce part (an optimizer chain, say) starts after aggregation.
+    """
+    aggregated_only = all(part.stage == AGGREGATE for part in parts)
+    context = PrivacyContext(reduced=aggregated_only)
     bound = []
     for index, part in enumerate(parts):
         if part.stage not in STAGES:
-            raise ValueError(f"transform {index} has unknown stage {part.stage!r}; use one of {STAGES}")
+            raise ValueError(
+                f"transform {index} has unknown stage {part.stage!r}; use one of {STAGES}"
+            )
         if part.stage in (PER_EXAMPLE, REDUCE) and context.reduced:
             raise ValueError(
                 f"transform {index} works on per-example gradients (stage {part.stage!r}) but stands "
@@ -127,8 +135,9 @@ def bind_parts(
                 f"transform {index} works on the aggregated gradient but stands before aggregate(); "
                 "put aggregate() between the per-example transforms (clipping) and it"
             )
-        if part.sensitivity is not None:
-            context = context._replace(sensitivity=float(part.sensitivity))
+        if part.stage == PER_EXAMPLE:
+            declared = None if part.sensitivity is None else float(part.sensitivity)
+            context = context._replace(sensitivity=declared)
         if part.bind is not None:
             part, context = part.bind(context)
         if part.stage == REDUCE:
@@ -152,7 +161,9 @@ def split_at_reduce(
     bound, _ = bind_parts(parts)
     reducers = [i for i, part in enumerate(bound) if part.stage == REDUCE]
     if not reducers:
-        raise ValueError("the privatizer has no aggregate() step; build it with chain(clip(...), aggregate(), ...)")
+        raise ValueError(
+            "the privatizer has no aggregate() step; build it with chain(clip(...), aggregate(), ...)"
+        )
     index = reducers[0] + 1
     init, update, finish = _compose(bound[:index], offset=0, finish_in_update=False)
     first = GradientTransformation(init, update, REDUCE, finish=finish)
