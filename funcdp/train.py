@@ -16,10 +16,10 @@ from funcdp.per_sample import check_chunk_size, per_sample_grads_and_losses
 from funcdp.transforms.accounting import AccountState
 from funcdp.transforms.aggregation import check_mask
 from funcdp.transforms.base import GradientTransformation, split_at_reduce
-from funcdp.tree import per_example_norms, tree_add
+from funcdp.tree import per_example_norms, tree_add, tree_map
 
 Metrics = dict[str, Any]
-OnNonFinite = Literal["raise", "skip"]
+OnNonFinite = Literal["raise", "skip", "zero"]
 
 
 class NonFiniteError(FloatingPointError):
@@ -105,17 +105,20 @@ def make_train_step(
       chunk_size: vmap at most this many examples at once (bounds activation memory).
       microbatch_size: split the batch into micro-batches of this many rows, each clipped and
         summed before the next is differentiated (bounds per-example gradient memory).
-      on_nonfinite: a real example with a non-finite loss or gradient norm either raises
-        `NonFiniteError` ("raise") or returns the state unchanged with `metrics["skipped"]`
-        true ("skip"). Either way the state is unchanged; note that a skipped step is visible
-        and depends on the data, which the DP guarantee does not cover.
+      on_nonfinite: what to do with a real example whose loss or gradient norm is not finite.
+        "raise": raise `NonFiniteError`, state unchanged. "skip": return the state unchanged
+        with `metrics["skipped"]` true; a skipped step is visible and depends on the data, which
+        the DP guarantee does not cover. "zero": the example contributes a zero gradient and is
+        counted in `metrics["nonfinite"]`; this stays within the clip's bound, so the guarantee
+        holds.
 
     Returns:
-      `step(state, batch)`. Its metrics (loss, clipped_fraction, grad_norm, batch_size) are
-      computed from the private batch WITHOUT noise: use them for monitoring, do not release them.
+      `step(state, batch)`. Its metrics (loss, clipped_fraction, grad_norm, batch_size,
+      nonfinite, skipped) are computed from the private batch WITHOUT noise: use them for
+      monitoring, do not release them.
     """
-    if on_nonfinite not in ("raise", "skip"):
-        raise ValueError(f'on_nonfinite must be "raise" or "skip", got {on_nonfinite!r}')
+    if on_nonfinite not in ("raise", "skip", "zero"):
+        raise ValueError(f'on_nonfinite must be "raise", "skip" or "zero", got {on_nonfinite!r}')
     if microbatch_size is not None and (
         not isinstance(microbatch_size, int) or microbatch_size < 1
     ):
@@ -133,24 +136,29 @@ def make_train_step(
         )
         size = mask.shape[0]
         micro = microbatch_size or size
-        total, losses, norms = None, [], []
+        total, losses, norms, finite = None, [], [], []
         pre_state = state.privacy_state[:split]
         for start in range(0, size, micro):
             rows = slice(start, start + micro)
             grads, loss = grads_fn(state.params, *(x[rows] for x in inputs))
-            losses.append(loss.detach())
-            norms.append(per_example_norms(grads).detach())
-            if not _all_finite(losses[-1], norms[-1], mask[rows]):
+            loss, norm = loss.detach(), per_example_norms(grads).detach()
+            ok = (torch.isfinite(loss) & torch.isfinite(norm)) | ~mask[rows].to(loss.device)
+            if on_nonfinite == "zero":
+                grads = _zero_rows(grads, ok)
+            elif not bool(ok.all()):
                 if on_nonfinite == "skip":
-                    return state, _skipped_metrics(mask)
+                    return state, _skipped_metrics(mask, found=int((~ok).sum()))
                 raise NonFiniteError(
                     f"step {state.step}: a real example has a non-finite loss or gradient; the "
-                    "state is unchanged (use on_nonfinite='skip' to skip such steps)"
+                    "state is unchanged (on_nonfinite='zero' drops such examples privately)"
                 )
             summed, pre_state = through_sum.update(
                 grads, pre_state, state.params, key=step_key, mask=mask[rows]
             )
             total = summed if total is None else tree_add(total, summed)
+            losses.append(loss)
+            norms.append(norm)
+            finite.append(ok)
         if through_sum.finish is not None:  # per-example statistics close once per batch
             pre_state = through_sum.finish(pre_state, key=step_key)
         private, post_state = after_sum.update(
@@ -163,7 +171,8 @@ def make_train_step(
             privacy_state=(*pre_state, *post_state),
             step=state.step + 1,
         )
-        return new_state, _metrics(torch.cat(losses), torch.cat(norms), mask, clip_norm)
+        metrics = _metrics(torch.cat(losses), torch.cat(norms), mask, torch.cat(finite), clip_norm)
+        return new_state, metrics
 
     return step
 
@@ -220,43 +229,53 @@ def _check_batch(batch: Batch) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     return tuple(inputs), mask
 
 
-def _all_finite(losses: torch.Tensor, norms: torch.Tensor, mask: torch.Tensor) -> bool:
-    mask = mask.to(losses.device)
-    ok = torch.isfinite(losses) & torch.isfinite(norms.to(losses.device))
-    return bool((ok | ~mask).all())
+def _zero_rows(grads: Any, keep: torch.Tensor) -> Any:
+    def zero(g: torch.Tensor) -> torch.Tensor:
+        rows = keep.to(g.device).reshape((-1,) + (1,) * (g.dim() - 1))
+        return torch.where(rows, g, torch.zeros((), dtype=g.dtype, device=g.device))
+
+    return tree_map(zero, grads)
 
 
 def _metrics(
-    losses: torch.Tensor, norms: torch.Tensor, mask: torch.Tensor, clip_norm: float | None
+    losses: torch.Tensor,
+    norms: torch.Tensor,
+    mask: torch.Tensor,
+    finite: torch.Tensor,
+    clip_norm: float | None,
 ) -> Metrics:
     mask = mask.to(losses.device)
+    counted = mask & finite  # real rows with a finite loss and gradient
     zero = torch.zeros((), dtype=losses.dtype, device=losses.device)
-    clipped = (norms > clip_norm) & mask if clip_norm is not None else torch.zeros_like(mask)
+    clipped = (norms > clip_norm) & counted if clip_norm is not None else torch.zeros_like(mask)
     sums = torch.stack(
         [
             mask.sum().to(losses.dtype),
-            torch.where(mask, losses, zero).sum(),
+            counted.sum().to(losses.dtype),
+            torch.where(counted, losses, zero).sum(),
             clipped.sum().to(losses.dtype),
-            torch.where(mask, norms.to(losses.dtype), zero).sum(),
+            torch.where(counted, norms.to(losses.dtype), zero).sum(),
         ]
     )
-    real, loss, clipped_count, norm = sums.tolist()  # one device sync for all metrics
-    denominator = max(real, 1.0)
+    real, good, loss, clipped_count, norm = sums.tolist()  # one device sync for all metrics
+    denominator = max(good, 1.0)
     return {
         "loss": loss / denominator,
         "clipped_fraction": clipped_count / denominator,
         "grad_norm": norm / denominator,
         "batch_size": int(real),
+        "nonfinite": int(real - good),
         "skipped": False,
     }
 
 
-def _skipped_metrics(mask: torch.Tensor) -> Metrics:
+def _skipped_metrics(mask: torch.Tensor, found: int) -> Metrics:
     nan = float("nan")
     return {
         "loss": nan,
         "clipped_fraction": nan,
         "grad_norm": nan,
         "batch_size": int(mask.sum()),
+        "nonfinite": found,  # those found before the step was refused: at least one
         "skipped": True,
     }

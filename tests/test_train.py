@@ -215,6 +215,21 @@ def test_nonfinite_real_row_raises_or_skips(microbatch_size):
     assert new_state.step == 1 and new_state.ledger.steps == 1
 
 
+@pytest.mark.parametrize("microbatch_size", [None, 2])
+def test_nonfinite_real_row_contributes_zero_in_zero_mode(microbatch_size):
+    *_, state, step = _setup(noise=1.0, microbatch_size=microbatch_size, on_nonfinite="zero")
+    dirty = _batch(rows=6, real=4)
+    dirty.inputs[0][1, 0] = math.nan
+    # The same batch with that row dropped from the mask: noise and normalization are the same.
+    dropped = Batch(dirty.inputs, dirty.mask & (torch.arange(6) != 1))
+    actual, metrics = step(state, dirty)
+    expected, expected_metrics = step(state, dropped)
+    _assert_states_equal(actual, expected)
+    assert metrics["nonfinite"] == 1 and expected_metrics["nonfinite"] == 0
+    assert metrics["batch_size"] == 4 and metrics["loss"] == expected_metrics["loss"]
+    assert actual.ledger.steps == 1 and all(torch.isfinite(p).all() for p in actual.params.values())
+
+
 def test_nonfinite_padded_row_changes_nothing():
     *_, state, step = _setup(noise=1.0)
     clean = _batch(rows=6, real=4)
