@@ -47,11 +47,15 @@ def poisson_batches(
     steps: int | None = None,
     bucket_size: int | None = None,
     start: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[IndexBatch]:
     """Yields Poisson batches of indices into a data set of `num_examples` examples.
 
     The batch of step t is drawn from `fold_in(key, t)`, so it depends only on the key and t:
-    resuming at `start=t` gives the batches an uninterrupted run would have seen.
+    resuming at `start=t` gives the batches an uninterrupted run would have seen. With
+    `world_size > 1`, every rank draws the same logical batch and keeps every world_size-th of its
+    examples from position `rank`: each sampled example lands on exactly one rank.
 
     Args:
       num_examples: size of the data set.
@@ -60,27 +64,40 @@ def poisson_batches(
       steps: number of batches; default one epoch, round(1 / q).
       bucket_size: padded batch size; default `default_bucket_size(num_examples, q)`.
       start: index of the first step to yield.
+      rank: this process's rank, in [0, world_size).
+      world_size: number of ranks sharing each logical batch; the default bucket is divided
+        among them.
 
     Raises:
-      ValueError: sample_rate outside (0, 1], num_examples < 1, steps or start < 0, or
-        bucket_size < 1, raised when called, before any batch is drawn.
+      ValueError: sample_rate outside (0, 1], num_examples < 1, steps or start < 0,
+        bucket_size < 1, or rank outside [0, world_size), raised when called, before any batch
+        is drawn.
     """
     check_sample_rate(sample_rate)
     if not isinstance(num_examples, int) or num_examples < 1:
         raise ValueError(f"num_examples must be a positive int, got {num_examples!r}")
     steps = default_steps(sample_rate) if steps is None else steps
-    bucket = default_bucket_size(num_examples, sample_rate) if bucket_size is None else bucket_size
-    _check_counts(steps=steps, bucket_size=bucket, start=start)
+    _check_shard(rank, world_size)
+    if bucket_size is None:
+        bucket_size = math.ceil(default_bucket_size(num_examples, sample_rate) / world_size)
+    _check_counts(steps=steps, bucket_size=bucket_size, start=start)
     fdr.fold_in(key, 0)  # validates the key now, not at the first batch
-    return _generate(num_examples, sample_rate, key, range(start, start + steps), bucket)
+    steps_range = range(start, start + steps)
+    return _generate(num_examples, sample_rate, key, steps_range, bucket_size, rank, world_size)
 
 
 def _generate(
-    num_examples: int, sample_rate: float, key: torch.Tensor, step_range: range, bucket: int
+    num_examples: int,
+    sample_rate: float,
+    key: torch.Tensor,
+    step_range: range,
+    bucket: int,
+    rank: int,
+    world_size: int,
 ) -> Iterator[IndexBatch]:
     for t in step_range:
         chosen = fdr.uniform(fdr.fold_in(key, t), (num_examples,)) < sample_rate
-        indices = chosen.nonzero().flatten()
+        indices = chosen.nonzero().flatten()[rank::world_size]
         padded = max(bucket, math.ceil(len(indices) / bucket) * bucket)
         mask = torch.zeros(padded, dtype=torch.bool)
         mask[: len(indices)] = True
@@ -99,6 +116,13 @@ def _check_counts(**counts: int | None) -> None:
             raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
+def _check_shard(rank: int, world_size: int) -> None:
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+
+
 def default_steps(sample_rate: float) -> int:
     """Steps in one epoch: round(1 / sample_rate)."""
     return max(1, round(1.0 / sample_rate))
@@ -109,7 +133,8 @@ class PoissonLoader:
 
     `data` is a tuple of tensors sharing their first dimension, or a `torch.utils.data.Dataset`
     whose items are tuples of tensors. One iteration is `steps` batches (default one epoch).
-    Iterating again continues with new batches; `start` skips steps for resuming.
+    Iterating again continues with new batches; `start` skips steps for resuming. With
+    `world_size > 1` each rank gets its shard of the same logical batch (see `poisson_batches`).
     """
 
     def __init__(
@@ -121,9 +146,12 @@ class PoissonLoader:
         steps: int | None = None,
         bucket_size: int | None = None,
         start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         check_sample_rate(sample_rate)
         _check_counts(steps=steps, bucket_size=bucket_size, start=start)
+        _check_shard(rank, world_size)
         fdr.fold_in(key, 0)  # validates the key
         self.data = data
         self.num_examples = _num_examples(data)
@@ -132,10 +160,12 @@ class PoissonLoader:
         self.steps = default_steps(sample_rate) if steps is None else steps
         self.bucket_size = bucket_size
         self.next_step = start
+        self.rank, self.world_size = rank, world_size
 
     @property
     def expected_batch_size(self) -> float:
-        """q times the data set size: what `normalize` divides by."""
+        """q times the data set size (of the logical batch, over all ranks): what `normalize`
+        divides by."""
         return self.sample_rate * self.num_examples
 
     def __len__(self) -> int:
@@ -149,6 +179,8 @@ class PoissonLoader:
             steps=self.steps,
             bucket_size=self.bucket_size,
             start=self.next_step,
+            rank=self.rank,
+            world_size=self.world_size,
         )
         for index_batch in batches:
             self.next_step += 1

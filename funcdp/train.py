@@ -11,6 +11,7 @@ import torch
 from funcdp import random as fdr
 from funcdp.accounting.ledger import Ledger
 from funcdp.data import Batch
+from funcdp.distributed import all_reduce_local_sum
 from funcdp.optim import apply_updates
 from funcdp.per_sample import check_chunk_size, per_sample_grads_and_losses
 from funcdp.transforms.accounting import AccountState
@@ -19,6 +20,21 @@ from funcdp.transforms.base import GradientTransformation, split_at_reduce
 from funcdp.tree import per_example_norms, tree_add, tree_map
 
 Metrics = dict[str, Any]
+
+
+class _LocalSum(NamedTuple):
+    """This process's share of a step: the sum through aggregate(), and what the metrics need.
+
+    `nonfinite` counts real examples refused in "raise"/"skip" mode; then total and stats are
+    None and the step is refused.
+    """
+
+    total: Any
+    pre_state: tuple
+    stats: torch.Tensor | None
+    nonfinite: int
+
+
 OnNonFinite = Literal["raise", "skip", "zero"]
 
 
@@ -89,6 +105,7 @@ def make_train_step(
     chunk_size: int | None = None,
     microbatch_size: int | None = None,
     on_nonfinite: OnNonFinite = "raise",
+    process_group: Any = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds the pure DP-SGD step `step(state, batch) -> (state, metrics)`.
 
@@ -112,6 +129,9 @@ def make_train_step(
         counted in `metrics["nonfinite"]`; this stays within the clip's bound, so the guarantee
         holds.
 
+      process_group: a `torch.distributed` group (or `torch.distributed.group.WORLD`) over
+        which one logical batch is sharded: see `funcdp.distributed`. None runs in-process.
+
     Returns:
       `step(state, batch)`. Its metrics (loss, clipped_fraction, grad_norm, batch_size,
       nonfinite, skipped) are computed from the private batch WITHOUT noise: use them for
@@ -127,9 +147,13 @@ def make_train_step(
     through_sum, after_sum, split = split_at_reduce(privatizer)
     clip_norm = privatizer.sensitivity
 
-    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        inputs, mask = _check_batch(batch)
-        step_key = fdr.fold_in(state.key, state.step)
+    if process_group is not None and through_sum.finish is not None:
+        raise ValueError(
+            "a privatizer whose per-example part keeps batch statistics (adaptive clipping) is "
+            "not supported with process_group yet: its statistics would need their own all-reduce"
+        )
+
+    def local_sum(state: TrainState, inputs, mask: torch.Tensor, step_key) -> _LocalSum:
         grads_fn = per_sample_grads_and_losses(
             lambda params, *example: loss_fn(params, state.buffers, *example),
             chunk_size=chunk_size,
@@ -146,12 +170,7 @@ def make_train_step(
             if on_nonfinite == "zero":
                 grads = _zero_rows(grads, ok)
             elif not bool(ok.all()):
-                if on_nonfinite == "skip":
-                    return state, _skipped_metrics(mask, found=int((~ok).sum()))
-                raise NonFiniteError(
-                    f"step {state.step}: a real example has a non-finite loss or gradient; the "
-                    "state is unchanged (on_nonfinite='zero' drops such examples privately)"
-                )
+                return _LocalSum(None, pre_state, None, int((~ok).sum()))
             summed, pre_state = through_sum.update(
                 grads, pre_state, state.params, key=step_key, mask=mask[rows]
             )
@@ -159,10 +178,30 @@ def make_train_step(
             losses.append(loss)
             norms.append(norm)
             finite.append(ok)
+        stats = _stats(torch.cat(losses), torch.cat(norms), mask, torch.cat(finite), clip_norm)
+        return _LocalSum(total, pre_state, stats, 0)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        inputs, mask = _check_batch(batch)
+        step_key = fdr.fold_in(state.key, state.step)
+        if process_group is None:
+            local = local_sum(state, inputs, mask, step_key)
+        else:
+            local = all_reduce_local_sum(
+                lambda: local_sum(state, inputs, mask, step_key), state, process_group
+            )
+        if local.nonfinite:
+            if on_nonfinite == "skip":
+                return state, _skipped_metrics(mask, found=local.nonfinite)
+            raise NonFiniteError(
+                f"step {state.step}: {local.nonfinite} real example(s) have a non-finite loss or "
+                "gradient; the state is unchanged (on_nonfinite='zero' drops them privately)"
+            )
+        pre_state = local.pre_state
         if through_sum.finish is not None:  # per-example statistics close once per batch
             pre_state = through_sum.finish(pre_state, key=step_key)
         private, post_state = after_sum.update(
-            total, state.privacy_state[split:], state.params, key=step_key
+            local.total, state.privacy_state[split:], state.params, key=step_key
         )
         updates, opt_state = optimizer.update(private, state.opt_state, state.params)
         new_state = state._replace(
@@ -171,8 +210,7 @@ def make_train_step(
             privacy_state=(*pre_state, *post_state),
             step=state.step + 1,
         )
-        metrics = _metrics(torch.cat(losses), torch.cat(norms), mask, torch.cat(finite), clip_norm)
-        return new_state, metrics
+        return new_state, _metrics(local.stats)
 
     return step
 
@@ -237,18 +275,19 @@ def _zero_rows(grads: Any, keep: torch.Tensor) -> Any:
     return tree_map(zero, grads)
 
 
-def _metrics(
+def _stats(
     losses: torch.Tensor,
     norms: torch.Tensor,
     mask: torch.Tensor,
     finite: torch.Tensor,
     clip_norm: float | None,
-) -> Metrics:
+) -> torch.Tensor:
+    """Sums behind the metrics, [real, counted, loss, clipped, norm], summable across ranks."""
     mask = mask.to(losses.device)
     counted = mask & finite  # real rows with a finite loss and gradient
     zero = torch.zeros((), dtype=losses.dtype, device=losses.device)
     clipped = (norms > clip_norm) & counted if clip_norm is not None else torch.zeros_like(mask)
-    sums = torch.stack(
+    return torch.stack(
         [
             mask.sum().to(losses.dtype),
             counted.sum().to(losses.dtype),
@@ -257,7 +296,10 @@ def _metrics(
             torch.where(counted, norms.to(losses.dtype), zero).sum(),
         ]
     )
-    real, good, loss, clipped_count, norm = sums.tolist()  # one device sync for all metrics
+
+
+def _metrics(stats: torch.Tensor) -> Metrics:
+    real, good, loss, clipped_count, norm = stats.tolist()  # one device sync for all metrics
     denominator = max(good, 1.0)
     return {
         "loss": loss / denominator,
