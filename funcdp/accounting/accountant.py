@@ -38,7 +38,8 @@ def epsilon(ledger: Ledger, delta: float, method: Method = "rdp") -> float:
         return math.inf
     accountant = _accountant(method)
     accountant.compose(ledger.to_dp_event())
-    return float(accountant.get_epsilon(delta))
+    with _quiet_absl():
+        return float(accountant.get_epsilon(delta))
 
 
 def dpsgd_epsilon(
@@ -93,10 +94,10 @@ def calibrate_noise(
 
 @contextlib.contextmanager
 def _quiet_absl():
-    """Silences dp_accounting's warnings about RDP orders it drops while searching for sigma.
+    """Silences dp_accounting's warnings about RDP orders it cannot evaluate and drops.
 
-    Dropping an order only loosens the bound on a trial sigma; the returned sigma is checked
-    again below with the full accountant.
+    Dropping an order only leaves out one of the bounds RDP minimises over: the epsilon it
+    returns is still a valid upper bound.
     """
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
