@@ -37,8 +37,8 @@ def epsilon(ledger: Ledger, delta: float, method: Method = "rdp") -> float:
     if any(rec.noise_multiplier == 0 and rec.steps > 0 for rec in ledger.records):
         return math.inf
     accountant = _accountant(method)
-    accountant.compose(ledger.to_dp_event())
-    with _quiet_absl():
+    with _quiet_absl():  # RDP evaluates its orders in compose
+        accountant.compose(ledger.to_dp_event())
         return float(accountant.get_epsilon(delta))
 
 
