@@ -51,10 +51,11 @@ def to_module(module: nn.Module, state: Any) -> nn.Module:
     """
     trained = copy.deepcopy(module)
     tensors = {**dict(state.buffers or {}), **dict(state.params)}
-    missing = set(tensors) - set(trained.state_dict(keep_vars=True))
+    # named_buffers, unlike state_dict, includes non-persistent buffers, as functionalize does.
+    own = dict(trained.named_parameters()) | dict(trained.named_buffers())
+    missing = set(tensors) - set(own)
     if missing:
         raise ValueError(f"state holds tensors the module does not have: {sorted(missing)}")
-    own = trained.state_dict(keep_vars=True)
     wrong = {
         n: (tuple(v.shape), tuple(own[n].shape))
         for n, v in tensors.items()

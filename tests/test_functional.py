@@ -185,3 +185,12 @@ def test_tied_weights_are_tied_in_apply_fn():
     # Replacing the one tied tensor replaces both of its uses.
     zero = {"embed.weight": torch.zeros(10, 4)}
     assert torch.equal(apply_fn(zero, buffers, tokens), torch.zeros(3, 10))
+
+
+def test_to_module_accepts_non_persistent_buffers():
+    module = nn.Linear(2, 2)
+    module.register_buffer("ids", torch.arange(3), persistent=False)
+    _, params, buffers = fdp.functionalize(module)
+    buffers["ids"] = torch.arange(3) + 10
+    trained = fdp.to_module(module, SimpleNamespace(params=params, buffers=buffers))
+    assert torch.equal(trained.ids, torch.arange(3) + 10)
