@@ -7,7 +7,7 @@ transforms (`chain`); a train step is a pure function of one state pytree.
 
 import torch as _torch
 
-from funcdp import accounting, data, optim, random, transforms, tree
+from funcdp import accounting, data, nn, optim, random, transforms, tree
 from funcdp.accounting import Ledger, LedgerRecord, calibrate_noise, dpsgd_epsilon, epsilon
 from funcdp.data import Batch, IndexBatch, PoissonLoader, poisson_batches
 from funcdp.functional import functionalize, to_module
@@ -40,7 +40,14 @@ from funcdp.transforms import (
     normalize,
     normalize_per_example,
 )
-from funcdp.validate import Finding, fix, validate
+from funcdp.validate import (
+    Change,
+    Finding,
+    UnsupportedModuleError,
+    check_supported,
+    fix,
+    validate,
+)
 
 __version__ = "0.1.0"
 
@@ -66,6 +73,7 @@ __all__ = [
     "Batch",
     "BudgetExceededError",
     "BudgetState",
+    "Change",
     "Finding",
     "GradientTransformation",
     "IndexBatch",
@@ -75,6 +83,7 @@ __all__ = [
     "NonFiniteState",
     "PoissonLoader",
     "TrainState",
+    "UnsupportedModuleError",
     "account",
     "accounting",
     "adaptive_clip",
@@ -82,6 +91,7 @@ __all__ = [
     "budget",
     "calibrate_noise",
     "chain",
+    "check_supported",
     "clip",
     "clip_by",
     "clip_per_layer",
@@ -97,6 +107,7 @@ __all__ = [
     "identity",
     "make_eval_step",
     "make_train_step",
+    "nn",
     "normalize",
     "normalize_per_example",
     "optim",
