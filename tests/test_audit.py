@@ -419,15 +419,3 @@ def test_command_prints_epsilon_beside_the_lower_bound(capsys):
     assert 0.0 < bound <= epsilon
     assert "one-run ceiling, 500 canaries, all right" in out
     assert "audit passed" in out
-
-
-def test_notebook_03_runs():
-    import nbformat
-    from nbclient import NotebookClient
-
-    path = ROOT / "notebooks" / "03_auditing.ipynb"
-    notebook = nbformat.read(path, as_version=4)
-    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")
-    NotebookClient(
-        notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
-    ).execute()
