@@ -56,7 +56,7 @@ def global_norm(tree: PyTree) -> torch.Tensor:
     leaves = tree_leaves(tree)
     if not leaves:
         return torch.zeros(())
-    squares = [_upcast(x).pow(2).sum() for x in leaves]
+    squares = [torch.linalg.vector_norm(_upcast(x)).square() for x in leaves]
     return torch.stack(squares).sum().sqrt()
 
 
@@ -65,9 +65,9 @@ def per_example_norms(tree: PyTree) -> torch.Tensor:
     leaves = tree_leaves(tree)
     if not leaves:
         raise ValueError("per_example_norms needs a tree with at least one leaf")
-    squares = [
-        _upcast(x).flatten(1).pow(2).sum(1) if x.dim() > 1 else _upcast(x).pow(2) for x in leaves
-    ]
+    # vector_norm reads each leaf once without writing a [B, ...] temporary, which costs more
+    # than the arithmetic on large leaves.
+    squares = [torch.linalg.vector_norm(_rows(_upcast(x)), dim=1).square() for x in leaves]
     return torch.stack(squares).sum(0).sqrt()
 
 
@@ -79,6 +79,11 @@ def batch_size_of(tree: PyTree) -> int:
             f"per-example leaves must share their leading dimension, got {sorted(sizes)}"
         )
     return sizes.pop()
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[B, ...] as [B, n], also for B = 0."""
+    return x.flatten(1) if x.dim() > 1 else x[:, None]
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:

@@ -257,7 +257,7 @@ def _grouped(updates, groups, group_names, nan_safe):
         flat = leaf.reshape(leaf.shape[0], -1).to(squares.dtype)
         if finite is not None:
             flat = torch.where(finite[:, None], flat, torch.zeros((), dtype=flat.dtype))
-        squares[:, column] += flat.pow(2).sum(1)
+        squares[:, column] += torch.linalg.vector_norm(flat, dim=1).square()
     return leaves, spec, columns, squares.sqrt(), finite
 
 
