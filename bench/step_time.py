@@ -28,16 +28,25 @@ ENGINES = ["nonprivate", "funcdp", "opacus-hooks", "opacus-functorch", "opacus-g
 
 
 def _mlp():
-    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    model = nn.Sequential(
+        nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
     return model, (torch.randn(256, 64),), torch.randint(0, 10, (256,))
 
 
 def _cnn():
     model = nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
-        nn.Flatten(), nn.Linear(64 * 16, 10),
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(64 * 16, 10),
     )
     return model, (torch.randn(64, 3, 32, 32),), torch.randint(0, 10, (64,))
 
@@ -82,13 +91,23 @@ def _funcdp_step(model, inputs, targets):
         return F.cross_entropy(apply_fn(params, buffers, x[None]), y[None])
 
     privatizer = fdp.chain(
-        fdp.clip(1.0), fdp.aggregate(), fdp.gaussian_noise(1.0),
-        fdp.normalize(batch), fdp.account(0.01),
+        fdp.clip(1.0),
+        fdp.aggregate(),
+        fdp.gaussian_noise(1.0),
+        fdp.normalize(batch),
+        fdp.account(0.01),
     )
     optimizer = fdp.optim.sgd(0.1)
     train_step = fdp.make_train_step(loss_fn, privatizer, optimizer)
-    holder = [fdp.TrainState.create(params, buffers=buffers, privatizer=privatizer,
-                                    optimizer=optimizer, key=fdp.random.key(0))]
+    holder = [
+        fdp.TrainState.create(
+            params,
+            buffers=buffers,
+            privatizer=privatizer,
+            optimizer=optimizer,
+            key=fdp.random.key(0),
+        )
+    ]
     data = fdp.Batch((*inputs, targets), torch.ones(batch, dtype=torch.bool, device=targets.device))
 
     def step():
@@ -109,8 +128,13 @@ def _opacus_step(mode):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         engine = PrivacyEngine()
         made = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
-            max_grad_norm=1.0, grad_sample_mode=mode, criterion=nn.CrossEntropyLoss(),
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            grad_sample_mode=mode,
+            criterion=nn.CrossEntropyLoss(),
         )
         private_model, private_optimizer = made[0], made[1]
         criterion = made[2] if mode == "ghost" else nn.CrossEntropyLoss()
@@ -138,7 +162,11 @@ def run_one(model_name: str, engine: str, device: str, warmup: int, repeats: int
     """Times one engine on one model in this process; returns a JSON-able record."""
     torch.manual_seed(0)
     model, inputs, targets = MODELS[model_name]()
-    model, inputs, targets = model.to(device), tuple(x.to(device) for x in inputs), targets.to(device)
+    model, inputs, targets = (
+        model.to(device),
+        tuple(x.to(device) for x in inputs),
+        targets.to(device),
+    )
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -155,7 +183,12 @@ def run_one(model_name: str, engine: str, device: str, warmup: int, repeats: int
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
-    return {"model": model_name, "engine": engine, "seconds": statistics.median(times), "peak_mb": peak_mb}
+    return {
+        "model": model_name,
+        "engine": engine,
+        "seconds": statistics.median(times),
+        "peak_mb": peak_mb,
+    }
 
 
 def _sync(device: str) -> None:
@@ -164,7 +197,9 @@ def _sync(device: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--engines", nargs="+", default=ENGINES, choices=ENGINES)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -175,16 +210,29 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_one(*args.one, args.device, args.warmup, args.repeats)))
         return
-    print(f"# {platform.node()} {platform.processor() or platform.machine()}, device={args.device}"
-          f"{' ' + torch.cuda.get_device_name() if args.device == 'cuda' else ''}, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(
+        f"# {platform.node()} {platform.processor() or platform.machine()}, device={args.device}"
+        f"{' ' + torch.cuda.get_device_name() if args.device == 'cuda' else ''}, "
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}"
+    )
     print(f"# {' '.join(sys.argv)}")
     print(f"{'model':<12} {'engine':<17} {'s/step':>9} {'x nonpriv':>10} {'peak MB':>9}")
     for model_name in args.models:
         baseline = None
         for engine in args.engines:
-            command = [sys.executable, __file__, "--one", model_name, engine, "--device", args.device,
-                       "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+            command = [
+                sys.executable,
+                __file__,
+                "--one",
+                model_name,
+                engine,
+                "--device",
+                args.device,
+                "--warmup",
+                str(args.warmup),
+                "--repeats",
+                str(args.repeats),
+            ]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 reason = (done.stderr.strip().splitlines() or ["failed"])[-1][:60]
@@ -193,7 +241,9 @@ def main() -> None:
             record = json.loads(done.stdout.strip().splitlines()[-1])
             baseline = record["seconds"] if engine == "nonprivate" else baseline
             ratio = f"{record['seconds'] / baseline:.2f}" if baseline else "-"
-            print(f"{model_name:<12} {engine:<17} {record['seconds']:>9.4f} {ratio:>10} {record['peak_mb']:>9.1f}")
+            print(
+                f"{model_name:<12} {engine:<17} {record['seconds']:>9.4f} {ratio:>10} {record['peak_mb']:>9.1f}"
+            )
 
 
 if __name__ == "__main__":

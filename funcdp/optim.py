@@ -41,7 +41,9 @@ class TorchOptimizerState(NamedTuple):
     state_dict: dict
 
 
-def sgd(learning_rate: LearningRate, momentum: float = 0.0, nesterov: bool = False) -> GradientTransformation:
+def sgd(
+    learning_rate: LearningRate, momentum: float = 0.0, nesterov: bool = False
+) -> GradientTransformation:
     """Stochastic gradient descent, with optional (Nesterov) heavy-ball momentum."""
     _check_learning_rate(learning_rate)
     if not 0.0 <= momentum < 1.0:
@@ -64,7 +66,9 @@ def sgd(learning_rate: LearningRate, momentum: float = 0.0, nesterov: bool = Fal
     return GradientTransformation(init, update, AGGREGATE)
 
 
-def momentum(learning_rate: LearningRate, beta: float = 0.9, nesterov: bool = False) -> GradientTransformation:
+def momentum(
+    learning_rate: LearningRate, beta: float = 0.9, nesterov: bool = False
+) -> GradientTransformation:
     """SGD with heavy-ball momentum `beta`."""
     return sgd(learning_rate, momentum=beta, nesterov=nesterov)
 
@@ -124,7 +128,9 @@ def apply_updates(params: Any, updates: Any) -> Any:
     return tree_map(lambda p, u: p + u.to(p.dtype), params, updates)
 
 
-def from_torch(optimizer_class: type[torch.optim.Optimizer], **hyperparameters: Any) -> GradientTransformation:
+def from_torch(
+    optimizer_class: type[torch.optim.Optimizer], **hyperparameters: Any
+) -> GradientTransformation:
     """Any `torch.optim` optimizer as a pure transform: `from_torch(torch.optim.Adam, lr=1e-3)`.
 
     Each update builds the optimizer over copies of the parameters, loads its state from the
@@ -164,4 +170,6 @@ def _check_learning_rate(learning_rate: LearningRate) -> None:
     if callable(learning_rate):
         return
     if not isinstance(learning_rate, (int, float)) or not 0 <= learning_rate < math.inf:
-        raise ValueError(f"learning_rate must be a finite number >= 0 or a schedule, got {learning_rate!r}")
+        raise ValueError(
+            f"learning_rate must be a finite number >= 0 or a schedule, got {learning_rate!r}"
+        )

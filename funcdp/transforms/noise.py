@@ -98,7 +98,9 @@ def _noise_update(std: float, secure: bool):
     def update(updates, state, params=None, *, key=None, mask=None):
         del params, mask
         if key is None and not secure:
-            raise ValueError("gaussian_noise needs a key: call update(..., key=funcdp.random.key(seed))")
+            raise ValueError(
+                "gaussian_noise needs a key: call update(..., key=funcdp.random.key(seed))"
+            )
         return add_noise(updates, std, key, secure=secure), state
 
     return update
