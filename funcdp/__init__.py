@@ -9,7 +9,7 @@ import torch as _torch
 
 from funcdp import accounting, data, nn, optim, random, transforms, tree
 from funcdp.accounting import Ledger, LedgerRecord, calibrate_noise, dpsgd_epsilon, epsilon
-from funcdp.data import Batch, IndexBatch, PoissonLoader, poisson_batches
+from funcdp.data import Batch, IndexBatch, PoissonLoader, poisson_batches, shuffled_batches
 from funcdp.functional import functionalize, to_module
 from funcdp.per_sample import (
     clipped_sum,
@@ -116,6 +116,7 @@ __all__ = [
     "per_sample_norms",
     "poisson_batches",
     "random",
+    "shuffled_batches",
     "to_module",
     "transforms",
     "tree",

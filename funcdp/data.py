@@ -116,6 +116,55 @@ def _check_counts(**counts: int | None) -> None:
             raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
+def shuffled_batches(
+    num_examples: int,
+    batch_size: int,
+    *,
+    key: torch.Tensor,
+    steps: int | None = None,
+    allow_non_poisson: bool = False,
+) -> Iterator[IndexBatch]:
+    """Yields fixed-size batches of a shuffled data set: NOT Poisson sampling.
+
+    The accountant's amplification by subsampling assumes Poisson sampling; these batches do not
+    have it, so they are refused unless `allow_non_poisson=True`. Account them with
+    `account(batch_size / num_examples, poisson=False)`, so that `epsilon` warns that its figure
+    assumes Poisson sampling. Epoch e is a permutation drawn from `fold_in(key, e)`; a final
+    partial batch is padded and masked, so every batch has `batch_size` rows.
+
+    Raises:
+      ValueError: allow_non_poisson is not True, or bad sizes.
+    """
+    if allow_non_poisson is not True:
+        raise ValueError(
+            "shuffled fixed-size batches break the Poisson sampling the accountant assumes; pass "
+            "allow_non_poisson=True (and account(..., poisson=False)) to use them anyway"
+        )
+    if not isinstance(num_examples, int) or num_examples < 1:
+        raise ValueError(f"num_examples must be a positive int, got {num_examples!r}")
+    if not isinstance(batch_size, int) or not 1 <= batch_size <= num_examples:
+        raise ValueError(f"batch_size must be an int in [1, {num_examples}], got {batch_size!r}")
+    per_epoch = math.ceil(num_examples / batch_size)
+    steps = per_epoch if steps is None else steps
+    _check_counts(steps=steps)
+    fdr.fold_in(key, 0)  # validates the key
+    return _shuffled(num_examples, batch_size, key, steps, per_epoch)
+
+
+def _shuffled(num_examples, batch_size, key, steps, per_epoch) -> Iterator[IndexBatch]:
+    order = None
+    for t in range(steps):
+        epoch, position = divmod(t, per_epoch)
+        if position == 0:
+            order = torch.argsort(fdr.uniform(fdr.fold_in(key, epoch), (num_examples,)))
+        chosen = order[position * batch_size : (position + 1) * batch_size]
+        mask = torch.zeros(batch_size, dtype=torch.bool)
+        mask[: len(chosen)] = True
+        indices = torch.zeros(batch_size, dtype=torch.long)
+        indices[: len(chosen)] = chosen
+        yield IndexBatch(indices, mask)
+
+
 def _check_shard(rank: int, world_size: int) -> None:
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")

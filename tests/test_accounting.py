@@ -272,3 +272,14 @@ def test_calibrate_noise_bad_args(kwargs, name):
 def test_epsilon_needs_a_ledger():
     with pytest.raises(TypeError, match="ledger"):
         epsilon([(1.0, 0.01, 10)], 1e-5)
+
+
+def test_epsilon_warns_when_the_ledger_holds_non_poisson_steps():
+    poisson = Ledger().record(1.0, 0.1, 10)
+    shuffled = Ledger().record(1.0, 0.1, 10, poisson=False)
+    assert shuffled.records[0].poisson is False and shuffled != poisson
+    with pytest.warns(UserWarning, match="assumes Poisson sampling"):
+        spent = epsilon(shuffled, 1e-5)
+    assert spent == epsilon(poisson, 1e-5)
+    merged = shuffled.record(1.0, 0.1, 5, poisson=False).record(1.0, 0.1, 1)
+    assert [(r.steps, r.poisson) for r in merged.records] == [(15, False), (1, True)]

@@ -149,3 +149,12 @@ def test_sample_rate_one_is_allowed():
     privatizer = fdp.chain(fdp.clip(1.0), fdp.aggregate(), fdp.gaussian_noise(1.0), fdp.account(1))
     state = _steps(privatizer, privatizer.init(None), 1)
     assert state[3].ledger == Ledger((LedgerRecord(1.0, 1.0, 1),))
+
+
+def test_account_marks_non_poisson_steps():
+    privatizer = fdp.chain(
+        fdp.clip(1.0), fdp.aggregate(), fdp.gaussian_noise(1.0), fdp.account(0.1, poisson=False)
+    )
+    state = privatizer.init(None)
+    _, state = privatizer.update({"w": torch.ones(2, 3)}, state, key=fdp.random.key(0))
+    assert state[-1].ledger.records == (fdp.LedgerRecord(1.0, 0.1, 1, False),)

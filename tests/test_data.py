@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
+import funcdp as fdp
 from funcdp import random as fdr
 from funcdp.data import Batch, IndexBatch, PoissonLoader, default_bucket_size, poisson_batches
 
@@ -286,3 +287,20 @@ def test_bad_arguments_raise(kwargs, name):
 def test_bad_key_raises():
     with pytest.raises(TypeError, match="key"):
         list(poisson_batches(10, 0.5, key=torch.zeros(2), steps=1))
+
+
+def test_shuffled_batches_are_refused_without_the_flag():
+    with pytest.raises(ValueError, match="allow_non_poisson"):
+        fdp.shuffled_batches(10, 4, key=fdp.random.key(0))
+
+
+def test_shuffled_batches_cover_each_epoch_once_with_fixed_shapes():
+    batches = list(
+        fdp.shuffled_batches(10, 4, key=fdp.random.key(0), steps=6, allow_non_poisson=True)
+    )
+    assert all(b.indices.shape == (4,) and b.mask.shape == (4,) for b in batches)
+    for epoch in (batches[:3], batches[3:]):
+        seen = torch.cat([b.indices[b.mask] for b in epoch])
+        assert sorted(seen.tolist()) == list(range(10))
+    assert [int(b.mask.sum()) for b in batches] == [4, 4, 2, 4, 4, 2]
+    assert not torch.equal(batches[0].indices, batches[3].indices)  # a new permutation

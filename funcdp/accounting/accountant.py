@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import warnings
 from typing import Literal
 
 import dp_accounting
@@ -34,6 +35,13 @@ def epsilon(ledger: Ledger, delta: float, method: Method = "rdp") -> float:
         raise TypeError(f"ledger must be a funcdp Ledger, got {type(ledger).__name__}")
     if ledger.steps == 0:
         return 0.0
+    if any(not rec.poisson and rec.steps > 0 for rec in ledger.records):
+        warnings.warn(
+            "the ledger holds steps on shuffled fixed-size batches; the reported epsilon assumes "
+            "Poisson sampling, whose amplification such batches do not have",
+            UserWarning,
+            stacklevel=2,
+        )
     if any(rec.noise_multiplier == 0 and rec.steps > 0 for rec in ledger.records):
         return math.inf
     accountant = _accountant(method)

@@ -10,11 +10,16 @@ from funcdp._checks import check_noise_multiplier, check_sample_rate
 
 
 class LedgerRecord(NamedTuple):
-    """`steps` releases of the Poisson-subsampled Gaussian mechanism with these parameters."""
+    """`steps` releases of the subsampled Gaussian mechanism with these parameters.
+
+    `poisson` is False for steps on shuffled fixed-size batches: they are accounted as if
+    Poisson-sampled at `sample_rate`, and `epsilon` warns that the figure assumes it.
+    """
 
     noise_multiplier: float
     sample_rate: float
     steps: int
+    poisson: bool = True
 
 
 class Ledger(NamedTuple):
@@ -26,19 +31,22 @@ class Ledger(NamedTuple):
 
     records: tuple[LedgerRecord, ...] = ()
 
-    def record(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> Ledger:
+    def record(
+        self, noise_multiplier: float, sample_rate: float, steps: int = 1, *, poisson: bool = True
+    ) -> Ledger:
         """A new ledger with `steps` more releases at (noise_multiplier, sample_rate)."""
         check_noise_multiplier(noise_multiplier)
         check_sample_rate(sample_rate)
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
             raise ValueError(f"steps must be a non-negative int, got {steps!r}")
         noise_multiplier, sample_rate = float(noise_multiplier), float(sample_rate)
+        new = LedgerRecord(noise_multiplier, sample_rate, steps, bool(poisson))
         records = list(self.records)
         for i, rec in enumerate(records):
-            if rec.noise_multiplier == noise_multiplier and rec.sample_rate == sample_rate:
+            if rec._replace(steps=0) == new._replace(steps=0):
                 records[i] = rec._replace(steps=rec.steps + steps)
                 return Ledger(tuple(records))
-        return Ledger((*records, LedgerRecord(noise_multiplier, sample_rate, steps)))
+        return Ledger((*records, new))
 
     @property
     def steps(self) -> int:

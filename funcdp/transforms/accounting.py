@@ -27,11 +27,13 @@ class BudgetExceededError(RuntimeError):
     """A step would spend more privacy than the budget allows; nothing was released."""
 
 
-def account(sample_rate: float) -> GradientTransformation:
+def account(sample_rate: float, *, poisson: bool = True) -> GradientTransformation:
     """Records one Poisson-subsampled Gaussian step (sigma from upstream, rate q) per update.
 
     The gradient passes unchanged; the ledger lives in this transform's state, and so in the
-    train state (`TrainState.ledger`), where `funcdp.accounting.epsilon` reads it.
+    train state (`TrainState.ledger`), where `funcdp.accounting.epsilon` reads it. Pass
+    `poisson=False` when the batches come from `shuffled_batches`: the steps are then marked,
+    and `epsilon` warns that its figure assumes Poisson sampling.
 
     Raises:
       ValueError: sample_rate outside (0, 1], or no `gaussian_noise` upstream when chained.
@@ -41,9 +43,8 @@ def account(sample_rate: float) -> GradientTransformation:
 
     def bind(context: PrivacyContext) -> tuple[GradientTransformation, PrivacyContext]:
         noise_multiplier = _noise_multiplier_of(context, "account")
-        return _recorder(AccountState, noise_multiplier, sample_rate), context._replace(
-            sample_rate=sample_rate
-        )
+        recorder = _recorder(AccountState, noise_multiplier, sample_rate, poisson)
+        return recorder, context._replace(sample_rate=sample_rate)
 
     return GradientTransformation(
         lambda params: AccountState(Ledger()), _unbound, AGGREGATE, bind=bind
@@ -88,10 +89,13 @@ def budget(max_epsilon: float, delta: float, method: Method = "rdp") -> Gradient
     )
 
 
-def _recorder(state_type, noise_multiplier: float, sample_rate: float) -> GradientTransformation:
+def _recorder(
+    state_type, noise_multiplier: float, sample_rate: float, poisson: bool = True
+) -> GradientTransformation:
     def update(updates, state, params=None, *, key=None, mask=None):
         del params, key, mask
-        return updates, state_type(state.ledger.record(noise_multiplier, sample_rate))
+        ledger = state.ledger.record(noise_multiplier, sample_rate, poisson=poisson)
+        return updates, state_type(ledger)
 
     return GradientTransformation(lambda params: state_type(Ledger()), update, AGGREGATE)
 
