@@ -55,10 +55,10 @@ def _setup(group=None, fail_on=None):
     return state, step
 
 
-def _train(state, step, rank, world):
+def _train(state, step, rank, world, steps=STEPS, start=0):
     metrics = []
     for batch in PoissonLoader(
-        _data(), Q, key=fdp.random.key(1), steps=STEPS, rank=rank, world_size=world
+        _data(), Q, key=fdp.random.key(1), steps=steps, rank=rank, world_size=world, start=start
     ):
         state, m = step(state, batch)
         metrics.append(m)
@@ -100,6 +100,9 @@ def _worker(rank, init_file, out_dir):
     state = broadcast_state(state, group)
     final, metrics = _train(state, step, rank, WORLD)
     results["params"], results["ledger"], results["metrics"] = final.params, final.ledger, metrics
+    half, _ = _train(state, step, rank, WORLD, steps=STEPS // 2)  # every rank steps together
+    if rank == 0:  # rank 0 writes the checkpoint, to be resumed on one process
+        torch.save(half, f"{out_dir}/checkpoint.pt")
     results["noise"] = _zero_gradient_noise(group)
 
     state, step = _setup(group, fail_on=(1, 2))
@@ -130,12 +133,25 @@ def _worker(rank, init_file, out_dir):
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def spawned(tmp_path_factory):
+    """Runs the 2-process scenarios once; their results and rank 0's halfway checkpoint."""
     tmp = tmp_path_factory.mktemp("dist")
     mp.start_processes(
         _worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, start_method="spawn"
     )
-    return [torch.load(tmp / f"{rank}.pt") for rank in range(WORLD)]
+    return [torch.load(tmp / f"{rank}.pt") for rank in range(WORLD)], torch.load(
+        tmp / "checkpoint.pt"
+    )
+
+
+@pytest.fixture(scope="module")
+def ranks(spawned):
+    return spawned[0]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(spawned):
+    return spawned[1]
 
 
 def test_two_processes_match_one_process(ranks):
@@ -195,3 +211,13 @@ def test_sharded_poisson_batches_cover_each_sampled_example_once():
 def test_bad_shard_is_refused(rank, world_size):
     with pytest.raises(ValueError, match="rank|world_size"):
         poisson_batches(10, 0.5, key=fdp.random.key(0), rank=rank, world_size=world_size)
+
+
+def test_a_two_process_checkpoint_resumes_on_one_process(checkpoint):
+    assert checkpoint.step == STEPS // 2
+    state, step = _setup()
+    resumed, _ = _train(checkpoint, step, 0, 1, steps=STEPS - STEPS // 2, start=STEPS // 2)
+    uninterrupted, _ = _train(state, step, 0, 1)
+    for name, value in uninterrupted.params.items():
+        torch.testing.assert_close(resumed.params[name], value, rtol=0, atol=1e-6)
+    assert resumed.ledger == uninterrupted.ledger
