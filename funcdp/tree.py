@@ -71,6 +71,17 @@ def per_example_norms(tree: PyTree) -> torch.Tensor:
     return torch.stack(squares).sum(0).sqrt()
 
 
+def shrink_below_one(factors: torch.Tensor) -> torch.Tensor:
+    """Factors under 1 made smaller by 2 units in the last place of their dtype.
+
+    A factor from a float32 norm can be a few ulps too large, so an example scaled to C could
+    land a few ulps above C; this margin keeps every clipped example at or below its bound.
+    Factors of 1 (examples already within the bound) and above are left exactly as they are.
+    """
+    margin = 1.0 - 2.0 * torch.finfo(factors.dtype).eps
+    return torch.where(factors < 1, factors * margin, factors)
+
+
 def batch_size_of(tree: PyTree) -> int:
     """The shared leading dimension of a per-example tree; raises if the leaves disagree."""
     sizes = {x.shape[0] for x in tree_leaves(tree)}

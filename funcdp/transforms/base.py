@@ -57,6 +57,20 @@ class PrivacyContext(NamedTuple):
 Bind = Callable[[PrivacyContext], tuple["GradientTransformation", PrivacyContext]]
 
 
+class FactorRule(NamedTuple):
+    """A clipping transform's rule as data, so that an engine can apply it without the tree.
+
+    `factor_fn` maps per-example norms [B, G] of the groups of leaves to factors [B, G];
+    `groups` maps a leaf's path to its group's name (None: one group) and `group_names` orders
+    the columns. The ghost mode of the train step computes the norms and the factored sum
+    itself from these.
+    """
+
+    factor_fn: Callable[[Any], Any]
+    groups: Callable[[str], str] | None = None
+    group_names: tuple[str, ...] | None = None
+
+
 class GradientTransformation(NamedTuple):
     """A pure gradient transformation and its declared place in a privacy chain.
 
@@ -69,6 +83,8 @@ class GradientTransformation(NamedTuple):
       parts: for a chain, the transforms it is made of (unbound, in order).
       finish: `finish(state, *, key) -> state`, closing one logical batch for a transform whose
         `update` only accumulates statistics; None for transforms that need no such step.
+      factor_rule: for a stateless clipping transform, its rule as a `FactorRule`; None when it
+        has none (the ghost mode needs it).
     """
 
     init: Callable[[Any], Any]
@@ -78,6 +94,7 @@ class GradientTransformation(NamedTuple):
     bind: Bind | None = None
     parts: tuple[GradientTransformation, ...] = ()
     finish: Callable[..., Any] | None = None
+    factor_rule: FactorRule | None = None
 
 
 def identity() -> GradientTransformation:

@@ -17,8 +17,8 @@ import optree
 import torch
 
 from funcdp._checks import check_positive
-from funcdp.transforms.base import PER_EXAMPLE, GradientTransformation
-from funcdp.tree import per_example_norms, tree_map
+from funcdp.transforms.base import PER_EXAMPLE, FactorRule, GradientTransformation
+from funcdp.tree import per_example_norms, shrink_below_one, tree_map
 
 FactorFn = Callable[[torch.Tensor], torch.Tensor]
 GroupFn = Callable[[str], str]
@@ -57,10 +57,16 @@ def clip(max_norm: float, *, nan_safe: bool = False) -> GradientTransformation:
     def update(updates, state, params=None, *, key=None, mask=None):
         del params, key, mask
         norms = per_example_norms(updates)
-        factors = max_norm / torch.clamp(norms, min=max_norm)
+        factors = shrink_below_one(max_norm / torch.clamp(norms, min=max_norm))
         return scale_examples(updates, factors), state
 
-    return GradientTransformation(lambda params: (), update, PER_EXAMPLE, sensitivity=max_norm)
+    return GradientTransformation(
+        lambda params: (),
+        update,
+        PER_EXAMPLE,
+        sensitivity=max_norm,
+        factor_rule=FactorRule(flat_factors(max_norm)),
+    )
 
 
 def clip_by(
@@ -112,6 +118,7 @@ def clip_by(
                 f"factor_fn must return a tensor of shape {tuple(norms.shape)} (examples, groups), "
                 f"got {getattr(factors, 'shape', type(factors).__name__)}"
             )
+        factors = shrink_below_one(factors)
         if finite is not None:
             factors = torch.where(finite[:, None], factors, torch.zeros((), dtype=factors.dtype))
         scaled = [
@@ -123,7 +130,10 @@ def clip_by(
             state = NonFiniteState(state.nonfinite + bad.sum().cpu())
         return optree.tree_unflatten(spec, scaled), state
 
-    return GradientTransformation(init, update, PER_EXAMPLE, sensitivity=float(sensitivity))
+    rule = None if nan_safe else FactorRule(factor_fn, groups, group_names)
+    return GradientTransformation(
+        init, update, PER_EXAMPLE, sensitivity=float(sensitivity), factor_rule=rule
+    )
 
 
 def flat_factors(max_norm: float) -> FactorFn:
