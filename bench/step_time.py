@@ -7,6 +7,9 @@ model: median seconds per step, the ratio to the non-private step of the same ru
 
     python bench/step_time.py                     # all models and engines, on CUDA if available
     python bench/step_time.py --models mlp cnn --engines nonprivate funcdp opacus-hooks
+
+`funcdp-compiled` is funcdp's step with `make_train_step(..., compile=True)`; its first step
+compiles, and the time of that step less the median step is printed as the compile time.
 """
 
 from __future__ import annotations
@@ -24,7 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ENGINES = ["nonprivate", "funcdp", "opacus-hooks", "opacus-functorch", "opacus-ghost"]
+ENGINES = [
+    "nonprivate",
+    "funcdp",
+    "funcdp-compiled",
+    "opacus-hooks",
+    "opacus-functorch",
+    "opacus-ghost",
+]
 
 
 def _mlp():
@@ -67,7 +77,87 @@ def _transformer():
     return _Encoder(), (torch.randint(0, 5000, (32, 64)),), torch.randint(0, 2, (32,))
 
 
-MODELS = {"mlp": _mlp, "cnn": _cnn, "transformer": _transformer}
+class _TextLSTM(nn.Module):
+    """Embedding, one LSTM layer, a linear head on the mean of the outputs.
+
+    `rnn` is torch's `nn.LSTM`; each engine swaps in the layer it can differentiate per example
+    (`_prepare`): funcdp its vmap-friendly `funcdp.nn.LSTM`, Opacus its `DPLSTM`.
+    """
+
+    def __init__(self, vocab=5000, d=128, hidden=128, classes=2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.rnn = nn.LSTM(d, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, tokens):
+        out, _ = self.rnn(self.embed(tokens))
+        return self.head(out.mean(1))
+
+
+def _lstm():
+    return _TextLSTM(), (torch.randint(0, 5000, (64, 64)),), torch.randint(0, 2, (64,))
+
+
+class _Block(nn.Module):
+    """ResNet's BasicBlock with GroupNorm(32) in place of BatchNorm."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.norm1 = nn.GroupNorm(32, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.norm2 = nn.GroupNorm(32, cout)
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.GroupNorm(32, cout)
+            )
+
+    def forward(self, x):
+        out = torch.relu(self.norm1(self.conv1(x)))
+        return torch.relu(self.norm2(self.conv2(out)) + self.shortcut(x))
+
+
+def _resnet18():
+    """ResNet-18 (torchvision's layout, 11.2M parameters) with GroupNorm, on 3x32x32, batch 32."""
+    layers = [
+        nn.Conv2d(3, 64, 7, 2, 3, bias=False),
+        nn.GroupNorm(32, 64),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, 1),
+    ]
+    cin = 64
+    for i, width in enumerate([64, 128, 256, 512]):
+        layers += [_Block(cin, width, 1 if i == 0 else 2), _Block(width, width, 1)]
+        cin = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10)]
+    return nn.Sequential(*layers), (torch.randn(32, 3, 32, 32),), torch.randint(0, 10, (32,))
+
+
+MODELS = {
+    "mlp": _mlp,
+    "cnn": _cnn,
+    "lstm": _lstm,
+    "transformer": _transformer,
+    "resnet18": _resnet18,
+}
+
+
+def _prepare(model, engine):
+    """Swaps torch's LSTM for the engine's per-example-capable one (weights are not kept)."""
+    if not isinstance(model, _TextLSTM) or engine == "nonprivate":
+        return model
+    rnn = model.rnn
+    if engine.startswith("funcdp"):
+        from funcdp.nn import LSTM
+
+        model.rnn = LSTM.from_torch(rnn)
+    else:
+        from opacus.layers import DPLSTM
+
+        model.rnn = DPLSTM(rnn.input_size, rnn.hidden_size, batch_first=True)
+    return model
 
 
 def _nonprivate_step(model, inputs, targets):
@@ -81,7 +171,7 @@ def _nonprivate_step(model, inputs, targets):
     return step
 
 
-def _funcdp_step(model, inputs, targets):
+def _funcdp_step(model, inputs, targets, compile=False):
     import funcdp as fdp
 
     apply_fn, params, buffers = fdp.functionalize(model)
@@ -98,7 +188,7 @@ def _funcdp_step(model, inputs, targets):
         fdp.account(0.01),
     )
     optimizer = fdp.optim.sgd(0.1)
-    train_step = fdp.make_train_step(loss_fn, privatizer, optimizer)
+    train_step = fdp.make_train_step(loss_fn, privatizer, optimizer, compile=compile)
     holder = [
         fdp.TrainState.create(
             params,
@@ -152,6 +242,7 @@ def _opacus_step(mode):
 BUILDERS = {
     "nonprivate": _nonprivate_step,
     "funcdp": _funcdp_step,
+    "funcdp-compiled": lambda *args: _funcdp_step(*args, compile=True),
     "opacus-hooks": _opacus_step("hooks"),
     "opacus-functorch": _opacus_step("functorch"),
     "opacus-ghost": _opacus_step("ghost"),
@@ -163,7 +254,7 @@ def run_one(model_name: str, engine: str, device: str, warmup: int, repeats: int
     torch.manual_seed(0)
     model, inputs, targets = MODELS[model_name]()
     model, inputs, targets = (
-        model.to(device),
+        _prepare(model, engine).to(device),
         tuple(x.to(device) for x in inputs),
         targets.to(device),
     )
@@ -171,6 +262,11 @@ def run_one(model_name: str, engine: str, device: str, warmup: int, repeats: int
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     step = BUILDERS[engine](model, inputs, targets)
+    _sync(device)
+    start = time.perf_counter()
+    step()  # the first step: compiles, if the engine compiles
+    _sync(device)
+    first = time.perf_counter() - start
     times = []
     for i in range(warmup + repeats):
         _sync(device)
@@ -183,11 +279,13 @@ def run_one(model_name: str, engine: str, device: str, warmup: int, repeats: int
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    seconds = statistics.median(times)
     return {
         "model": model_name,
         "engine": engine,
-        "seconds": statistics.median(times),
+        "seconds": seconds,
         "peak_mb": peak_mb,
+        "compile_s": first - seconds if engine.endswith("compiled") else None,
     }
 
 
@@ -205,8 +303,19 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads in each run (default: torch's)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=1800, help="seconds allowed to each (model, engine)"
+    )
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "ENGINE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.one:
         print(json.dumps(run_one(*args.one, args.device, args.warmup, args.repeats)))
         return
@@ -216,7 +325,10 @@ def main() -> None:
         f"torch {torch.__version__}, threads {torch.get_num_threads()}"
     )
     print(f"# {' '.join(sys.argv)}")
-    print(f"{'model':<12} {'engine':<17} {'s/step':>9} {'x nonpriv':>10} {'peak MB':>9}")
+    print(
+        f"{'model':<12} {'engine':<17} {'s/step':>9} {'x nonpriv':>10} {'peak MB':>9} "
+        f"{'compile s':>10}"
+    )
     for model_name in args.models:
         baseline = None
         for engine in args.engines:
@@ -232,8 +344,12 @@ def main() -> None:
                 str(args.warmup),
                 "--repeats",
                 str(args.repeats),
-            ]
-            done = subprocess.run(command, capture_output=True, text=True)
+            ] + ([] if args.threads is None else ["--threads", str(args.threads)])
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                print(f"{model_name:<12} {engine:<17} failed: over {args.timeout:g} s")
+                continue
             if done.returncode != 0:
                 reason = (done.stderr.strip().splitlines() or ["failed"])[-1][:60]
                 print(f"{model_name:<12} {engine:<17} {'failed: ' + reason}")
@@ -241,8 +357,11 @@ def main() -> None:
             record = json.loads(done.stdout.strip().splitlines()[-1])
             baseline = record["seconds"] if engine == "nonprivate" else baseline
             ratio = f"{record['seconds'] / baseline:.2f}" if baseline else "-"
+            compiled = record["compile_s"]
             print(
-                f"{model_name:<12} {engine:<17} {record['seconds']:>9.4f} {ratio:>10} {record['peak_mb']:>9.1f}"
+                f"{model_name:<12} {engine:<17} {record['seconds']:>9.4f} {ratio:>10} "
+                f"{record['peak_mb']:>9.1f} {'' if compiled is None else f'{compiled:.1f}':>10}",
+                flush=True,
             )
 
 

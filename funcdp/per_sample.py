@@ -8,13 +8,15 @@ from typing import Any
 import torch
 from torch.func import grad, grad_and_value, vmap
 
-from funcdp.tree import per_example_norms, tree_map
+from funcdp.ghost import ghost_clipped_sum
+from funcdp.memory import ChunkSize, auto_chunk_size, check_chunk_option, is_auto
+from funcdp.tree import per_example_norms, shrink_below_one, tree_map
 
 LossFn = Callable[..., Any]
 
 
 def per_sample_grads(
-    loss_fn: LossFn, *, chunk_size: int | None = None, has_aux: bool = False
+    loss_fn: LossFn, *, chunk_size: ChunkSize = None, has_aux: bool = False
 ) -> Callable[..., Any]:
     """Returns `fn(params, *batch)` giving the gradient of `loss_fn` for each example.
 
@@ -24,19 +26,22 @@ def per_sample_grads(
 
     Args:
       loss_fn: scalar loss of one example; with `has_aux`, returns `(loss, aux)`.
-      chunk_size: evaluate at most this many examples at once to bound activation memory.
+      chunk_size: evaluate at most this many examples at once to bound activation memory;
+        "auto" or a `funcdp.memory.AutoChunk` picks the largest chunk under a memory budget,
+        measured once per batch shape (see `funcdp.memory`).
       has_aux: return `(grads, aux)`, with aux stacked over examples.
     """
-    check_chunk_size(chunk_size)
-    return _over_examples(grad(loss_fn, has_aux=has_aux), chunk_size)
+    check_chunk_option(chunk_size)
+    probe = (lambda *args: loss_fn(*args)[0]) if has_aux else loss_fn
+    return _over_examples(grad(loss_fn, has_aux=has_aux), chunk_size, probe)
 
 
 def per_sample_grads_and_losses(
-    loss_fn: LossFn, *, chunk_size: int | None = None
+    loss_fn: LossFn, *, chunk_size: ChunkSize = None
 ) -> Callable[..., tuple[Any, torch.Tensor]]:
     """Like `per_sample_grads`, returning `(grads, losses)` with losses of shape [B]."""
-    check_chunk_size(chunk_size)
-    return _over_examples(grad_and_value(loss_fn), chunk_size)
+    check_chunk_option(chunk_size)
+    return _over_examples(grad_and_value(loss_fn), chunk_size, loss_fn)
 
 
 def per_sample_norms(loss_fn: LossFn, *, chunk_size: int | None = None) -> Callable[..., Any]:
@@ -49,15 +54,23 @@ def per_sample_norms(loss_fn: LossFn, *, chunk_size: int | None = None) -> Calla
     return norms
 
 
-def _over_examples(fn: Callable[..., Any], chunk_size: int | None) -> Callable[..., Any]:
+def _over_examples(
+    fn: Callable[..., Any], chunk_size: ChunkSize, probe: LossFn | None = None
+) -> Callable[..., Any]:
+    chosen: dict[tuple, int] = {}  # automatic chunk sizes, by batch shapes
+
     def mapped(params: Any, *batch: Any) -> Any:
         if not batch:
             raise ValueError("per-example functions need at least one batched argument")
         in_dims = (None,) + (0,) * len(batch)
+        chunk = chunk_size
+        if is_auto(chunk_size):
+            shapes = tuple((tuple(x.shape), x.dtype) for x in batch)
+            if shapes not in chosen:
+                chosen[shapes] = auto_chunk_size(probe, params, *batch, spec=chunk_size)
+            chunk = chosen[shapes]
         # Dropout and other random layers draw independently for each example.
-        return vmap(fn, in_dims=in_dims, chunk_size=chunk_size, randomness="different")(
-            params, *batch
-        )
+        return vmap(fn, in_dims=in_dims, chunk_size=chunk, randomness="different")(params, *batch)
 
     return mapped
 
@@ -91,6 +104,12 @@ def clipped_sum(
       sum_i c_i * loss_i once, with the factors held constant. Its memory is that of one
       ordinary batched backward plus one chunk. Both passes must see the same function, so
       `loss_fn` must be deterministic: random layers (dropout) raise an error in this mode.
+    - `mode="ghost"` never forms the per-example gradients of linear, conv, embedding and
+      normalization parameters: one batched forward and backward gives their norms from each
+      op's input and output gradient, and their clipped sum from one more contraction
+      (book-keeping); other parameters fall back to vmap. `params` must be a dict of tensors.
+      See `funcdp.ghost.ghost_clipped_sum`, which also returns the losses and handles grouped
+      (per-layer) factor rules.
 
     Raises:
       ValueError: neither or both of max_norm and factor_fn, max_norm <= 0, an unknown mode, or
@@ -103,11 +122,13 @@ def clipped_sum(
             raise ValueError(f"max_norm must be a finite number > 0, got {max_norm!r}")
         limit = float(max_norm)
         factor_fn = lambda norms: limit / torch.clamp(norms, min=limit)  # noqa: E731
-    if mode not in ("vmap", "two_pass"):
-        raise ValueError(f'mode must be "vmap" or "two_pass", got {mode!r}')
+    if mode not in ("vmap", "two_pass", "ghost"):
+        raise ValueError(f'mode must be "vmap", "two_pass" or "ghost", got {mode!r}')
     check_chunk_size(chunk_size)
     if mode == "vmap":
         return _clipped_sum_vmap(loss_fn, factor_fn, chunk_size)
+    if mode == "ghost":
+        return _clipped_sum_ghost(loss_fn, factor_fn, chunk_size)
     return _clipped_sum_two_pass(loss_fn, factor_fn, chunk_size or 32)
 
 
@@ -118,7 +139,9 @@ def _clipped_sum_vmap(loss_fn, factor_fn, chunk_size):
         grads = grads_fn(params, *batch)
         norms = per_example_norms(grads)
         keep = torch.ones_like(norms, dtype=torch.bool) if mask is None else mask.to(norms.device)
-        factors = torch.where(keep, factor_fn(norms), torch.zeros((), dtype=norms.dtype))
+        factors = torch.where(
+            keep, shrink_below_one(factor_fn(norms)), torch.zeros((), dtype=norms.dtype)
+        )
 
         def weighted_sum(g: torch.Tensor) -> torch.Tensor:
             rows = keep.reshape((-1,) + (1,) * (g.dim() - 1))
@@ -150,7 +173,7 @@ def _clipped_sum_two_pass(loss_fn, factor_fn, chunk_size):
         real_norms = torch.cat(parts)
         norms = norms.to(real_norms.device, real_norms.dtype)
         norms[rows.to(norms.device)] = real_norms
-        factors = factor_fn(real_norms).detach()
+        factors = shrink_below_one(factor_fn(real_norms)).detach()
         losses_fn = _deterministic(loss_fn)
 
         def weighted(p):  # pass 2: one backward of sum_i c_i * loss_i
@@ -170,3 +193,13 @@ def _deterministic(fn: Callable[..., Any]) -> Callable[..., Any]:
         return vmap(fn, in_dims=in_dims, randomness="error")(params, *batch)
 
     return mapped
+
+
+def _clipped_sum_ghost(loss_fn, factor_fn, chunk_size):
+    ghost_fn = ghost_clipped_sum(loss_fn, factor_fn=factor_fn, chunk_size=chunk_size)
+
+    def fn(params: Any, *batch: Any, mask: torch.Tensor | None = None):
+        result = ghost_fn(params, *batch, mask=mask)
+        return result.grads, result.norms
+
+    return fn

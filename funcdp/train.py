@@ -12,8 +12,9 @@ from funcdp import random as fdr
 from funcdp.accounting.ledger import Ledger
 from funcdp.data import Batch
 from funcdp.distributed import all_reduce_local_sum
+from funcdp.memory import ChunkSize, auto_chunk_size, check_chunk_option, is_auto
 from funcdp.optim import apply_updates
-from funcdp.per_sample import check_chunk_size, per_sample_grads_and_losses
+from funcdp.per_sample import per_sample_grads_and_losses
 from funcdp.transforms.accounting import AccountState
 from funcdp.transforms.aggregation import check_mask
 from funcdp.transforms.base import GradientTransformation, split_at_reduce
@@ -102,10 +103,12 @@ def make_train_step(
     privatizer: GradientTransformation,
     optimizer: GradientTransformation,
     *,
-    chunk_size: int | None = None,
+    chunk_size: ChunkSize = None,
     microbatch_size: int | None = None,
     on_nonfinite: OnNonFinite = "raise",
     process_group: Any = None,
+    autocast_dtype: torch.dtype | None = None,
+    compile: bool | dict[str, Any] = False,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds the pure DP-SGD step `step(state, batch) -> (state, metrics)`.
 
@@ -119,7 +122,9 @@ def make_train_step(
       privatizer: a `chain(clip(...), aggregate(), gaussian_noise(...), normalize(...),
         account(...))` or any chain with an `aggregate()`.
       optimizer: a transform from `funcdp.optim`.
-      chunk_size: vmap at most this many examples at once (bounds activation memory).
+      chunk_size: vmap at most this many examples at once (bounds activation memory);
+        "auto" or a `funcdp.memory.AutoChunk` picks the largest chunk under a memory budget,
+        measured once per micro-batch shape.
       microbatch_size: split the batch into micro-batches of this many rows, each clipped and
         summed before the next is differentiated (bounds per-example gradient memory).
       on_nonfinite: what to do with a real example whose loss or gradient norm is not finite.
@@ -131,6 +136,15 @@ def make_train_step(
 
       process_group: a `torch.distributed` group (or `torch.distributed.group.WORLD`) over
         which one logical batch is sharded: see `funcdp.distributed`. None runs in-process.
+      autocast_dtype: None, torch.bfloat16 or torch.float16: run `loss_fn` (forward and
+        backward) under `torch.autocast` in that dtype. The loss and the per-example gradients
+        are cast to float32 before clipping, so norms, noise and the optimizer are float32.
+      compile: `torch.compile` the per-example part (gradients, losses, norms) of the step;
+        True for the defaults, or a dict of `torch.compile` keyword arguments. Clipping, noise,
+        accounting and the optimizer run eagerly (their keys are derived in Python, which would
+        recompile at every step). The first step of each new batch shape pays the compile time.
+        The compiled step gives the eager step's parameters up to float rounding; random layers
+        (dropout) draw from torch's compiled RNG, so their masks differ from the eager ones.
 
     Returns:
       `step(state, batch)`. Its metrics (loss, clipped_fraction, grad_norm, batch_size,
@@ -143,7 +157,20 @@ def make_train_step(
         not isinstance(microbatch_size, int) or microbatch_size < 1
     ):
         raise ValueError(f"microbatch_size must be a positive int or None, got {microbatch_size!r}")
-    check_chunk_size(chunk_size)
+    check_chunk_option(chunk_size)
+    if autocast_dtype not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"autocast_dtype must be None, torch.bfloat16 or torch.float16, got {autocast_dtype!r}"
+        )
+    if not isinstance(compile, (bool, dict)):
+        raise ValueError(
+            f"compile must be a bool or a dict of torch.compile options, got {compile!r}"
+        )
+    example_loss = _autocast_loss(loss_fn, autocast_dtype)
+    per_example = _per_example(example_loss, autocast_dtype is not None)
+    if compile is not False:
+        per_example = torch.compile(per_example, **({} if compile is True else compile))
+    chosen_chunks: dict[tuple, int] = {}  # chunk_size="auto": by micro-batch shapes
     through_sum, after_sum, split = split_at_reduce(privatizer)
     clip_norm = privatizer.sensitivity
 
@@ -153,19 +180,26 @@ def make_train_step(
             "not supported with process_group yet: its statistics would need their own all-reduce"
         )
 
+    def chunk_for(state: TrainState, rows: tuple[torch.Tensor, ...]) -> int | None:
+        if not is_auto(chunk_size):
+            return chunk_size
+        shapes = tuple((tuple(x.shape), x.dtype) for x in rows)
+        if shapes not in chosen_chunks:
+            probe = lambda params, *example: example_loss(params, state.buffers, *example)  # noqa: E731
+            chosen_chunks[shapes] = auto_chunk_size(probe, state.params, *rows, spec=chunk_size)
+        return chosen_chunks[shapes]
+
     def local_sum(state: TrainState, inputs, mask: torch.Tensor, step_key) -> _LocalSum:
-        grads_fn = per_sample_grads_and_losses(
-            lambda params, *example: loss_fn(params, state.buffers, *example),
-            chunk_size=chunk_size,
-        )
         size = mask.shape[0]
         micro = microbatch_size or size
         total, losses, norms, finite = None, [], [], []
         pre_state = state.privacy_state[:split]
         for start in range(0, size, micro):
             rows = slice(start, start + micro)
-            grads, loss = grads_fn(state.params, *(x[rows] for x in inputs))
-            loss, norm = loss.detach(), per_example_norms(grads).detach()
+            part = tuple(x[rows] for x in inputs)
+            grads, loss, norm = per_example(
+                state.params, state.buffers, chunk_for(state, part), *part
+            )
             ok = (torch.isfinite(loss) & torch.isfinite(norm)) | ~mask[rows].to(loss.device)
             if on_nonfinite == "zero":
                 grads = _zero_rows(grads, ok)
@@ -213,6 +247,37 @@ def make_train_step(
         return new_state, _metrics(local.stats)
 
     return step
+
+
+def _autocast_loss(loss_fn: Callable[..., torch.Tensor], dtype: torch.dtype | None):
+    """`loss_fn` run under `torch.autocast(dtype)` on its parameters' device, loss in float32."""
+    if dtype is None:
+        return loss_fn
+
+    def loss(params, buffers, *example):
+        leaves = [p for p in optree.tree_leaves(params) if isinstance(p, torch.Tensor)]
+        device_type = leaves[0].device.type if leaves else "cpu"
+        with torch.autocast(device_type, dtype=dtype):
+            value = loss_fn(params, buffers, *example)
+        return value.float()
+
+    return loss
+
+
+def _per_example(example_loss: Callable[..., torch.Tensor], upcast: bool):
+    """`fn(params, buffers, chunk, *rows) -> (grads [B, ...], losses [B], norms [B])`."""
+
+    def per_example(params, buffers, chunk, *rows):
+        grads, loss = per_sample_grads_and_losses(
+            lambda p, *example: example_loss(p, buffers, *example), chunk_size=chunk
+        )(params, *rows)
+        if upcast:  # half-precision gradients (of half parameters) are clipped in float32
+            grads = tree_map(
+                lambda g: g.float() if g.dtype in (torch.float16, torch.bfloat16) else g, grads
+            )
+        return grads, loss.detach(), per_example_norms(grads).detach()
+
+    return per_example
 
 
 def make_eval_step(

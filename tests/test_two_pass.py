@@ -154,7 +154,9 @@ def test_argument_errors():
         clipped_sum(lambda p, x: x, max_norm=1.0, factor_fn=lambda n: n)
     with pytest.raises(ValueError, match="max_norm must be a finite number > 0, got 0"):
         clipped_sum(lambda p, x: x, max_norm=0)
-    with pytest.raises(ValueError, match='mode must be "vmap" or "two_pass", got \'ghost\''):
-        clipped_sum(lambda p, x: x, max_norm=1.0, mode="ghost")
+    with pytest.raises(
+        ValueError, match='mode must be "vmap", "two_pass" or "ghost", got \'bogus\''
+    ):
+        clipped_sum(lambda p, x: x, max_norm=1.0, mode="bogus")
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         clipped_sum(lambda p, x: x, max_norm=1.0, mode="two_pass", chunk_size=0)

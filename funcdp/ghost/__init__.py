@@ -1,0 +1,10 @@
+"""Ghost clipping with book-keeping: clipped per-example gradient sums in one pass, no hooks.
+
+`ghost_clipped_sum(loss_fn, max_norm=... | factor_fn=..., groups=...)` returns
+`fn(params, *batch, mask=None) -> GhostResult(grads, norms, group_norms, losses)`. It is what
+`clipped_sum(mode="ghost")` runs.
+"""
+
+from funcdp.ghost.clipped_sum import GhostResult, ghost_clipped_sum
+
+__all__ = ["GhostResult", "ghost_clipped_sum"]

@@ -1,0 +1,293 @@
+"""Find the ops whose parameters ghost clipping handles, and tap their outputs, without hooks.
+
+A `torch.overrides.TorchFunctionMode` sees every torch function a forward calls, with its
+arguments. Nothing is registered on a module or a parameter: the mode is active only while
+funcdp runs the user's loss, and it recognises a parameter by the identity of the tensor object
+the loss receives in its `params` dict (`functional_call` hands exactly those objects to the
+layers).
+
+- The probe (`plan`) runs the loss on one example and records every use of every parameter.
+  A parameter is handled by ghost clipping when its only use is the weight or bias slot of a
+  supported op (`linear`, `conv1d/2d/3d`, `embedding`, `layer_norm`, `group_norm`); any other
+  use, or a second use (tied weights), sends it to the vmap fallback, which is exact for it.
+- The tapper (`Tapper`) runs inside `vmap(grad(...))`: it adds a zero-valued input `tap` to the
+  output of each planned op (`y + tap`, so the gradient of the loss w.r.t. the tap is the op's
+  output gradient B) and records the op's input A, which the train pass returns as auxiliary
+  output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import optree
+import torch
+import torch.nn.functional as F
+from torch.func import vmap
+from torch.overrides import TorchFunctionMode
+
+LINEAR, CONV, EMBEDDING, LAYER_NORM, GROUP_NORM = (
+    "linear",
+    "conv",
+    "embedding",
+    "layer_norm",
+    "group_norm",
+)
+
+# Per op: (kind, argument names in order, defaults, slots of the weight and the bias).
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+_SIGNATURES: dict[Callable[..., Any], tuple[str, tuple[str, ...], dict[str, Any]]] = {
+    F.linear: (LINEAR, ("input", "weight", "bias"), {"bias": None}),
+    F.conv1d: (CONV, _CONV_ARGS, _CONV_DEFAULTS),
+    F.conv2d: (CONV, _CONV_ARGS, _CONV_DEFAULTS),
+    F.conv3d: (CONV, _CONV_ARGS, _CONV_DEFAULTS),
+    F.embedding: (
+        EMBEDDING,
+        ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
+        {"padding_idx": None, "max_norm": None, "norm_type": 2.0, "scale_grad_by_freq": False},
+    ),
+    F.layer_norm: (
+        LAYER_NORM,
+        ("input", "normalized_shape", "weight", "bias", "eps"),
+        {"weight": None, "bias": None, "eps": 1e-5},
+    ),
+    F.group_norm: (
+        GROUP_NORM,
+        ("input", "num_groups", "weight", "bias", "eps"),
+        {"weight": None, "bias": None, "eps": 1e-5},
+    ),
+}
+_CONV_DIMS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+
+# Reading these does not use a parameter's value.
+_HARMLESS = frozenset(
+    {
+        "shape",
+        "dtype",
+        "device",
+        "requires_grad",
+        "is_leaf",
+        "ndim",
+        "layout",
+        "is_cuda",
+        "is_sparse",
+        "is_quantized",
+        "is_meta",
+        "is_nested",
+        "size",
+        "dim",
+        "numel",
+        "__len__",
+        "is_floating_point",
+        "is_complex",
+    }
+)
+
+
+class OpSpec(NamedTuple):
+    """One tapped op: its kind, the ghost parameters in its slots and what the rules need.
+
+    Attributes:
+      kind: "linear", "conv", "embedding", "layer_norm" or "group_norm".
+      weight: name of the ghost parameter in the weight slot, or None.
+      bias: name of the ghost parameter in the bias slot, or None.
+      config: the op's other arguments (conv: nd, stride, padding, dilation, groups;
+        embedding: padding_idx, num_embeddings; norms: normalized_shape or num_groups, eps).
+      out_shape: the op's output shape for one example (the tap's shape).
+      out_dtype: the output's dtype.
+    """
+
+    kind: str
+    weight: str | None
+    bias: str | None
+    config: dict[str, Any]
+    out_shape: tuple[int, ...]
+    out_dtype: torch.dtype
+
+
+class Plan(NamedTuple):
+    """The probe's result: the tapped ops in call order and the parameters left to vmap."""
+
+    ops: tuple[OpSpec, ...]
+    ghost: frozenset[str]
+    fallback: tuple[str, ...]
+
+
+def _bind(func: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    kind, names, defaults = _SIGNATURES[func]
+    values = dict(defaults)
+    values.update(zip(names, args, strict=False))  # trailing arguments may be left out
+    values.update(kwargs)
+    if kind == CONV:
+        values["nd"] = _CONV_DIMS[func]
+    return values
+
+
+def _config(kind: str, values: dict[str, Any]) -> dict[str, Any]:
+    if kind == CONV:
+        return {k: values[k] for k in ("nd", "stride", "padding", "dilation", "groups")}
+    if kind == EMBEDDING:
+        weight = values["weight"]
+        padding = values["padding_idx"]
+        if padding is not None and padding < 0:
+            padding += weight.shape[0]
+        return {"padding_idx": padding, "num_embeddings": weight.shape[0]}
+    if kind == LAYER_NORM:
+        return {"normalized_shape": tuple(values["normalized_shape"]), "eps": values["eps"]}
+    if kind == GROUP_NORM:
+        return {"num_groups": values["num_groups"], "eps": values["eps"]}
+    return {}
+
+
+def _supported(kind: str, values: dict[str, Any]) -> bool:
+    """Whether the op's weight and bias slots can be ghost-clipped with these arguments."""
+    if kind == EMBEDDING:  # max_norm rewrites the weight; freq scaling mixes positions
+        return values["max_norm"] is None and not values["scale_grad_by_freq"]
+    if kind == GROUP_NORM:
+        return values["input"].dim() >= 2
+    return True
+
+
+def _func_name(func: Any) -> str:
+    name = getattr(func, "__name__", "")
+    if name == "__get__":  # a property of Tensor: the descriptor carries its name
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+    return name
+
+
+class _Spy(TorchFunctionMode):
+    """Records, for each parameter, every use; and the candidate ops in call order."""
+
+    def __init__(self, names_by_id: dict[int, str]) -> None:
+        super().__init__()
+        self.names_by_id = names_by_id
+        self.uses: dict[str, list[str]] = {name: [] for name in names_by_id.values()}
+        self.candidates: list[tuple[str, str | None, str | None, dict, torch.Tensor]] = []
+
+    def _name(self, value: Any) -> str | None:
+        return self.names_by_id.get(id(value)) if isinstance(value, torch.Tensor) else None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in _SIGNATURES:
+            values = _bind(func, args, kwargs)
+            kind = _SIGNATURES[func][0]
+            ok = _supported(kind, values) and isinstance(out, torch.Tensor)
+            slots = {}
+            for slot, value in values.items():
+                name = self._name(value)
+                if name is not None:
+                    captured = ok and slot in ("weight", "bias")
+                    self.uses[name].append("captured" if captured else f"{kind}.{slot}")
+                    if captured:
+                        slots[slot] = name
+            if slots:
+                config = _config(kind, values)
+                self.candidates.append((kind, slots.get("weight"), slots.get("bias"), config, out))
+        elif _func_name(func) not in _HARMLESS:
+            for value in optree.tree_leaves((args, kwargs)):
+                name = self._name(value)
+                if name is not None:
+                    self.uses[name].append(_func_name(func) or repr(func))
+        return out
+
+
+def plan(
+    loss_fn: Callable[..., Any],
+    params: Mapping[str, torch.Tensor],
+    batch,
+    *,
+    conv_explicit: str = "vmap",
+) -> Plan:
+    """Runs the loss on the first example and decides which parameters ghost clipping handles.
+
+    The probe works on detached copies that require grad (so that layers which branch on
+    `requires_grad` take the path they take in training); the caller's tensors are untouched.
+    With `conv_explicit="vmap"`, a conv weight whose explicit per-example gradient is cheaper
+    than its ghost norm (2 T^2 >= p d) goes to the vmap fallback, whose batched conv backward
+    forms that gradient faster than im2col ("mixed" ghost clipping, Bu et al. 2022); with
+    "unfold" it stays here and the rules form it from the unfolded input.
+    """
+    if conv_explicit not in ("vmap", "unfold"):
+        raise ValueError(f'conv_explicit must be "vmap" or "unfold", got {conv_explicit!r}')
+    copies = {
+        name: p.detach().requires_grad_(p.is_floating_point() or p.is_complex())
+        for name, p in params.items()
+    }
+    spy = _Spy({id(p): name for name, p in copies.items()})
+    first = tuple(x[:1] for x in batch)
+    with torch.enable_grad(), spy:
+        vmap(lambda *example: loss_fn(copies, *example), randomness="different")(*first)
+    ghost = {name for name, uses in spy.uses.items() if uses == ["captured"]}
+    if conv_explicit == "vmap":
+        for kind, weight, bias, config, out in spy.candidates:
+            if kind != CONV or weight not in ghost:
+                continue
+            if _explicit_is_cheaper(copies[weight], out, config):
+                ghost.difference_update({weight, bias})  # the bias alone is not worth a tap
+    ops = []
+    for kind, weight, bias, config, out in spy.candidates:
+        weight = weight if weight in ghost else None
+        bias = bias if bias in ghost else None
+        if weight is not None or bias is not None:
+            ops.append(OpSpec(kind, weight, bias, config, tuple(out.shape), out.dtype))
+    fallback = tuple(name for name in params if name not in ghost)
+    return Plan(tuple(ops), frozenset(ghost), fallback)
+
+
+def _explicit_is_cheaper(weight: torch.Tensor, out: torch.Tensor, config) -> bool:
+    """2 T^2 >= p d for a conv: T output positions, p outputs and d inputs per group."""
+    out_channels = weight.shape[0]
+    positions = out.numel() // out_channels
+    inputs = weight[0].numel()  # (C / groups) * prod(kernel)
+    return 2 * positions * positions >= (out_channels // config["groups"]) * inputs
+
+
+class Tapper(TorchFunctionMode):
+    """Adds `taps[k]` to the output of the k-th planned op and records the op's input.
+
+    Used inside `vmap(grad(...))` over one example; `inputs` holds the recorded inputs in op
+    order once the loss has run. Raises if the forward leaves the path the probe saw.
+    """
+
+    def __init__(
+        self, ghost: Mapping[str, torch.Tensor], ops: tuple[OpSpec, ...], taps: list
+    ) -> None:
+        super().__init__()
+        self.names_by_id = {id(p): name for name, p in ghost.items()}
+        self.ops = ops
+        self.taps = taps
+        self.inputs: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func not in _SIGNATURES:
+            return out
+        values = _bind(func, args, kwargs)
+        weight = self.names_by_id.get(id(values.get("weight")))
+        bias = self.names_by_id.get(id(values.get("bias")))
+        if weight is None and bias is None:
+            return out
+        index = len(self.inputs)
+        spec = self.ops[index] if index < len(self.ops) else None
+        if spec is None or (spec.weight, spec.bias) != (weight, bias):
+            raise RuntimeError(
+                f"ghost clipping: the forward called op {index} with parameters "
+                f"({weight}, {bias}), but the probe saw "
+                f"{None if spec is None else (spec.weight, spec.bias)}; the loss must take the "
+                "same path for every example (use mode='vmap' for this model)"
+            )
+        self.inputs.append(values["input"])
+        return out + self.taps[index]
+
+    def check_complete(self) -> None:
+        """Raises unless every planned op was seen."""
+        if len(self.inputs) != len(self.ops):
+            raise RuntimeError(
+                f"ghost clipping: the forward ran {len(self.inputs)} of the {len(self.ops)} ops "
+                "the probe saw; the loss must take the same path for every example"
+            )

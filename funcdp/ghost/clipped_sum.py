@@ -1,0 +1,244 @@
+"""`ghost_clipped_sum`: the clipped sum of per-example gradients without materialising them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch.func import grad, vmap
+
+from funcdp._checks import check_positive
+from funcdp.ghost import capture, rules
+from funcdp.tree import shrink_below_one
+
+LossFn = Callable[..., Any]
+FactorFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class GhostResult(NamedTuple):
+    """What `ghost_clipped_sum` returns.
+
+    Attributes:
+      grads: sum over real examples of the clipped gradients, keyed like `params`.
+      norms: [B], each example's full gradient norm (over all groups); 0 on padded rows.
+      group_norms: [B, G], the norm of each example's gradient in each group (G = 1 when
+        clipping is flat); 0 on padded rows.
+      losses: [B], each example's loss, as computed (padded rows may hold anything).
+    """
+
+    grads: dict[str, torch.Tensor]
+    norms: torch.Tensor
+    group_norms: torch.Tensor
+    losses: torch.Tensor
+
+
+def ghost_clipped_sum(
+    loss_fn: LossFn,
+    *,
+    max_norm: float | None = None,
+    factor_fn: FactorFn | None = None,
+    groups: Callable[[str], str] | None = None,
+    group_names: tuple[str, ...] | None = None,
+    chunk_size: int | None = None,
+    zero_nonfinite: bool = False,
+    conv_explicit: str = "vmap",
+) -> Callable[..., GhostResult]:
+    """Returns `fn(params, *batch, mask=None) -> GhostResult`, the clipped sum by ghost clipping.
+
+    Computes the same sum_i c_i g_i as `clipped_sum(mode="vmap")` (or `clip_by` followed by
+    `aggregate`) from ONE batched forward and backward, without forming the per-example
+    gradients of linear, conv, embedding and normalization parameters: their per-example norms
+    come from each op's input A and output gradient B (ghost norms, Li et al. 2022), and their
+    clipped sum from one more contraction of A with c * B (book-keeping, Bu et al. 2023).
+    Parameters used anywhere else (recurrent weights, attention projections, tied weights, a
+    parameter read by the loss itself) get per-example gradients by `vmap(grad)` over just
+    them, in the same pass. See `funcdp.ghost.capture` for how ops are found without hooks.
+
+    The batched forward is `vmap` of `loss_fn` over the examples: the one-example loss of the
+    train step serves as is, and `vmap` gives each op's per-example input and output gradient.
+
+    Args:
+      loss_fn: `loss_fn(params, *example)`, the scalar loss of ONE example; `params` is a dict
+        of tensors keyed by name, handed on unchanged to the model (e.g. `functional_call`).
+      max_norm: flat clipping at C: c_i = min(1, C / ||g_i||). Exclusive with `factor_fn`.
+      factor_fn: the factor rule. With `groups=None` it maps norms [B] to factors [B] (as in
+        `clipped_sum`); with `groups` it maps norms [B, G] to factors [B, G] (as in `clip_by`),
+        and each parameter is scaled by its group's factor.
+      groups: maps a parameter's name to its group's name (per-layer clipping: `lambda n: n`).
+      group_names: the groups' names in column order; default the sorted names of `groups`.
+      chunk_size: vmap at most this many examples at once.
+      zero_nonfinite: a real example whose loss or gradient norm is not finite contributes
+        zero instead of poisoning the sum (its reported norm stays non-finite, so a caller can
+        count it); the rows are selected away and the shares recomputed, which costs a second
+        book-keeping pass on such (rare) batches. Without it, the sum is not finite either.
+      conv_explicit: where a conv weight's explicit per-example gradient is cheaper than its
+        ghost norm (2 T^2 >= p d), "vmap" forms it by vmap's batched conv backward (the
+        default, faster on CPU), "unfold" by im2col and a batched matmul.
+
+    Returns:
+      `fn(params, *batch, mask=None)`; `params` is a dict of tensors, every `batch` tensor has
+      the leading dimension B, `mask` (bool [B]) marks the real rows. Padded rows contribute
+      exactly zero, whatever they hold (NaN included).
+
+    Raises:
+      ValueError: neither or both of max_norm and factor_fn, max_norm <= 0, max_norm with
+        groups, a bad chunk_size (when built); a parameter in no listed group, or factors of
+        the wrong shape (when called).
+    """
+    if (max_norm is None) == (factor_fn is None):
+        raise ValueError("ghost_clipped_sum takes exactly one of max_norm and factor_fn")
+    if max_norm is not None:
+        check_positive("max_norm", max_norm)
+        if groups is not None:
+            raise ValueError("max_norm is flat clipping; pass factor_fn for grouped clipping")
+        limit = float(max_norm)
+        factor_fn = lambda norms: limit / torch.clamp(norms, min=limit)  # noqa: E731
+    if conv_explicit not in ("vmap", "unfold"):
+        raise ValueError(f'conv_explicit must be "vmap" or "unfold", got {conv_explicit!r}')
+    if chunk_size is not None and (
+        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+    def fn(params: Mapping[str, torch.Tensor], *batch: Any, mask=None) -> GhostResult:
+        if not isinstance(params, Mapping):
+            raise TypeError(f"params must be a dict of tensors, got {type(params).__name__}")
+        if not batch:
+            raise ValueError("ghost_clipped_sum needs at least one batched argument")
+        if batch[0].dim() == 0 or batch[0].shape[0] == 0:
+            raise ValueError(
+                "ghost_clipped_sum needs a batch of at least one row (pad an empty batch with "
+                f"mask false), got batch[0] of shape {tuple(batch[0].shape)}"
+            )
+        names = _group_names(params, groups, group_names)
+        column = {name: names.index(groups(name)) if groups else 0 for name in params}
+        keep = _keep(mask, batch[0].shape[0], batch[0].device)
+        plan = capture.plan(loss_fn, params, batch, conv_explicit=conv_explicit)
+        passed = _one_pass(loss_fn, params, plan, batch, chunk_size)
+        squares, books = _shares(params, plan, None if mask is None else keep, passed)
+        grouped = _grouped_squares(params, squares, column, len(names), keep)
+        real, clean = keep, grouped
+        if zero_nonfinite:
+            finite = torch.isfinite(grouped.sum(1)) & torch.isfinite(passed.losses)
+            if not bool((finite | ~keep).all()):  # rare: select the bad rows away, recompute
+                real = keep & finite
+                squares, books = _shares(params, plan, real, passed)
+                clean = _grouped_squares(params, squares, column, len(names), real)
+        zero = torch.zeros((), dtype=grouped.dtype, device=keep.device)
+        factors = _factors(factor_fn, torch.where(real[:, None], clean.sqrt(), zero), groups)
+        factors = torch.where(real[:, None], factors, zero)
+        summed = {name: books[name](factors[:, column[name]]) for name in params}
+        return GhostResult(
+            grads=summed,
+            norms=torch.where(keep, grouped.sum(1).sqrt(), zero),
+            group_norms=torch.where(keep[:, None], grouped.sqrt(), zero),
+            losses=passed.losses,
+        )
+
+    return fn
+
+
+class _Pass(NamedTuple):
+    """What the one vmap(grad) pass returns, stacked over examples."""
+
+    fallback: dict[str, torch.Tensor]  # per-example gradients of the fallback parameters
+    taps: list[torch.Tensor]  # B of each tapped op
+    losses: torch.Tensor
+    inputs: tuple[torch.Tensor, ...]  # A of each tapped op
+
+
+def _one_pass(loss_fn, params, plan, batch, chunk_size):
+    """One vmap(grad) pass: fallback gradients, tap gradients (B), losses and op inputs (A)."""
+    ghost = {name: params[name] for name in plan.ghost}
+    fallback = {name: params[name] for name in plan.fallback}
+    size = batch[0].shape[0]
+    device = batch[0].device
+    taps = [
+        torch.zeros((size, *op.out_shape), dtype=op.out_dtype, device=device) for op in plan.ops
+    ]
+
+    def one(diff, *example):
+        own, example_taps = diff
+        full = {name: own[name] if name in own else p for name, p in params.items()}
+        tapper = capture.Tapper(ghost, plan.ops, example_taps)
+        with tapper:
+            loss = loss_fn(full, *example)
+        tapper.check_complete()
+        return loss, (loss, tuple(tapper.inputs))
+
+    in_dims = ((None, 0),) + (0,) * len(batch)
+    mapped = vmap(
+        grad(one, has_aux=True), in_dims=in_dims, chunk_size=chunk_size, randomness="different"
+    )
+    (fallback_grads, tap_grads), (losses, inputs) = mapped((fallback, taps), *batch)
+    return _Pass(fallback_grads, tap_grads, losses, inputs)
+
+
+def _shares(params, plan, keep, passed: _Pass):
+    """Squared per-example norms and clipped-sum builders for every parameter."""
+    shapes = {name: p.shape for name, p in params.items()}
+    squares, books = {}, {}
+    for spec, a, g in zip(plan.ops, passed.inputs, passed.taps, strict=True):
+        for piece in rules.pieces(spec, _zero_rows(a, keep), _zero_rows(g, keep), shapes):
+            squares[piece.name], books[piece.name] = piece.squared_norms, piece.book
+    for name, per_example in passed.fallback.items():
+        flat = _zero_rows(per_example, keep).flatten(1)
+        squares[name] = torch.linalg.vector_norm(flat, dim=1).square()
+        books[name] = lambda c, flat=flat, shape=shapes[name]: (c.to(flat.dtype) @ flat).reshape(
+            shape
+        )
+    return squares, books
+
+
+def _grouped_squares(params, squares, column, count: int, keep) -> torch.Tensor:
+    """Squared norms [B, G] of each example's gradient in each group."""
+    wide = any(p.dtype == torch.float64 for p in params.values())
+    dtype = torch.float64 if wide else torch.float32
+    grouped = torch.zeros(keep.shape[0], count, dtype=dtype, device=keep.device)
+    for name, squared in squares.items():
+        grouped[:, column[name]] += squared.to(dtype)
+    return grouped
+
+
+def _zero_rows(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """x with the rows of padded examples replaced by zeros (selected, so NaN does not leak)."""
+    if keep is None:
+        return x
+    rows = keep.reshape((-1,) + (1,) * (x.dim() - 1))
+    return torch.where(rows, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _keep(mask, size: int, device) -> torch.Tensor:
+    if mask is None:
+        return torch.ones(size, dtype=torch.bool, device=device)
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (size,):
+        raise ValueError(
+            f"mask must be a bool tensor of shape ({size},), got "
+            f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}"
+        )
+    return mask.to(device)
+
+
+def _group_names(params, groups, group_names) -> list[str]:
+    if groups is None:
+        return ["all"]
+    names = list(group_names) if group_names is not None else sorted({groups(n) for n in params})
+    for name in params:
+        if groups(name) not in names:
+            raise ValueError(
+                f"parameter {name!r} is in group {groups(name)!r}, which is not one of {names}"
+            )
+    return names
+
+
+def _factors(factor_fn, group_norms: torch.Tensor, groups) -> torch.Tensor:
+    grouped = groups is not None
+    factors = shrink_below_one(factor_fn(group_norms if grouped else group_norms[:, 0]))
+    expected = tuple(group_norms.shape) if grouped else (group_norms.shape[0],)
+    if not isinstance(factors, torch.Tensor) or tuple(factors.shape) != expected:
+        raise ValueError(
+            f"factor_fn must return a tensor of shape {expected}, "
+            f"got {getattr(factors, 'shape', type(factors).__name__)}"
+        )
+    return factors.to(group_norms.dtype).reshape(group_norms.shape[0], -1)

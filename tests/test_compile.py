@@ -1,0 +1,100 @@
+"""Tests for make_train_step(compile=...): the compiled step gives the eager step's parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_trees_close, assert_trees_equal
+from torch import nn
+
+import funcdp as fdp
+from funcdp.memory import AutoChunk
+
+
+def _problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    apply_fn, params, buffers = fdp.functionalize(model)
+
+    def loss_fn(p, b, x, y):
+        return F.cross_entropy(apply_fn(p, b, x[None]), y[None])
+
+    privatizer = fdp.chain(
+        fdp.clip(0.5),
+        fdp.aggregate(),
+        fdp.gaussian_noise(1.0),
+        fdp.normalize(16),
+        fdp.account(0.1),
+    )
+    optimizer = fdp.optim.momentum(0.5, 0.9)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    return loss_fn, privatizer, optimizer, params, buffers, x, y
+
+
+def _run(steps: int, key: int = 3, **options):
+    loss_fn, privatizer, optimizer, params, buffers, x, y = _problem()
+    step = fdp.make_train_step(loss_fn, privatizer, optimizer, **options)
+    state = fdp.TrainState.create(
+        params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(key)
+    )
+    metrics = []
+    for t in range(steps):
+        mask = torch.arange(16) < 9 + t  # a different number of real rows each step
+        state, m = step(state, fdp.Batch((x, y), mask))
+        metrics.append(m)
+    return state, metrics
+
+
+def test_compiled_step_gives_the_eager_parameters_after_five_noisy_steps():
+    torch._dynamo.reset()
+    eager, eager_metrics = _run(5)
+    compiled, compiled_metrics = _run(5, compile=True)  # inductor, torch.compile's default
+    assert compiled.step == eager.step == 5
+    assert_trees_close(compiled.params, eager.params, rtol=1e-5, atol=1e-5)
+    assert_trees_close(compiled.opt_state, eager.opt_state, rtol=1e-5, atol=1e-5)
+    assert fdp.epsilon(compiled.ledger, 1e-5) == fdp.epsilon(eager.ledger, 1e-5)
+    for got, want in zip(compiled_metrics, eager_metrics, strict=True):
+        assert got["batch_size"] == want["batch_size"]
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+    # The noise is on and matters: another key moves the parameters far more than 1e-5.
+    other, _ = _run(5, key=4)
+    gap = max((other.params[k] - eager.params[k]).abs().max().item() for k in eager.params)
+    assert gap > 1e-2
+
+
+def test_compile_options_combine_with_autocast_auto_chunks_and_microbatches():
+    torch._dynamo.reset()
+    options = {
+        "chunk_size": AutoChunk(budget_bytes=1),
+        "microbatch_size": 5,
+        "autocast_dtype": torch.bfloat16,
+    }
+    eager, _ = _run(3, **options)
+    compiled, _ = _run(3, compile={"backend": "aot_eager"}, **options)
+    assert_trees_close(compiled.params, eager.params, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_step_refuses_a_nonfinite_example_and_keeps_the_state():
+    torch._dynamo.reset()
+    loss_fn, privatizer, optimizer, params, buffers, x, y = _problem()
+    step = fdp.make_train_step(
+        loss_fn, privatizer, optimizer, on_nonfinite="skip", compile={"backend": "aot_eager"}
+    )
+    state = fdp.TrainState.create(
+        params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(3)
+    )
+    bad = x.clone()
+    bad[2, 0] = float("nan")
+    new, metrics = step(state, fdp.Batch((bad, y), torch.ones(16, dtype=torch.bool)))
+    assert metrics["skipped"] and metrics["nonfinite"] == 1
+    assert new is state
+    assert_trees_equal(new.params, params)
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_bad_compile_option_raises(bad):
+    loss_fn, privatizer, optimizer, *_ = _problem()
+    with pytest.raises(ValueError, match="compile must be a bool or a dict of torch.compile"):
+        fdp.make_train_step(loss_fn, privatizer, optimizer, compile=bad)
