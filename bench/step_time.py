@@ -8,8 +8,10 @@ model: median seconds per step, the ratio to the non-private step of the same ru
     python bench/step_time.py                     # all models and engines, on CUDA if available
     python bench/step_time.py --models mlp cnn --engines nonprivate funcdp opacus-hooks
 
-`funcdp-compiled` is funcdp's step with `make_train_step(..., compile=True)`; its first step
-compiles, and the time of that step less the median step is printed as the compile time.
+`funcdp-ghost` is `make_train_step(..., mode="ghost")` (no per-example gradients for linear,
+conv, embedding and normalization layers). `funcdp-compiled` is funcdp's step with
+`make_train_step(..., compile=True)`; its first step compiles, and the time of that step less the
+median step is printed as the compile time.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import nn
 ENGINES = [
     "nonprivate",
     "funcdp",
+    "funcdp-ghost",
     "funcdp-compiled",
     "opacus-hooks",
     "opacus-functorch",
@@ -171,7 +174,7 @@ def _nonprivate_step(model, inputs, targets):
     return step
 
 
-def _funcdp_step(model, inputs, targets, compile=False):
+def _funcdp_step(model, inputs, targets, compile=False, mode="vmap"):
     import funcdp as fdp
 
     apply_fn, params, buffers = fdp.functionalize(model)
@@ -188,7 +191,7 @@ def _funcdp_step(model, inputs, targets, compile=False):
         fdp.account(0.01),
     )
     optimizer = fdp.optim.sgd(0.1)
-    train_step = fdp.make_train_step(loss_fn, privatizer, optimizer, compile=compile)
+    train_step = fdp.make_train_step(loss_fn, privatizer, optimizer, compile=compile, mode=mode)
     holder = [
         fdp.TrainState.create(
             params,
@@ -242,6 +245,7 @@ def _opacus_step(mode):
 BUILDERS = {
     "nonprivate": _nonprivate_step,
     "funcdp": _funcdp_step,
+    "funcdp-ghost": lambda *args: _funcdp_step(*args, mode="ghost"),
     "funcdp-compiled": lambda *args: _funcdp_step(*args, compile=True),
     "opacus-hooks": _opacus_step("hooks"),
     "opacus-functorch": _opacus_step("functorch"),

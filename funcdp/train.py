@@ -13,12 +13,15 @@ from funcdp.accounting.ledger import Ledger
 from funcdp.data import Batch
 from funcdp.distributed import all_reduce_local_sum
 from funcdp.memory import ChunkSize, auto_chunk_size, check_chunk_option, is_auto
+from funcdp.microbatch import autocast_loss, ghost_rule, ghost_sum, per_example_fn
 from funcdp.optim import apply_updates
-from funcdp.per_sample import per_sample_grads_and_losses
 from funcdp.transforms.accounting import AccountState
 from funcdp.transforms.aggregation import check_mask
-from funcdp.transforms.base import GradientTransformation, split_at_reduce
-from funcdp.tree import per_example_norms, tree_add, tree_map
+from funcdp.transforms.base import (
+    GradientTransformation,
+    split_at_reduce,
+)
+from funcdp.tree import tree_add, tree_map
 
 Metrics = dict[str, Any]
 
@@ -109,6 +112,7 @@ def make_train_step(
     process_group: Any = None,
     autocast_dtype: torch.dtype | None = None,
     compile: bool | dict[str, Any] = False,
+    mode: Literal["vmap", "ghost"] = "vmap",
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds the pure DP-SGD step `step(state, batch) -> (state, metrics)`.
 
@@ -146,6 +150,12 @@ def make_train_step(
         The compiled step gives the eager step's parameters up to float rounding; random layers
         (dropout) draw from torch's compiled RNG, so their masks differ from the eager ones.
 
+      mode: "vmap" forms every example's gradient (any module, any per-example transform);
+        "ghost" forms none for linear, conv, embedding and normalization parameters: their
+        norms and clipped sum come from one batched backward (`funcdp.ghost`). It needs the
+        privatizer to start with one stateless clipping transform and `aggregate()`, and it
+        does not combine with chunk_size="auto", autocast or compile yet.
+
     Returns:
       `step(state, batch)`. Its metrics (loss, clipped_fraction, grad_norm, batch_size,
       nonfinite, skipped) are computed from the private batch WITHOUT noise: use them for
@@ -166,8 +176,9 @@ def make_train_step(
         raise ValueError(
             f"compile must be a bool or a dict of torch.compile options, got {compile!r}"
         )
-    example_loss = _autocast_loss(loss_fn, autocast_dtype)
-    per_example = _per_example(example_loss, autocast_dtype is not None)
+    rule = ghost_rule(privatizer, mode, chunk_size, autocast_dtype, compile)
+    example_loss = autocast_loss(loss_fn, autocast_dtype)
+    per_example = per_example_fn(example_loss, autocast_dtype is not None)
     if compile is not False:
         per_example = torch.compile(per_example, **({} if compile is True else compile))
     chosen_chunks: dict[tuple, int] = {}  # chunk_size="auto": by micro-batch shapes
@@ -197,17 +208,23 @@ def make_train_step(
         for start in range(0, size, micro):
             rows = slice(start, start + micro)
             part = tuple(x[rows] for x in inputs)
-            grads, loss, norm = per_example(
-                state.params, state.buffers, chunk_for(state, part), *part
-            )
+            if rule is not None:
+                summed, loss, norm = ghost_sum(
+                    rule, example_loss, state, part, mask[rows], chunk_size, on_nonfinite
+                )
+            else:
+                grads, loss, norm = per_example(
+                    state.params, state.buffers, chunk_for(state, part), *part
+                )
             ok = (torch.isfinite(loss) & torch.isfinite(norm)) | ~mask[rows].to(loss.device)
-            if on_nonfinite == "zero":
-                grads = _zero_rows(grads, ok)
-            elif not bool(ok.all()):
+            if on_nonfinite != "zero" and not bool(ok.all()):
                 return _LocalSum(None, pre_state, None, int((~ok).sum()))
-            summed, pre_state = through_sum.update(
-                grads, pre_state, state.params, key=step_key, mask=mask[rows]
-            )
+            if rule is None:
+                if on_nonfinite == "zero":
+                    grads = _zero_rows(grads, ok)
+                summed, pre_state = through_sum.update(
+                    grads, pre_state, state.params, key=step_key, mask=mask[rows]
+                )
             total = summed if total is None else tree_add(total, summed)
             losses.append(loss)
             norms.append(norm)
@@ -247,37 +264,6 @@ def make_train_step(
         return new_state, _metrics(local.stats)
 
     return step
-
-
-def _autocast_loss(loss_fn: Callable[..., torch.Tensor], dtype: torch.dtype | None):
-    """`loss_fn` run under `torch.autocast(dtype)` on its parameters' device, loss in float32."""
-    if dtype is None:
-        return loss_fn
-
-    def loss(params, buffers, *example):
-        leaves = [p for p in optree.tree_leaves(params) if isinstance(p, torch.Tensor)]
-        device_type = leaves[0].device.type if leaves else "cpu"
-        with torch.autocast(device_type, dtype=dtype):
-            value = loss_fn(params, buffers, *example)
-        return value.float()
-
-    return loss
-
-
-def _per_example(example_loss: Callable[..., torch.Tensor], upcast: bool):
-    """`fn(params, buffers, chunk, *rows) -> (grads [B, ...], losses [B], norms [B])`."""
-
-    def per_example(params, buffers, chunk, *rows):
-        grads, loss = per_sample_grads_and_losses(
-            lambda p, *example: example_loss(p, buffers, *example), chunk_size=chunk
-        )(params, *rows)
-        if upcast:  # half-precision gradients (of half parameters) are clipped in float32
-            grads = tree_map(
-                lambda g: g.float() if g.dtype in (torch.float16, torch.bfloat16) else g, grads
-            )
-        return grads, loss.detach(), per_example_norms(grads).detach()
-
-    return per_example
 
 
 def make_eval_step(

@@ -364,3 +364,101 @@ def test_to_module_round_trip():
     _assert_states_equal((params_again, buffers_again), (state.params, state.buffers))
     with pytest.raises(ValueError, match="does not have"):
         fdp.to_module(model, state._replace(params={**state.params, "extra": torch.zeros(1)}))
+
+
+# ---------------------------------------------------------------- ghost mode
+
+
+def _ghost_pair(clip, on_nonfinite="raise"):
+    """The same DP step built in vmap and in ghost mode, with a fresh state for each."""
+    model = nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 2))
+    apply_fn, params, buffers = fdp.functionalize(model)
+
+    def loss_fn(params, buffers, x, y):
+        return F.cross_entropy(apply_fn(params, buffers, x[None]), y[None])
+
+    privatizer = fdp.chain(
+        clip, fdp.aggregate(), fdp.gaussian_noise(1.0), fdp.normalize(EXPECTED), fdp.account(Q)
+    )
+    optimizer = optim.sgd(0.5, momentum=0.9)
+    state = fdp.TrainState.create(
+        params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(3)
+    )
+    steps = {
+        mode: fdp.make_train_step(
+            loss_fn, privatizer, optimizer, mode=mode, on_nonfinite=on_nonfinite
+        )
+        for mode in ("vmap", "ghost")
+    }
+    return state, steps
+
+
+@pytest.mark.parametrize(
+    "clip",
+    [
+        fdp.clip(0.5),
+        fdp.clip_per_layer(
+            {
+                "0.weight": 0.3,
+                "0.bias": 0.1,
+                "1.weight": 0.2,
+                "1.bias": 0.2,
+                "3.weight": 0.4,
+                "3.bias": 0.1,
+            }
+        ),
+        fdp.normalize_per_example(1.0, 0.01),
+    ],
+    ids=["flat", "per_layer", "automatic"],
+)
+def test_ghost_mode_matches_vmap_mode_with_noise(clip):
+    state, steps = _ghost_pair(clip)
+    results = {}
+    for mode, step in steps.items():
+        current = state
+        for seed in range(3):
+            batch = _batch(rows=8, real=6, seed=seed)
+            batch.inputs[0][7] = math.nan  # a padded row
+            current, metrics = step(current, batch)
+        results[mode] = (current, metrics)
+    (vmap_state, vmap_metrics), (ghost_state, ghost_metrics) = results["vmap"], results["ghost"]
+    for name, value in vmap_state.params.items():
+        torch.testing.assert_close(ghost_state.params[name], value, rtol=1e-5, atol=1e-6)
+    assert ghost_state.ledger == vmap_state.ledger
+    assert ghost_metrics["loss"] == pytest.approx(vmap_metrics["loss"], rel=1e-6)
+    assert ghost_metrics["grad_norm"] == pytest.approx(vmap_metrics["grad_norm"], rel=1e-5)
+
+
+def test_ghost_mode_drops_a_nonfinite_example_like_vmap_mode():
+    state, steps = _ghost_pair(fdp.clip(0.5), on_nonfinite="zero")
+    batch = _batch(rows=6, real=4)
+    batch.inputs[0][1, 0] = math.nan
+    (vmap_state, vmap_metrics), (ghost_state, ghost_metrics) = (
+        steps[mode](state, batch) for mode in ("vmap", "ghost")
+    )
+    assert ghost_metrics["nonfinite"] == vmap_metrics["nonfinite"] == 1
+    for name, value in vmap_state.params.items():
+        torch.testing.assert_close(ghost_state.params[name], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "privatizer, kwargs",
+    [
+        (fdp.chain(fdp.clip(1.0, nan_safe=True), fdp.aggregate()), {}),
+        (
+            fdp.chain(
+                fdp.adaptive_clip(1.0, count_noise_multiplier=5.0, expected_batch_size=4),
+                fdp.aggregate(),
+                fdp.gaussian_noise(1.0),
+            ),
+            {},
+        ),
+        (fdp.chain(fdp.clip(1.0), fdp.aggregate()), {"chunk_size": "auto"}),
+        (fdp.chain(fdp.clip(1.0), fdp.aggregate()), {"mode": "bogus"}),
+    ],
+    ids=["nan_safe", "adaptive", "auto_chunk", "unknown_mode"],
+)
+def test_ghost_mode_refuses_what_it_cannot_do_when_built(privatizer, kwargs):
+    kwargs = {"mode": "ghost", **kwargs}
+    with pytest.raises(ValueError, match="ghost|mode"):
+        fdp.make_train_step(lambda p, b, x: x.sum(), privatizer, optim.sgd(0.1), **kwargs)

@@ -1,0 +1,89 @@
+"""How a micro-batch becomes what the privatizer sums: per-example gradients, or a ghost sum.
+
+The train step picks one of these per micro-batch: `per_example_fn` (vmap over examples, with
+optional autocast and compile) hands per-example gradients to the privatizer's per-example part;
+`ghost_sum` applies the privatizer's clipping rule itself and returns the clipped sum, never
+forming the per-example gradients of the layers `funcdp.ghost` handles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import optree
+import torch
+
+from funcdp.ghost import ghost_clipped_sum
+from funcdp.memory import is_auto
+from funcdp.per_sample import per_sample_grads_and_losses
+from funcdp.transforms.base import AGGREGATE, REDUCE, FactorRule, bind_parts
+from funcdp.tree import per_example_norms, tree_map
+
+
+def autocast_loss(loss_fn: Callable[..., torch.Tensor], dtype: torch.dtype | None):
+    """`loss_fn` run under `torch.autocast(dtype)` on its parameters' device, loss in float32."""
+    if dtype is None:
+        return loss_fn
+
+    def loss(params, buffers, *example):
+        leaves = [p for p in optree.tree_leaves(params) if isinstance(p, torch.Tensor)]
+        device_type = leaves[0].device.type if leaves else "cpu"
+        with torch.autocast(device_type, dtype=dtype):
+            value = loss_fn(params, buffers, *example)
+        return value.float()
+
+    return loss
+
+
+def ghost_rule(privatizer, mode, chunk_size, autocast_dtype, compile) -> FactorRule | None:
+    """The clipping rule the ghost mode applies, or None in vmap mode; refuses what it can't do."""
+    if mode not in ("vmap", "ghost"):
+        raise ValueError(f'mode must be "vmap" or "ghost", got {mode!r}')
+    if mode == "vmap":
+        return None
+    if is_auto(chunk_size) or autocast_dtype is not None or compile is not False:
+        raise ValueError(
+            'mode="ghost" does not combine with chunk_size="auto", autocast or compile yet'
+        )
+    bound, _ = bind_parts(privatizer.parts or (privatizer,))
+    head = [part for part in bound if part.stage != AGGREGATE]
+    if len(head) != 2 or head[0].factor_rule is None or head[1].stage != REDUCE:
+        raise ValueError(
+            'mode="ghost" needs a privatizer that starts with ONE stateless clipping transform '
+            "(clip, clip_by, clip_per_layer, normalize_per_example, without nan_safe) and "
+            "aggregate(); use on_nonfinite='zero' instead of nan_safe"
+        )
+    rule = head[0].factor_rule
+    if rule.groups is None:  # one group: the rule sees norms [B, 1], as inside clip_by
+        return FactorRule(rule.factor_fn, lambda path: "all", ("all",))
+    return rule
+
+
+def ghost_sum(rule, example_loss, state, rows, mask, chunk_size, on_nonfinite):
+    """(clipped masked sum, losses [B], norms [B]) of one micro-batch by ghost clipping."""
+    ghost_fn = ghost_clipped_sum(
+        lambda params, *example: example_loss(params, state.buffers, *example),
+        factor_fn=rule.factor_fn,
+        groups=rule.groups,
+        group_names=rule.group_names,
+        chunk_size=chunk_size,
+        zero_nonfinite=on_nonfinite == "zero",
+    )
+    result = ghost_fn(state.params, *rows, mask=mask)
+    return result.grads, result.losses.detach(), result.norms.detach()
+
+
+def per_example_fn(example_loss: Callable[..., torch.Tensor], upcast: bool):
+    """`fn(params, buffers, chunk, *rows) -> (grads [B, ...], losses [B], norms [B])`."""
+
+    def per_example(params, buffers, chunk, *rows):
+        grads, loss = per_sample_grads_and_losses(
+            lambda p, *example: example_loss(p, buffers, *example), chunk_size=chunk
+        )(params, *rows)
+        if upcast:  # half-precision gradients (of half parameters) are clipped in float32
+            grads = tree_map(
+                lambda g: g.float() if g.dtype in (torch.float16, torch.bfloat16) else g, grads
+            )
+        return grads, loss.detach(), per_example_norms(grads).detach()
+
+    return per_example
