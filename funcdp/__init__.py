@@ -7,10 +7,12 @@ transforms (`chain`); a train step is a pure function of one state pytree.
 
 import torch as _torch
 
-from funcdp import accounting, data, nn, optim, random, transforms, tree
+from funcdp import accounting, data, memory, nn, optim, random, transforms, tree
 from funcdp.accounting import Ledger, LedgerRecord, calibrate_noise, dpsgd_epsilon, epsilon
 from funcdp.data import Batch, IndexBatch, PoissonLoader, poisson_batches, shuffled_batches
 from funcdp.functional import functionalize, to_module
+from funcdp.ghost import GhostResult, ghost_clipped_sum
+from funcdp.memory import AutoChunk
 from funcdp.per_sample import (
     clipped_sum,
     per_sample_grads,
@@ -23,6 +25,7 @@ from funcdp.transforms import (
     AdaptiveClipState,
     BudgetExceededError,
     BudgetState,
+    FactorRule,
     GradientTransformation,
     NonFiniteState,
     account,
@@ -70,11 +73,14 @@ _torch.serialization.add_safe_globals(
 __all__ = [
     "AccountState",
     "AdaptiveClipState",
+    "AutoChunk",
     "Batch",
     "BudgetExceededError",
     "BudgetState",
     "Change",
+    "FactorRule",
     "Finding",
+    "GhostResult",
     "GradientTransformation",
     "IndexBatch",
     "Ledger",
@@ -103,10 +109,12 @@ __all__ = [
     "flat_factors",
     "functionalize",
     "gaussian_noise",
+    "ghost_clipped_sum",
     "gradient_noise_multiplier",
     "identity",
     "make_eval_step",
     "make_train_step",
+    "memory",
     "nn",
     "normalize",
     "normalize_per_example",
