@@ -12,90 +12,27 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import re
-import warnings
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
-from funcdp import nn as fnn
+from funcdp.findings import (
+    _DROP_INS,
+    BUFFERS_CHANGE,
+    MIXES_EXAMPLES,
+    NO_BATCHING_RULE,
+    SPARSE_GRADIENT,
+    UNUSED_PARAMETER,
+    WEIGHT_CHANGED_IN_FORWARD,
+    Change,
+    Finding,
+    UnsupportedModuleError,
+    _label,
+)
+from funcdp.probes import _as_tuple, _run_findings
 
 logger = logging.getLogger(__name__)
-
-MIXES_EXAMPLES = "mixes_examples"
-BUFFERS_CHANGE = "buffers_change"
-NO_BATCHING_RULE = "no_batching_rule"
-VMAP_ERROR = "vmap_error"
-WEIGHT_CHANGED_IN_FORWARD = "weight_changed_in_forward"
-SPARSE_GRADIENT = "sparse_gradient"
-UNUSED_PARAMETER = "unused_parameter"
-
-_FALLBACK = re.compile(
-    r"performance drop because we have not yet implemented the batching rule for (\S+?)\.?\s"
-)
-
-
-class Finding(NamedTuple):
-    """One problem in a module: where it is, what is wrong, and how to repair it.
-
-    Attributes:
-      submodule: the submodule's name as in `named_modules()` (the class name for the root).
-      problem: what goes wrong, and why it matters for privacy or speed.
-      fix: what to do about it.
-      kind: one of the module constants (MIXES_EXAMPLES, NO_BATCHING_RULE, ...).
-      fixable: whether `funcdp.fix` repairs it.
-    """
-
-    submodule: str
-    problem: str
-    fix: str
-    kind: str = "other"
-    fixable: bool = False
-
-
-class Change(NamedTuple):
-    """One replacement made by `fix`: where, what it was, what it is now, and its effect."""
-
-    submodule: str
-    before: str
-    after: str
-    changes_function: bool
-    note: str
-
-
-class UnsupportedModuleError(ValueError):
-    """The module has submodules funcdp cannot train privately as they are; see `.findings`."""
-
-    def __init__(self, findings: list[Finding]) -> None:
-        self.findings = findings
-        lines = [
-            f"- submodule '{f.submodule}': {f.problem}. Fix: {f.fix}"
-            + (" (funcdp.fix(module) does this)" if f.fixable else "")
-            for f in findings
-        ]
-        super().__init__("funcdp cannot train this module as it is:\n" + "\n".join(lines))
-
-
-# Layers torch implements with kernels that vmap cannot batch, and funcdp's drop-in for each.
-_NO_RULE = "which has no batching rule: vmap falls back to a slow loop over examples"
-_DROP_INS: dict[type[nn.Module], tuple[type[nn.Module], str]] = {
-    nn.LSTM: (fnn.LSTM, f"calls aten::mkldnn_rnn_layer, {_NO_RULE}"),
-    nn.GRU: (fnn.GRU, "uses fused kernels that fail under vmap (shape mismatch in backward)"),
-    nn.RNN: (fnn.RNN, "uses fused kernels that fail under vmap (shape mismatch in backward)"),
-    nn.MultiheadAttention: (
-        fnn.MultiheadAttention,
-        f"with need_weights=False (as Transformer layers call it) takes the fused scaled-dot-product kernel on CPU, {_NO_RULE}",
-    ),
-    nn.TransformerEncoderLayer: (
-        fnn.TransformerEncoderLayer,
-        f"in eval mode without gradients takes the fused aten::_transformer_encoder_layer_fwd, {_NO_RULE}",
-    ),
-    nn.Bilinear: (fnn.Bilinear, f"calls aten::_trilinear, {_NO_RULE}"),
-    nn.EmbeddingBag: (fnn.EmbeddingBag, f"calls aten::_embedding_bag, {_NO_RULE}"),
-}
 
 
 def validate(module: nn.Module, *, example_inputs: Any = None) -> list[Finding]:
@@ -193,10 +130,6 @@ def _fix_children(module: nn.Module, prefix: str, changes: list[Change], done: d
         _fix_children(result, where, changes, done)
 
 
-def _label(root: nn.Module, name: str) -> str:
-    return name or type(root).__name__
-
-
 def _static_findings(where: str, sub: nn.Module) -> list[Finding]:
     found = _static_problem(sub, type(sub).__name__)
     return [] if found is None else [Finding(where, *found)]
@@ -285,181 +218,3 @@ def _replacement(child: nn.Module) -> tuple[nn.Module, Change] | None:
             "", kind, f"{kind}(sparse=False)", False, "dense gradients; same function"
         )
     return None
-
-
-def _as_tuple(inputs: Any) -> tuple[Any, ...]:
-    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-
-
-def _float_leaves(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out] if out.is_floating_point() else []
-    if isinstance(out, nn.utils.rnn.PackedSequence):
-        return _float_leaves(out.data)
-    if isinstance(out, Mapping):
-        return [leaf for v in out.values() for leaf in _float_leaves(v)]
-    if isinstance(out, (tuple, list)):
-        return [leaf for v in out for leaf in _float_leaves(v)]
-    return []
-
-
-def _total(out: Any) -> torch.Tensor:
-    leaves = _float_leaves(out)
-    if not leaves:
-        raise ValueError("the module's output has no floating-point tensor to differentiate")
-    return sum(leaf.sum() for leaf in leaves)
-
-
-def _run_findings(module: nn.Module, inputs: tuple[Any, ...]) -> list[Finding]:
-    findings = _buffer_findings(module, inputs)
-    findings += _unused_findings(module, inputs)
-    findings += _vmap_findings(module, inputs)
-    return findings
-
-
-def _buffer_findings(module: nn.Module, inputs: tuple[Any, ...]) -> list[Finding]:
-    probe = copy.deepcopy(module).train()
-    before = {name: b.detach().clone() for name, b in probe.named_buffers()}
-    try:
-        with torch.no_grad():
-            probe(*inputs)
-    except Exception:  # the vmap run reports errors with the submodule that raised them
-        return []
-    findings = []
-    for name, b in probe.named_buffers():
-        old = before.get(name)
-        if old is not None and (old.shape != b.shape or not torch.equal(old, b)):
-            owner, _, leaf = name.rpartition(".")
-            layer = type(probe.get_submodule(owner)).__name__
-            problem = f"buffer '{leaf}' changes during a training forward pass ({layer}): a functional step cannot carry the change, and a statistic of the data would be released without noise"
-            fix_text = "make the buffer constant in training, or replace the layer"
-            findings.append(Finding(_label(module, owner), problem, fix_text, BUFFERS_CHANGE))
-    return findings
-
-
-def _unused_findings(module: nn.Module, inputs: tuple[Any, ...]) -> list[Finding]:
-    probe = copy.deepcopy(module)
-    named = [(n, p) for n, p in probe.named_parameters() if p.requires_grad]
-    if not named:
-        return []
-    try:
-        grads = torch.autograd.grad(
-            _total(probe(*inputs)), [p for _, p in named], allow_unused=True
-        )
-    except Exception:
-        return []
-    findings = []
-    for (name, _), g in zip(named, grads, strict=True):
-        if g is None:
-            owner, _, leaf = name.rpartition(".")
-            problem = f"parameter '{leaf}' requires grad but the forward pass never uses it: it gets no gradient, yet optimizers with weight decay would still change it"
-            fix_text = "freeze it (requires_grad_(False)) or remove it"
-            findings.append(Finding(_label(module, owner), problem, fix_text, UNUSED_PARAMETER))
-    return findings
-
-
-def _vmap_findings(module: nn.Module, inputs: tuple[Any, ...]) -> list[Finding]:
-    probe = copy.deepcopy(module)
-    tracker = _Tracker(probe)
-    params = {n: p.detach() for n, p in probe.named_parameters() if p.requires_grad}
-    buffers = {n: b.detach() for n, b in probe.named_buffers()}
-    batched = [isinstance(x, torch.Tensor) and x.dim() > 0 for x in inputs]
-
-    def loss(params, *example):
-        rows = [x.unsqueeze(0) if b else x for x, b in zip(example, batched, strict=True)]
-        return _total(functional_call(probe, (params, buffers), tuple(rows)))
-
-    in_dims = (None, *(0 if b else None for b in batched))
-    rows = tuple(x[:2] if b else x for x, b in zip(inputs, batched, strict=True))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        tracker.caught = caught
-        try:
-            vmap(grad(loss), in_dims=in_dims, randomness="different")(params, *rows)
-        except Exception as error:  # noqa: BLE001 - reported with the submodule that raised it
-            tracker.error(error)
-        tracker.flush()
-    tracker.remove()
-    tracker.attribute_backward()
-    return [
-        _fallback_finding(probe, module, where, ops) for where, ops in tracker.fallbacks.items()
-    ] + tracker.errors
-
-
-def _fallback_finding(probe: nn.Module, module: nn.Module, where: str, ops: list[str]) -> Finding:
-    sub = probe.get_submodule(where) if where else probe
-    known = _DROP_INS.get(type(sub))
-    fix_text = (
-        f"replace it with funcdp.nn.{known[0].__name__}"
-        if known
-        else "rewrite it with ops vmap batches (for attention, call funcdp.nn.scaled_dot_product_attention; see funcdp.nn)"
-    )
-    problem = f"{type(sub).__name__} calls {', '.join(sorted(set(ops)))}, which has no vmap batching rule: per-example gradients fall back to a slow loop over examples"
-    return Finding(_label(module, where), problem, fix_text, NO_BATCHING_RULE, known is not None)
-
-
-class _Tracker:
-    """Forward hooks that attribute warnings and errors to the innermost running submodule."""
-
-    def __init__(self, root: nn.Module) -> None:
-        self.root, self.stack, self.caught, self.seen = root, [], [], 0
-        self.fallbacks: dict[str, list[str]] = {}
-        self.errors: list[Finding] = []
-        self.handles = []
-        for name, sub in root.named_modules():
-            self.handles.append(sub.register_forward_pre_hook(self._enter(name)))
-            # No always_call: after an error the stack keeps the submodule that raised it.
-            self.handles.append(sub.register_forward_hook(self._leave()))
-
-    def _enter(self, name: str) -> Callable[..., None]:
-        def hook(module, args):
-            del module, args
-            self.flush()
-            self.stack.append(name)
-
-        return hook
-
-    def _leave(self) -> Callable[..., None]:
-        def hook(module, args, output):
-            del module, args, output
-            self.flush()
-            self.stack.pop()
-
-        return hook
-
-    def flush(self) -> None:
-        where = self.stack[-1] if self.stack else ""
-        for w in self.caught[self.seen :]:
-            match = _FALLBACK.search(str(w.message))
-            if match:
-                self.fallbacks.setdefault(where, []).append(match.group(1))
-        self.seen = len(self.caught)
-
-    def attribute_backward(self) -> None:
-        """Moves `op_backward` ops seen outside any submodule to where `op` ran forward."""
-        leftover = []
-        for op in self.fallbacks.pop("", []):
-            forward = op.removesuffix("_backward")
-            owners = [where for where, ops in self.fallbacks.items() if forward in ops]
-            if owners:
-                self.fallbacks[owners[0]].append(op)
-            else:
-                leftover.append(op)
-        if leftover:
-            self.fallbacks[""] = leftover
-
-    def error(self, error: Exception) -> None:
-        self.flush()
-        where = self.stack[-1] if self.stack else ""
-        sub = self.root.get_submodule(where) if where else self.root
-        message = (
-            str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-        )
-        problem = f"{type(sub).__name__} fails under vmap(grad): {type(error).__name__}: {message}"
-        fix_text = "rewrite its forward with batchable ops (no data-dependent Python control flow, .item() or in-place updates of captured tensors), or use a funcdp.nn layer"
-        where = _label(self.root, where)
-        self.errors.append(Finding(where, problem, fix_text, VMAP_ERROR, type(sub) in _DROP_INS))
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()

@@ -11,7 +11,7 @@ from torch import nn
 
 import funcdp as fdp
 import funcdp.nn as fnn
-from funcdp.validate import (
+from funcdp.findings import (
     BUFFERS_CHANGE,
     MIXES_EXAMPLES,
     NO_BATCHING_RULE,
@@ -20,8 +20,8 @@ from funcdp.validate import (
     VMAP_ERROR,
     WEIGHT_CHANGED_IN_FORWARD,
     UnsupportedModuleError,
-    check_supported,
 )
+from funcdp.validate import check_supported
 
 
 def _kinds(findings):
