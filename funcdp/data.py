@@ -43,12 +43,13 @@ def poisson_batches(
     num_examples: int,
     sample_rate: float,
     *,
-    key: torch.Tensor,
+    key: torch.Tensor | None,
     steps: int | None = None,
     bucket_size: int | None = None,
     start: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    secure: bool = False,
 ) -> Iterator[IndexBatch]:
     """Yields Poisson batches of indices into a data set of `num_examples` examples.
 
@@ -60,13 +61,17 @@ def poisson_batches(
     Args:
       num_examples: size of the data set.
       sample_rate: probability q that an example joins a batch, in (0, 1].
-      key: a `funcdp.random` key.
+      key: a `funcdp.random` key (None with `secure=True`).
       steps: number of batches; default one epoch, round(1 / q).
       bucket_size: padded batch size; default `default_bucket_size(num_examples, q)`.
       start: index of the first step to yield.
       rank: this process's rank, in [0, world_size).
       world_size: number of ranks sharing each logical batch; the default bucket is divided
         among them.
+      secure: draw each example's inclusion from the operating system's entropy instead of
+        the key (for training whose privacy must not rest on a seeded generator); the batches
+        are then not reproducible, and with several ranks each would draw its own, so it is
+        refused there.
 
     Raises:
       ValueError: sample_rate outside (0, 1], num_examples < 1, steps or start < 0,
@@ -78,12 +83,27 @@ def poisson_batches(
         raise ValueError(f"num_examples must be a positive int, got {num_examples!r}")
     steps = default_steps(sample_rate) if steps is None else steps
     _check_shard(rank, world_size)
+    if secure and world_size > 1:
+        raise ValueError("secure=True needs world_size 1: ranks cannot share an OS-entropy draw")
     if bucket_size is None:
         bucket_size = math.ceil(default_bucket_size(num_examples, sample_rate) / world_size)
     _check_counts(steps=steps, bucket_size=bucket_size, start=start)
-    fdr.fold_in(key, 0)  # validates the key now, not at the first batch
+    if not secure:
+        fdr.fold_in(key, 0)  # validates the key now, not at the first batch
     steps_range = range(start, start + steps)
-    return _generate(num_examples, sample_rate, key, steps_range, bucket_size, rank, world_size)
+    draw = _secure_draw if secure else _keyed_draw
+    return _generate(
+        num_examples, sample_rate, key, steps_range, bucket_size, rank, world_size, draw
+    )
+
+
+def _keyed_draw(key: torch.Tensor, t: int, num_examples: int) -> torch.Tensor:
+    return fdr.uniform(fdr.fold_in(key, t), (num_examples,))
+
+
+def _secure_draw(key: torch.Tensor, t: int, num_examples: int) -> torch.Tensor:
+    del key, t
+    return fdr.secure_uniform(num_examples)
 
 
 def _generate(
@@ -94,9 +114,10 @@ def _generate(
     bucket: int,
     rank: int,
     world_size: int,
+    draw,
 ) -> Iterator[IndexBatch]:
     for t in step_range:
-        chosen = fdr.uniform(fdr.fold_in(key, t), (num_examples,)) < sample_rate
+        chosen = draw(key, t, num_examples) < sample_rate
         indices = chosen.nonzero().flatten()[rank::world_size]
         padded = max(bucket, math.ceil(len(indices) / bucket) * bucket)
         mask = torch.zeros(padded, dtype=torch.bool)
@@ -183,7 +204,8 @@ class PoissonLoader:
     `data` is a tuple of tensors sharing their first dimension, or a `torch.utils.data.Dataset`
     whose items are tuples of tensors. One iteration is `steps` batches (default one epoch).
     Iterating again continues with new batches; `start` skips steps for resuming. With
-    `world_size > 1` each rank gets its shard of the same logical batch (see `poisson_batches`).
+    `world_size > 1` each rank gets its shard of the same logical batch, and with `secure=True`
+    membership is drawn from the OS's entropy (see `poisson_batches`).
     """
 
     def __init__(
@@ -191,17 +213,19 @@ class PoissonLoader:
         data: Sequence[torch.Tensor] | torch.utils.data.Dataset,
         sample_rate: float,
         *,
-        key: torch.Tensor,
+        key: torch.Tensor | None,
         steps: int | None = None,
         bucket_size: int | None = None,
         start: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        secure: bool = False,
     ) -> None:
         check_sample_rate(sample_rate)
         _check_counts(steps=steps, bucket_size=bucket_size, start=start)
         _check_shard(rank, world_size)
-        fdr.fold_in(key, 0)  # validates the key
+        if not secure:
+            fdr.fold_in(key, 0)  # validates the key
         self.data = data
         self.num_examples = _num_examples(data)
         self.sample_rate = float(sample_rate)
@@ -209,7 +233,7 @@ class PoissonLoader:
         self.steps = default_steps(sample_rate) if steps is None else steps
         self.bucket_size = bucket_size
         self.next_step = start
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.secure = rank, world_size, secure
 
     @property
     def expected_batch_size(self) -> float:
@@ -230,6 +254,7 @@ class PoissonLoader:
             start=self.next_step,
             rank=self.rank,
             world_size=self.world_size,
+            secure=self.secure,
         )
         for index_batch in batches:
             self.next_step += 1

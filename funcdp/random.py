@@ -101,10 +101,19 @@ def secure_normal(
     return values.to(dtype=dtype, device=device)
 
 
-def _box_muller(count: int) -> np.ndarray:
-    words = np.frombuffer(os.urandom(16 * count), dtype=np.uint64).reshape(2, count)
+def secure_uniform(count: int) -> torch.Tensor:
+    """`count` float64 uniforms in (0, 1) from the OS's entropy (53 random bits each)."""
+    return torch.from_numpy(_uniform53(count))
+
+
+def _uniform53(count: int) -> np.ndarray:
+    words = np.frombuffer(os.urandom(8 * count), dtype=np.uint64)
     # 53 random bits per double; (k + 0.5) / 2**53 lies strictly inside (0, 1).
-    u1, u2 = ((words >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
+    return ((words >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
+
+
+def _box_muller(count: int) -> np.ndarray:
+    u1, u2 = _uniform53(2 * count).reshape(2, count)
     return np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
 
 

@@ -304,3 +304,32 @@ def test_shuffled_batches_cover_each_epoch_once_with_fixed_shapes():
         assert sorted(seen.tolist()) == list(range(10))
     assert [int(b.mask.sum()) for b in batches] == [4, 4, 2, 4, 4, 2]
     assert not torch.equal(batches[0].indices, batches[3].indices)  # a new permutation
+
+
+def test_secure_batches_draw_from_os_entropy_and_stay_binomial():
+    first = list(poisson_batches(400, 0.1, key=None, steps=300, secure=True))
+    again = list(poisson_batches(400, 0.1, key=fdr.key(0), steps=300, secure=True))
+    assert any(
+        not torch.equal(a.mask, b.mask) or not torch.equal(a.indices, b.indices)
+        for a, b in zip(first, again, strict=True)
+    )  # the key does not decide them
+    sizes = np.array([int(b.mask.sum()) for b in first + again], dtype=float)
+    mean, var = 400 * 0.1, 400 * 0.1 * 0.9
+    assert abs(sizes.mean() - mean) < 5 * math.sqrt(var / len(sizes))
+    assert abs(sizes.var() / var - 1) < 0.2
+    for batch in first:
+        real = batch.indices[batch.mask]
+        assert len(set(real.tolist())) == len(real)  # distinct examples
+
+
+def test_secure_sampling_is_refused_across_ranks():
+    with pytest.raises(ValueError, match="secure"):
+        poisson_batches(10, 0.5, key=None, secure=True, rank=0, world_size=2)
+
+
+def test_secure_loader_needs_no_key():
+    data = (torch.arange(20.0)[:, None], torch.arange(20))
+    batches = list(PoissonLoader(data, 0.3, key=None, steps=3, secure=True))
+    assert len(batches) == 3 and all(b.mask.dtype == torch.bool for b in batches)
+    with pytest.raises(TypeError, match="key"):
+        PoissonLoader(data, 0.3, key=None, steps=3)

@@ -146,3 +146,10 @@ def test_secure_normal_dtype_and_shape():
     draw = fdr.secure_normal((3, 4))
     assert draw.shape == (3, 4) and draw.dtype == torch.float32
     assert torch.isfinite(draw).all()
+
+
+def test_secure_uniform_is_uniform_inside_the_open_interval_and_fresh():
+    first, second = fdr.secure_uniform(20000), fdr.secure_uniform(20000)
+    assert first.dtype == torch.float64 and ((first > 0) & (first < 1)).all()
+    assert stats.kstest(first.numpy(), "uniform").pvalue > 1e-6
+    assert not torch.equal(first, second)
