@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from models import MODELS, Tied, make
 from torch import nn
 
 import funcdp as fdp
@@ -14,101 +15,10 @@ import funcdp as fdp
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 
 BATCH = 7
-CLASSES = 3
-
-
-class _Mlp(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(5, 8)
-        self.norm = nn.LayerNorm(8)
-        self.fc2 = nn.Linear(8, CLASSES)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.norm(self.fc1(x))))
-
-
-class _Conv(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(2, 4, 3, padding=1)
-        self.conv2 = nn.Conv2d(4, 2, 3, stride=2)
-        self.fc = nn.Linear(2 * 2 * 2, CLASSES)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv2(torch.relu(self.conv(x)))).flatten(1))
-
-
-class _Embed(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(11, 6)
-        self.norm = nn.LayerNorm(6)
-        self.fc = nn.Linear(6, CLASSES)
-
-    def forward(self, tokens):
-        return self.fc(self.norm(self.embed(tokens)).mean(1))
-
-
-class _Attention(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(11, 8)
-        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-        self.norm = nn.LayerNorm(8)
-        self.fc = nn.Linear(8, CLASSES)
-
-    def forward(self, tokens):
-        h = self.embed(tokens)
-        a, _ = self.attn(h, h, h, need_weights=False)
-        return self.fc(self.norm(h + a).mean(1))
-
-
-class _Tied(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(11, 6)
-        self.mid = nn.Linear(6, 6)
-        self.head = nn.Linear(6, 11, bias=False)
-        self.head.weight = self.embed.weight
-
-    def forward(self, tokens):
-        return self.head(torch.tanh(self.mid(self.embed(tokens).mean(1))))
-
-
-def _frozen_mlp() -> nn.Module:
-    module = _Mlp()
-    module.fc1.weight.requires_grad_(False)
-    module.norm.bias.requires_grad_(False)
-    return module
-
-
-def _inputs(kind: str, gen: torch.Generator) -> torch.Tensor:
-    if kind == "vector":
-        return torch.randn(BATCH, 5, generator=gen)
-    if kind == "image":
-        return torch.randn(BATCH, 2, 5, 5, generator=gen)
-    return torch.randint(0, 11, (BATCH, 4), generator=gen)
-
-
-MODELS = {
-    "linear_layernorm": (_Mlp, "vector", CLASSES),
-    "conv2d": (_Conv, "image", CLASSES),
-    "embedding": (_Embed, "tokens", CLASSES),
-    "multihead_attention": (_Attention, "tokens", CLASSES),
-    "frozen": (_frozen_mlp, "vector", CLASSES),
-    "tied": (_Tied, "tokens", 11),
-}
 
 
 def _setup(name: str):
-    factory, kind, classes = MODELS[name]
-    torch.manual_seed(0)
-    module = factory()
-    gen = torch.Generator().manual_seed(1)
-    x = _inputs(kind, gen)
-    y = torch.randint(0, classes, (BATCH,), generator=gen)
-    return module, x, y
+    return make(name, BATCH)
 
 
 def _loop_reference(module: nn.Module, x: torch.Tensor, y: torch.Tensor):
@@ -212,7 +122,7 @@ def test_tied_weight_gets_the_sum_of_both_uses():
     assert "head.weight" not in params
     grads = fdp.per_sample_grads(loss_fn)(params, x, y)
     # Untied, the embedding alone would get only the gradient through the embedding lookup.
-    untied = _Tied()
+    untied = Tied()
     untied.load_state_dict(module.state_dict())
     untied.head.weight = nn.Parameter(module.embed.weight.detach().clone())
     embed_only = _loop_reference(untied, x, y)[0]["embed.weight"]

@@ -5,63 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from models import make
 from torch import nn
 
 import funcdp as fdp
 from funcdp.per_sample import clipped_sum
 
-CLASSES = 3
+# torch's MultiheadAttention has no batching rule on CPU (funcdp.nn has one); it is tested as is.
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 
-
-class _Mlp(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(5, 8)
-        self.norm = nn.LayerNorm(8)
-        self.fc2 = nn.Linear(8, CLASSES)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.norm(self.fc1(x))))
-
-
-class _Conv(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(2, 4, 3, padding=1)
-        self.norm = nn.GroupNorm(2, 4)
-        self.fc = nn.Linear(4 * 3 * 3, CLASSES)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.norm(self.conv(x))).flatten(1))
-
-
-class _Embed(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(11, 6)
-        self.fc = nn.Linear(6, CLASSES)
-
-    def forward(self, tokens):
-        return self.fc(self.embed(tokens).mean(1))
-
-
-MODELS = {
-    "mlp": (_Mlp, lambda g, n: torch.randn(n, 5, generator=g)),
-    "conv": (_Conv, lambda g, n: torch.randn(n, 2, 3, 3, generator=g)),
-    "embed": (_Embed, lambda g, n: torch.randint(0, 11, (n, 4), generator=g)),
-}
+# The models of the per-example gradient tests.
+MODELS = ("linear_layernorm", "conv2d", "embedding", "multihead_attention", "frozen", "tied")
 
 
 def _setup(name: str, batch: int = 11):
-    torch.manual_seed(0)
-    module_class, inputs = MODELS[name]
-    apply_fn, params, buffers = fdp.functionalize(module_class())
+    module, x, y = make(name, batch)
+    apply_fn, params, buffers = fdp.functionalize(module)
 
     def loss_fn(p, x, y):
         return F.cross_entropy(apply_fn(p, buffers, x[None]), y[None])
 
-    gen = torch.Generator().manual_seed(1)
-    x, y = inputs(gen, batch), torch.randint(0, CLASSES, (batch,), generator=gen)
     return loss_fn, params, x, y
 
 
@@ -102,7 +65,7 @@ def test_two_pass_equals_vmap_and_a_loop(name, chunk_size):
 
 
 def test_two_pass_with_a_factor_rule_matches_the_chain():
-    loss_fn, params, x, y = _setup("mlp")
+    loss_fn, params, x, y = _setup("linear_layernorm")
     automatic = fdp.transforms.normalize_per_example(0.5, 0.01)
     rule = lambda n: 0.5 / (n + 0.01)  # noqa: E731 - the same rule for whole examples
     two_sum, _ = clipped_sum(loss_fn, factor_fn=rule, mode="two_pass", chunk_size=3)(params, x, y)
@@ -114,7 +77,7 @@ def test_two_pass_with_a_factor_rule_matches_the_chain():
 
 
 def test_padded_rows_do_not_matter_even_if_not_finite():
-    loss_fn, params, x, y = _setup("mlp", batch=6)
+    loss_fn, params, x, y = _setup("linear_layernorm", batch=6)
     mask = torch.tensor([True, True, False, True, False, True])
     garbage = x.clone()
     garbage[~mask] = float("nan")
@@ -128,7 +91,7 @@ def test_padded_rows_do_not_matter_even_if_not_finite():
 
 
 def test_all_padded_batch_sums_to_zero():
-    loss_fn, params, x, y = _setup("conv", batch=3)
+    loss_fn, params, x, y = _setup("conv2d", batch=3)
     out, norms = clipped_sum(loss_fn, max_norm=1.0, mode="two_pass")(
         params, x, y, mask=torch.zeros(3, dtype=torch.bool)
     )
