@@ -37,7 +37,10 @@ class Subcommand(NamedTuple):
 
 
 class CommandError(Exception):
-    """A bad value found after parsing (e.g. a batch larger than the data); exits with code 2."""
+    """A bad value found after parsing (e.g. a batch larger than the data); exits with code 2.
+
+    A `ValueError` from the library (which names the argument) exits the same way.
+    """
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     absl_logger.setLevel(logging.ERROR)
     try:
         return args.run(args)
-    except CommandError as error:
+    except (CommandError, ValueError) as error:
+        # funcdp's ValueErrors name the argument and its allowed range: a message, not a trace.
         parser.exit(2, f"funcdp {args.command}: error: {error}\n")
     finally:
         absl_logger.setLevel(level)

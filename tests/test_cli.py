@@ -307,3 +307,13 @@ def test_a_file_that_is_not_an_npz_is_refused(tmp_path):
     for name in ("notes.npz", "single.npy"):
         with pytest.raises(ValueError, match="not a readable .npz"):
             datasets.load_npz(tmp_path / name)
+
+
+def test_a_library_value_error_in_a_subcommand_is_a_one_line_message(capsys):
+    # funcdp audit hands --sample-rate to the library, whose ValueError names it.
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["audit", "--sample-rate", "2", "--num-canaries", "10", "--steps", "1"])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("funcdp audit: error: ") and "sample_rate" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
