@@ -64,11 +64,15 @@ def check_chunk_option(chunk_size: Any) -> None:
         if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             raise ValueError(f"AutoChunk.fraction must be in (0, 1], got {fraction!r}")
         return
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(
-            f"chunk_size must be a positive int or None, got {chunk_size!r} "
-            '(or "auto" or an AutoChunk, to pick it from a memory budget)'
-        )
+    check_chunk_size(chunk_size, ' (or "auto" or an AutoChunk, to pick it from a memory budget)')
+
+
+def check_chunk_size(chunk_size: Any, hint: str = "") -> None:
+    """Raises unless chunk_size is None or a positive int; `hint` ends the message."""
+    if chunk_size is not None and (
+        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}{hint}")
 
 
 def is_auto(chunk_size: Any) -> bool:

@@ -9,7 +9,13 @@ import torch
 from torch.func import grad, grad_and_value, vmap
 
 from funcdp.ghost import ghost_clipped_sum
-from funcdp.memory import ChunkSize, auto_chunk_size, check_chunk_option, is_auto
+from funcdp.memory import (
+    ChunkSize,
+    auto_chunk_size,
+    check_chunk_option,
+    check_chunk_size,
+    is_auto,
+)
 from funcdp.tree import per_example_norms, shrink_below_one, tree_map
 
 LossFn = Callable[..., Any]
@@ -73,14 +79,6 @@ def _over_examples(
         return vmap(fn, in_dims=in_dims, chunk_size=chunk, randomness="different")(params, *batch)
 
     return mapped
-
-
-def check_chunk_size(chunk_size: int | None) -> None:
-    """Raises unless chunk_size is None or a positive int."""
-    if chunk_size is not None and (
-        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
 def clipped_sum(
