@@ -204,22 +204,72 @@ def test_bad_arguments_name_what_is_wrong() -> None:
         lstm(packed, lengths=torch.tensor([5, 4]))
 
 
-def test_vmap_of_grad_takes_the_single_matmul_path_for_recurrent_weights(monkeypatch) -> None:
-    """Under vmap(grad) the recurrent weights' gradient goes through the carrier (the fast path)."""
-    import funcdp.nn.rnn as rnn
+def test_vmap_of_grad_runs_each_time_loop_once_for_the_whole_batch(monkeypatch) -> None:
+    """Under vmap(grad) the forward and the backward loop each run once per direction, on all rows."""
+    import funcdp.nn.recurrence as recurrence
 
-    calls = []
-    original = rnn._carrier
-    monkeypatch.setattr(rnn, "_carrier", lambda *a: calls.append(1) or original(*a))
+    rows = {"forward": [], "backward": []}
+    forward, backward = recurrence._forward_loop, recurrence._backward_loop
+
+    def count(name, loop):
+        return lambda *a: rows[name].append(a[3].shape[0]) or loop(*a)
+
+    monkeypatch.setattr(recurrence, "_forward_loop", count("forward", forward))
+    monkeypatch.setattr(recurrence, "_backward_loop", count("backward", backward))
     model = fnn.LSTM(2, 3, batch_first=True, bidirectional=True, proj_size=2)
     params = {n: p.detach() for n, p in model.named_parameters()}
 
     def loss(params, x):
         return functional_call(model, params, (x[None],))[0].sum()
 
-    vmap(grad(loss), in_dims=(None, 0))(params, torch.randn(2, 4, 2))
-    assert len(calls) == 4  # W_hh and W_hr, two directions
-    calls.clear()
-    with torch.no_grad():
-        model(torch.randn(2, 4, 2))
-    assert calls == []  # no gradient wanted: a single pass
+    vmap(grad(loss), in_dims=(None, 0))(params, torch.randn(5, 4, 2))
+    assert rows == {"forward": [5, 5], "backward": [5, 5]}  # two directions, five examples each
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+def test_vmap_over_parameters_matches_a_loop(kind) -> None:
+    """Weights that differ along the vmapped dimension (an ensemble) take the per-element path."""
+    torch.manual_seed(0)
+    models = [_pair(kind, input_size=2, hidden_size=3, batch_first=True)[1] for _ in range(3)]
+    stacked = {n: torch.stack([m.get_parameter(n).detach() for m in models]) for n, _ in
+               models[0].named_parameters()}  # fmt: skip
+    x = torch.randn(3, 2, 4, 2)
+
+    def loss(params, x):
+        return functional_call(models[0], params, (x,))[0].pow(2).sum()
+
+    got = vmap(grad(loss))(stacked, x)
+    for b, model in enumerate(models):
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        expected = grad(loss)(params, x[b])
+        for name in params:
+            torch.testing.assert_close(got[name][b], expected[name], **TOL)
+
+
+def test_second_derivatives_are_refused() -> None:
+    model = fnn.GRU(2, 3)
+    x = torch.randn(4, 1, 2, requires_grad=True)
+    (first,) = torch.autograd.grad(model(x)[0].sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        first.sum().backward()
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+def test_autocast_input_projection_keeps_the_loop_in_float32(kind) -> None:
+    """Under bfloat16 autocast the per-example gradients stay close to float32's."""
+    torch.manual_seed(0)
+    model = _pair(kind, input_size=8, hidden_size=6, batch_first=True)[1]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    x = torch.randn(4, 5, 8)
+
+    def loss(params, x, autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = functional_call(model, params, (x[None],))[0]
+        assert out.dtype == torch.float32
+        return out.pow(2).sum()
+
+    low = vmap(grad(loss), in_dims=(None, 0, None))(params, x, True)
+    full = vmap(grad(loss), in_dims=(None, 0, None))(params, x, False)
+    for name in params:
+        scale = full[name].abs().max()
+        assert (low[name] - full[name]).abs().max() <= 2e-2 * scale, name
