@@ -2,8 +2,8 @@
 
 The train step picks one of these per micro-batch: `per_example_fn` (vmap over examples, with
 optional autocast and compile) hands per-example gradients to the privatizer's per-example part;
-`ghost_sum` applies the privatizer's clipping rule itself and returns the clipped sum, never
-forming the per-example gradients of the layers `funcdp.ghost` handles.
+the function `ghost_sum_fn` builds applies the privatizer's clipping rule itself and returns the
+clipped sum, never forming the per-example gradients of the layers `funcdp.ghost` handles.
 """
 
 from __future__ import annotations
@@ -36,18 +36,25 @@ def autocast_loss(loss_fn: Callable[..., torch.Tensor], dtype: torch.dtype | Non
 
 
 def ghost_rule(privatizer, mode, chunk_size, autocast_dtype, compile) -> FactorRule | None:
-    """The clipping rule the ghost mode applies, or None in vmap mode; refuses what it can't do."""
-    if mode not in ("vmap", "ghost"):
-        raise ValueError(f'mode must be "vmap" or "ghost", got {mode!r}')
+    """The clipping rule the ghost mode applies, or None for the vmap path.
+
+    "ghost" refuses what it can't do; "auto" takes ghost where it can and vmap otherwise.
+    """
+    if mode not in ("auto", "vmap", "ghost"):
+        raise ValueError(f'mode must be "auto", "vmap" or "ghost", got {mode!r}')
     if mode == "vmap":
         return None
     if is_auto(chunk_size) or autocast_dtype is not None or compile is not False:
+        if mode == "auto":
+            return None
         raise ValueError(
             'mode="ghost" does not combine with chunk_size="auto", autocast or compile yet'
         )
     bound, _ = bind_parts(privatizer.parts or (privatizer,))
     head = [part for part in bound if part.stage != AGGREGATE]
     if len(head) != 2 or head[0].factor_rule is None or head[1].stage != REDUCE:
+        if mode == "auto":
+            return None
         raise ValueError(
             'mode="ghost" needs a privatizer that starts with ONE stateless clipping transform '
             "(clip, clip_by, clip_per_layer, normalize_per_example, without nan_safe) and "
@@ -59,18 +66,28 @@ def ghost_rule(privatizer, mode, chunk_size, autocast_dtype, compile) -> FactorR
     return rule
 
 
-def ghost_sum(rule, example_loss, state, rows, mask, chunk_size, on_nonfinite):
-    """(clipped masked sum, losses [B], norms [B]) of one micro-batch by ghost clipping."""
+def ghost_sum_fn(rule: FactorRule, example_loss, chunk_size, on_nonfinite):
+    """`fn(state, rows, mask) -> (clipped masked sum, losses [B], norms [B])` by ghost clipping.
+
+    Built once per train step so that the ghost probe runs once per batch signature; the
+    state's buffers reach the loss through `current`, set at each call.
+    """
+    current = {}
     ghost_fn = ghost_clipped_sum(
-        lambda params, *example: example_loss(params, state.buffers, *example),
+        lambda params, *example: example_loss(params, current["buffers"], *example),
         factor_fn=rule.factor_fn,
         groups=rule.groups,
         group_names=rule.group_names,
         chunk_size=chunk_size,
         zero_nonfinite=on_nonfinite == "zero",
     )
-    result = ghost_fn(state.params, *rows, mask=mask)
-    return result.grads, result.losses.detach(), result.norms.detach()
+
+    def fn(state, rows, mask):
+        current["buffers"] = state.buffers
+        result = ghost_fn(state.params, *rows, mask=mask)
+        return result.grads, result.losses.detach(), result.norms.detach()
+
+    return fn
 
 
 def per_example_fn(example_loss: Callable[..., torch.Tensor], upcast: bool):

@@ -13,7 +13,7 @@ from funcdp.accounting.ledger import Ledger
 from funcdp.data import Batch
 from funcdp.distributed import all_reduce_local_sum
 from funcdp.memory import ChunkSize, auto_chunk_size, check_chunk_option, is_auto
-from funcdp.microbatch import autocast_loss, ghost_rule, ghost_sum, per_example_fn
+from funcdp.microbatch import autocast_loss, ghost_rule, ghost_sum_fn, per_example_fn
 from funcdp.optim import apply_updates
 from funcdp.transforms.accounting import AccountState
 from funcdp.transforms.aggregation import check_mask
@@ -112,7 +112,7 @@ def make_train_step(
     process_group: Any = None,
     autocast_dtype: torch.dtype | None = None,
     compile: bool | dict[str, Any] = False,
-    mode: Literal["vmap", "ghost"] = "vmap",
+    mode: Literal["auto", "vmap", "ghost"] = "auto",
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds the pure DP-SGD step `step(state, batch) -> (state, metrics)`.
 
@@ -152,9 +152,11 @@ def make_train_step(
 
       mode: "vmap" forms every example's gradient (any module, any per-example transform);
         "ghost" forms none for linear, conv, embedding and normalization parameters: their
-        norms and clipped sum come from one batched backward (`funcdp.ghost`). It needs the
-        privatizer to start with one stateless clipping transform and `aggregate()`, and it
-        does not combine with chunk_size="auto", autocast or compile yet.
+        norms and clipped sum come from one batched backward (`funcdp.ghost`), and the other
+        parameters' from vmap. It needs the privatizer to start with one stateless clipping
+        transform and `aggregate()`, and it does not combine with chunk_size="auto", autocast
+        or compile yet. "auto" (the default) is "ghost" where those hold and "vmap" otherwise;
+        both give the same parameters up to float rounding.
 
     Returns:
       `step(state, batch)`. Its metrics (loss, clipped_fraction, grad_norm, batch_size,
@@ -178,6 +180,7 @@ def make_train_step(
         )
     rule = ghost_rule(privatizer, mode, chunk_size, autocast_dtype, compile)
     example_loss = autocast_loss(loss_fn, autocast_dtype)
+    ghost_sum = None if rule is None else ghost_sum_fn(rule, example_loss, chunk_size, on_nonfinite)
     per_example = per_example_fn(example_loss, autocast_dtype is not None)
     if compile is not False:
         per_example = torch.compile(per_example, **({} if compile is True else compile))
@@ -208,10 +211,8 @@ def make_train_step(
         for start in range(0, size, micro):
             rows = slice(start, start + micro)
             part = tuple(x[rows] for x in inputs)
-            if rule is not None:
-                summed, loss, norm = ghost_sum(
-                    rule, example_loss, state, part, mask[rows], chunk_size, on_nonfinite
-                )
+            if ghost_sum is not None:
+                summed, loss, norm = ghost_sum(state, part, mask[rows])
             else:
                 grads, loss, norm = per_example(
                     state.params, state.buffers, chunk_for(state, part), *part
@@ -219,7 +220,7 @@ def make_train_step(
             ok = (torch.isfinite(loss) & torch.isfinite(norm)) | ~mask[rows].to(loss.device)
             if on_nonfinite != "zero" and not bool(ok.all()):
                 return _LocalSum(None, pre_state, None, int((~ok).sum()))
-            if rule is None:
+            if ghost_sum is None:
                 if on_nonfinite == "zero":
                     grads = _zero_rows(grads, ok)
                 summed, pre_state = through_sum.update(

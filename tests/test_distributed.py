@@ -27,17 +27,15 @@ def _data():
 
 
 def _setup(group=None, fail_on=None):
-    """A small model, its DP step and initial state; `fail_on=(rank, step)` makes that step's
-    loss raise on that rank, inside the step."""
+    """A small model, its DP step and initial state; with `fail_on=(rank, armed)`, the loss
+    raises on that rank, inside the step, while `armed[0]` is true."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
     apply_fn, params, buffers = fdp.functionalize(model)
-    calls = [0]  # vmap traces the loss once per step (one micro-batch)
 
     def loss_fn(params, buffers, x, y):
-        if fail_on is not None and (dist.get_rank(), calls[0]) == fail_on:
+        if fail_on is not None and dist.get_rank() == fail_on[0] and fail_on[1][0]:
             raise ValueError("injected failure")
-        calls[0] += 1
         return F.cross_entropy(apply_fn(params, buffers, x[None]), y[None])
 
     privatizer = fdp.chain(
@@ -105,11 +103,13 @@ def _worker(rank, init_file, out_dir):
         torch.save(half, f"{out_dir}/checkpoint.pt")
     results["noise"] = _zero_gradient_noise(group)
 
-    state, step = _setup(group, fail_on=(1, 2))
+    armed = [False]
+    state, step = _setup(group, fail_on=(1, armed))
     outcome = []
     for batch in PoissonLoader(
         _data(), Q, key=fdp.random.key(1), steps=STEPS, rank=rank, world_size=WORLD
     ):
+        armed[0] = state.step == 2
         try:
             new_state, _ = step(state, batch)
         except (ValueError, RankFailedError) as error:

@@ -388,7 +388,7 @@ def _ghost_pair(clip, on_nonfinite="raise"):
         mode: fdp.make_train_step(
             loss_fn, privatizer, optimizer, mode=mode, on_nonfinite=on_nonfinite
         )
-        for mode in ("vmap", "ghost")
+        for mode in ("vmap", "ghost", "auto")
     }
     return state, steps
 
@@ -462,3 +462,50 @@ def test_ghost_mode_refuses_what_it_cannot_do_when_built(privatizer, kwargs):
     kwargs = {"mode": "ghost", **kwargs}
     with pytest.raises(ValueError, match="ghost|mode"):
         fdp.make_train_step(lambda p, b, x: x.sum(), privatizer, optim.sgd(0.1), **kwargs)
+
+
+def test_default_mode_takes_ghost_where_it_can_and_probes_once_per_batch_shape(monkeypatch):
+    import funcdp.ghost.capture as capture
+
+    probes, original = [], capture.plan
+    monkeypatch.setattr(capture, "plan", lambda *a, **k: probes.append(1) or original(*a, **k))
+    state, steps = _ghost_pair(fdp.clip(0.5))
+    vmap_state = auto_state = state
+    for seed in range(3):
+        batch = _batch(rows=8, real=6, seed=seed)
+        vmap_state, _ = steps["vmap"](vmap_state, batch)
+        auto_state, _ = steps["auto"](auto_state, batch)
+    assert len(probes) == 1  # ghost clipping ran, and probed the model once for 8-row batches
+    for name, value in vmap_state.params.items():
+        torch.testing.assert_close(auto_state.params[name], value, rtol=1e-5, atol=1e-6)
+    steps["auto"](auto_state, _batch(rows=5, real=5, seed=4))
+    assert len(probes) == 1  # the probe reads one example: the batch size does not matter
+
+
+@pytest.mark.parametrize(
+    "clip, kwargs",
+    [
+        (fdp.clip(0.5, nan_safe=True), {}),
+        (fdp.clip(0.5), {"chunk_size": "auto"}),
+        (fdp.clip(0.5), {"autocast_dtype": torch.bfloat16}),
+    ],
+    ids=["nan_safe", "auto_chunk", "autocast"],
+)
+def test_default_mode_takes_vmap_where_ghost_cannot_go(monkeypatch, clip, kwargs):
+    import funcdp.ghost.capture as capture
+
+    monkeypatch.setattr(capture, "plan", lambda *a, **k: pytest.fail("ghost clipping ran"))
+    model = nn.Sequential(nn.Linear(3, 2))
+    apply_fn, params, buffers = fdp.functionalize(model)
+
+    def loss_fn(params, buffers, x, y):
+        return F.cross_entropy(apply_fn(params, buffers, x[None]), y[None])
+
+    privatizer = fdp.chain(clip, fdp.aggregate(), fdp.gaussian_noise(1.0), fdp.account(Q))
+    optimizer = optim.sgd(0.5)
+    step = fdp.make_train_step(loss_fn, privatizer, optimizer, **kwargs)
+    state = fdp.TrainState.create(
+        params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(3)
+    )
+    new_state, _ = step(state, _batch(rows=4, real=3))
+    assert new_state.step == 1

@@ -100,6 +100,17 @@ def ghost_clipped_sum(
         not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
     ):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    plans: dict[tuple, capture.Plan] = {}  # by parameter and example signature
+
+    def plan_for(params, batch) -> capture.Plan:
+        """The probe's plan, run once per signature: the tapper checks each pass against it."""
+        key = (
+            tuple((n, p.shape, p.dtype, p.device) for n, p in params.items()),
+            tuple((x.shape[1:], x.dtype, x.device) for x in batch),
+        )
+        if key not in plans:
+            plans[key] = capture.plan(loss_fn, params, batch, conv_explicit=conv_explicit)
+        return plans[key]
 
     def fn(params: Mapping[str, torch.Tensor], *batch: Any, mask=None) -> GhostResult:
         if not isinstance(params, Mapping):
@@ -114,7 +125,7 @@ def ghost_clipped_sum(
         names = _group_names(params, groups, group_names)
         column = {name: names.index(groups(name)) if groups else 0 for name in params}
         keep = _keep(mask, batch[0].shape[0], batch[0].device)
-        plan = capture.plan(loss_fn, params, batch, conv_explicit=conv_explicit)
+        plan = plan_for(params, batch)
         passed = _one_pass(loss_fn, params, plan, batch, chunk_size)
         squares, books = _shares(params, plan, None if mask is None else keep, passed)
         grouped = _grouped_squares(params, squares, column, len(names), keep)
@@ -149,7 +160,15 @@ class _Pass(NamedTuple):
 
 
 def _one_pass(loss_fn, params, plan, batch, chunk_size):
-    """One vmap(grad) pass: fallback gradients, tap gradients (B), losses and op inputs (A)."""
+    """One pass: fallback gradients, tap gradients (B), losses and op inputs (A).
+
+    With fallback parameters (or chunks), `vmap(grad)` over the examples. Without, only the
+    forward is vmapped and one plain backward of the summed losses gives every tap's gradient
+    (each example's loss depends on its own tap rows only): no grad transform, whose per-op
+    wrapping costs more than the small model's arithmetic.
+    """
+    if not plan.fallback and chunk_size is None:
+        return _forward_pass(loss_fn, params, plan, batch)
     ghost = {name: params[name] for name in plan.ghost}
     fallback = {name: params[name] for name in plan.fallback}
     size = batch[0].shape[0]
@@ -173,6 +192,31 @@ def _one_pass(loss_fn, params, plan, batch, chunk_size):
     )
     (fallback_grads, tap_grads), (losses, inputs) = mapped((fallback, taps), *batch)
     return _Pass(fallback_grads, tap_grads, losses, inputs)
+
+
+def _forward_pass(loss_fn, params, plan, batch):
+    """`_one_pass` with no fallback parameters: a vmapped forward, then one backward."""
+    params = {name: p.detach() for name, p in params.items()}
+    size = batch[0].shape[0]
+    taps = [
+        torch.zeros(
+            (size, *op.out_shape), dtype=op.out_dtype, device=batch[0].device
+        ).requires_grad_()
+        for op in plan.ops
+    ]
+
+    def one(example_taps, *example):
+        tapper = capture.Tapper(params, plan.ops, example_taps)
+        with tapper:
+            loss = loss_fn(params, *example)
+        tapper.check_complete()
+        return loss, tuple(tapper.inputs)
+
+    with torch.enable_grad():
+        losses, inputs = vmap(one, randomness="different")(taps, *batch)
+        grads = torch.autograd.grad(losses.sum(), taps, allow_unused=True, materialize_grads=True)
+    inputs = tuple(a.detach() for a in inputs)
+    return _Pass({}, list(grads), losses.detach(), inputs)
 
 
 def _shares(params, plan, keep, passed: _Pass):
