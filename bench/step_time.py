@@ -150,17 +150,17 @@ MODELS = {
 
 
 def _prepare(model, engine):
-    """Swaps torch's LSTM for the engine's per-example-capable one (weights are not kept)."""
-    if not isinstance(model, _TextLSTM) or engine == "nonprivate":
-        return model
-    rnn = model.rnn
+    """The engine's version of the model: funcdp's runs through `funcdp.fix` (its drop-in LSTM
+    and attention), Opacus's gets its DPLSTM here (weights are not kept) and
+    `ModuleValidator.fix` when the engine is built."""
     if engine.startswith("funcdp"):
-        from funcdp.nn import LSTM
+        import funcdp
 
-        model.rnn = LSTM.from_torch(rnn)
-    else:
+        return funcdp.fix(model)
+    if isinstance(model, _TextLSTM) and engine.startswith("opacus"):
         from opacus.layers import DPLSTM
 
+        rnn = model.rnn
         model.rnn = DPLSTM(rnn.input_size, rnn.hidden_size, batch_first=True)
     return model
 

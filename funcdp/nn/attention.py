@@ -91,6 +91,14 @@ class MultiheadAttention(nn.MultiheadAttention):
                 .tril()
                 .logical_not()
             )
+        if self._plain_self_attention(query, key, value, key_padding_mask, attn_mask):
+            x = query.transpose(0, 1) if self.batch_first and query.dim() == 3 else query
+            out, weights = self._self_attention(
+                x, key_padding_mask, attn_mask, average_attn_weights
+            )
+            if self.batch_first and out.dim() == 3:
+                out = out.transpose(0, 1)
+            return out, (weights if need_weights else None)
         if self.batch_first and query.dim() == 3:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
         separate = not self._qkv_same_embed_dim
@@ -122,6 +130,53 @@ class MultiheadAttention(nn.MultiheadAttention):
             out = out.transpose(0, 1)
         return out, (weights if need_weights else None)
 
+    def _plain_self_attention(self, query, key, value, key_padding_mask, attn_mask) -> bool:
+        """Self-attention with packed projections and no extra key/value rows or odd masks."""
+        batched = query.dim() == 3
+        return (
+            query is key is value
+            and self._qkv_same_embed_dim
+            and self.bias_k is None
+            and not self.add_zero_attn
+            and (attn_mask is None or attn_mask.dim() in (2, 3))
+            and (key_padding_mask is None or key_padding_mask.dim() == (2 if batched else 1))
+        )
+
+    def _self_attention(self, x, key_padding_mask, attn_mask, average):
+        """torch's attention math, with each projection one `F.linear` of its own parameter.
+
+        `F.multi_head_attention_forward` reads the projection weights inside one opaque call;
+        here ghost clipping sees each weight used once, as a linear layer's, and clips it
+        without per-example gradients.
+        """
+        unbatched = x.dim() == 2
+        if unbatched:  # [L, E] -> [L, 1, E], as torch does
+            x = x.unsqueeze(1)
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask[None]
+        length, batch, embed = x.shape
+        heads = self.num_heads
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, -1)
+        q, k, v = (t.reshape(length, batch * heads, -1).transpose(0, 1) for t in (q, k, v))
+        mask = _additive(attn_mask, q.dtype)
+        if mask is not None and mask.dim() == 2:
+            mask = mask.unsqueeze(0)
+        if key_padding_mask is not None:
+            padding = _additive(key_padding_mask, q.dtype).view(batch, 1, 1, length)
+            padding = padding.expand(-1, heads, -1, -1).reshape(batch * heads, 1, length)
+            mask = padding if mask is None else mask + padding
+        scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(1, 2)
+        weights = torch.softmax(scores if mask is None else scores + mask, dim=-1)
+        if self.training and self.dropout > 0:
+            weights = F.dropout(weights, self.dropout)
+        out = (weights @ v).transpose(0, 1).reshape(length * batch, embed)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias).view(length, batch, embed)
+        weights = weights.view(batch, heads, length, length)
+        if average:
+            weights = weights.mean(dim=1)
+        if unbatched:
+            return out.squeeze(1), weights.squeeze(0)
+        return out, weights
+
     @classmethod
     def from_torch(cls, module: nn.MultiheadAttention) -> MultiheadAttention:
         """A copy of a `torch.nn.MultiheadAttention` (same weights, config and mode)."""
@@ -142,6 +197,13 @@ class MultiheadAttention(nn.MultiheadAttention):
         new.load_state_dict(module.state_dict())
         _copy_requires_grad(module, new)
         return new.train(module.training)
+
+
+def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """torch's attention-mask convention: bool True masks out (-inf); a float mask is added."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, -math.inf)
 
 
 def _copy_requires_grad(source: nn.Module, target: nn.Module) -> None:
