@@ -171,52 +171,53 @@ def _one_pass(loss_fn, params, plan, batch, chunk_size):
         return _forward_pass(loss_fn, params, plan, batch)
     ghost = {name: params[name] for name in plan.ghost}
     fallback = {name: params[name] for name in plan.fallback}
-    size = batch[0].shape[0]
-    device = batch[0].device
-    taps = [
-        torch.zeros((size, *op.out_shape), dtype=op.out_dtype, device=device) for op in plan.ops
-    ]
 
     def one(diff, *example):
         own, example_taps = diff
         full = {name: own[name] if name in own else p for name, p in params.items()}
-        tapper = capture.Tapper(ghost, plan.ops, example_taps)
-        with tapper:
-            loss = loss_fn(full, *example)
-        tapper.check_complete()
-        return loss, (loss, tuple(tapper.inputs))
+        loss, inputs = _tapped_loss(loss_fn, full, ghost, plan, example_taps, example)
+        return loss, (loss, inputs)
 
     in_dims = ((None, 0),) + (0,) * len(batch)
     mapped = vmap(
         grad(one, has_aux=True), in_dims=in_dims, chunk_size=chunk_size, randomness="different"
     )
-    (fallback_grads, tap_grads), (losses, inputs) = mapped((fallback, taps), *batch)
+    (fallback_grads, tap_grads), (losses, inputs) = mapped(
+        (fallback, _zero_taps(plan, batch)), *batch
+    )
     return _Pass(fallback_grads, tap_grads, losses, inputs)
 
 
 def _forward_pass(loss_fn, params, plan, batch):
     """`_one_pass` with no fallback parameters: a vmapped forward, then one backward."""
     params = {name: p.detach() for name, p in params.items()}
-    size = batch[0].shape[0]
-    taps = [
-        torch.zeros(
-            (size, *op.out_shape), dtype=op.out_dtype, device=batch[0].device
-        ).requires_grad_()
-        for op in plan.ops
-    ]
+    taps = [tap.requires_grad_() for tap in _zero_taps(plan, batch)]
 
     def one(example_taps, *example):
-        tapper = capture.Tapper(params, plan.ops, example_taps)
-        with tapper:
-            loss = loss_fn(params, *example)
-        tapper.check_complete()
-        return loss, tuple(tapper.inputs)
+        return _tapped_loss(loss_fn, params, params, plan, example_taps, example)
 
     with torch.enable_grad():
         losses, inputs = vmap(one, randomness="different")(taps, *batch)
         grads = torch.autograd.grad(losses.sum(), taps, allow_unused=True, materialize_grads=True)
     inputs = tuple(a.detach() for a in inputs)
     return _Pass({}, list(grads), losses.detach(), inputs)
+
+
+def _zero_taps(plan, batch) -> list[torch.Tensor]:
+    """One zero tap per planned op, [B, *its output shape for one example]."""
+    size, device = batch[0].shape[0], batch[0].device
+    return [
+        torch.zeros((size, *op.out_shape), dtype=op.out_dtype, device=device) for op in plan.ops
+    ]
+
+
+def _tapped_loss(loss_fn, params, ghost, plan, taps, example):
+    """One example's loss with the planned ops tapped; returns it and the ops' inputs (A)."""
+    tapper = capture.Tapper(ghost, plan.ops, taps)
+    with tapper:
+        loss = loss_fn(params, *example)
+    tapper.check_complete()
+    return loss, tuple(tapper.inputs)
 
 
 def _shares(params, plan, keep, passed: _Pass):

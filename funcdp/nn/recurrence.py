@@ -119,7 +119,6 @@ def _backward_loop(mode, reverse, d_out, d_h, d_c, hs, cs, acts, aux, w_hh, w_hr
     steps = acts.shape[0]
     d_x = torch.empty_like(acts)
     d_hh = d_proj = None
-    d_h = d_h.clone()
     if mode == LSTM:
         i, f, g, o = acts.chunk(4, -1)
         tanh_c = aux
@@ -127,7 +126,6 @@ def _backward_loop(mode, reverse, d_out, d_h, d_c, hs, cs, acts, aux, w_hh, w_hr
         q = torch.stack([g * i * (1 - i), cs[:-1] * f * (1 - f), i * (1 - g * g)], 2)
         q_o = tanh_c * o * (1 - o)
         o_dc = o * (1 - tanh_c * tanh_c)
-        d_c = d_c.clone()
         hidden = tanh_c.shape[-1]
         if w_hr is not None:
             d_proj = torch.empty_like(hs[1:])
@@ -280,8 +278,6 @@ class _Recurrence(Function):
     @staticmethod
     def backward(ctx, d_out, d_h, d_c, *_):
         w_hh, w_hr, valid, hs, cs, acts, aux = ctx.saved_tensors
-        if d_c is None and ctx.mode == LSTM:
-            d_c = torch.zeros_like(cs[0])
         d_x, d_hh, d_proj, d_h0, d_c0 = _Backward.apply(
             ctx.mode, ctx.reverse, d_out, d_h, d_c, hs, cs, acts, aux, w_hh, w_hr, valid
         )
