@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import funcdp as fdp
-from funcdp.ghost import ghost_clipped_sum
+from funcdp.ghost import clipped_sum, ghost_clipped_sum
 from funcdp.ghost.capture import plan
 
 RTOL = 1e-5
@@ -135,7 +135,9 @@ def _zoo(name, size=6):
 ZOO = ["mlp", "cnn", "lstm", "transformer", "norms", "bags", "tied"]
 
 
-def _problem(name):
+def _problem(name, garbage="nan"):
+    """A zoo model's loss, parameters, batch and mask; padded rows hold `garbage`: NaN, or
+    large finite values (which the sums must zero exactly, not by selection)."""
     module, inputs, classes = _zoo(name)
     apply_fn, params, buffers = fdp.functionalize(module)
     size = inputs[0].shape[0]
@@ -151,9 +153,9 @@ def _problem(name):
     mask = torch.ones(size, dtype=torch.bool)
     mask[[1, 4]] = False
     batch = tuple(x.clone() for x in inputs) + (labels,)
-    for x in batch:  # padded rows hold garbage: NaN where the dtype allows it
+    for x in batch:  # padded rows hold garbage where the dtype allows it
         if x.is_floating_point():
-            x[~mask] = float("nan")
+            x[~mask] = float("nan") if garbage == "nan" else 1e3 * x[~mask] - 7.0
     return loss_fn, params, batch, mask
 
 
@@ -186,9 +188,10 @@ def _thresholds(params, scale):
 CASES = [(name, "vmap") for name in ZOO] + [(name, "unfold") for name in ("cnn", "norms", "bags")]
 
 
+@pytest.mark.parametrize("garbage", ["nan", "finite"])
 @pytest.mark.parametrize(("name", "conv_explicit"), CASES)
-def test_flat_clipping_equals_vmap(name, conv_explicit):
-    loss_fn, params, batch, mask = _problem(name)
+def test_flat_clipping_equals_vmap(name, conv_explicit, garbage):
+    loss_fn, params, batch, mask = _problem(name, garbage)
     limit = 0.3  # clips some examples, not all
     expected, norms = _reference(loss_fn, params, batch, mask, fdp.clip(limit))
     fn = ghost_clipped_sum(loss_fn, max_norm=limit, conv_explicit=conv_explicit)
@@ -265,6 +268,18 @@ def test_zero_nonfinite_drops_a_real_example_with_nan():
     assert result.norms[0].isnan() and result.norms[without].isfinite().all()
     poisoned = ghost_clipped_sum(loss_fn, max_norm=0.3)(params, *batch, mask=mask)
     assert not all(g.isfinite().all() for g in poisoned.grads.values())
+
+
+@pytest.mark.parametrize(("garbage", "passes"), [("finite", 1), ("nan", 2)])
+def test_padded_rows_are_selected_away_only_when_they_hold_inf_or_nan(garbage, passes, monkeypatch):
+    loss_fn, params, batch, mask = _problem("mlp", garbage)
+    calls = []
+    shares = clipped_sum._shares
+    monkeypatch.setattr(clipped_sum, "_shares", lambda *args: calls.append(1) or shares(*args))
+    result = ghost_clipped_sum(loss_fn, max_norm=0.3)(params, *batch, mask=mask)
+    expected, _ = _reference(loss_fn, params, batch, mask, fdp.clip(0.3))
+    _assert_close_relative(result.grads, expected)
+    assert len(calls) == passes
 
 
 def test_chunked_vmap_gives_the_same_sum():

@@ -127,19 +127,25 @@ def ghost_clipped_sum(
         keep = _keep(mask, batch[0].shape[0], batch[0].device)
         plan = plan_for(params, batch)
         passed = _one_pass(loss_fn, params, plan, batch, chunk_size)
-        squares, books = _shares(params, plan, None if mask is None else keep, passed)
+        # Each example's norm reads its own rows only, so padded rows are left in; in the sums
+        # their factor 0 zeroes them exactly unless they hold inf or NaN (see below).
+        squares, books = _shares(params, plan, None, passed)
         grouped = _grouped_squares(params, squares, column, len(names), keep)
-        real, clean = keep, grouped
+        real, clean, masked = keep, grouped, False
         if zero_nonfinite:
             finite = torch.isfinite(grouped.sum(1)) & torch.isfinite(passed.losses)
             if not bool((finite | ~keep).all()):  # rare: select the bad rows away, recompute
-                real = keep & finite
+                real, masked = keep & finite, True
                 squares, books = _shares(params, plan, real, passed)
                 clean = _grouped_squares(params, squares, column, len(names), real)
         zero = torch.zeros((), dtype=grouped.dtype, device=keep.device)
         factors = _factors(factor_fn, torch.where(real[:, None], clean.sqrt(), zero), groups)
         factors = torch.where(real[:, None], factors, zero)
         summed = {name: books[name](factors[:, column[name]]) for name in params}
+        if not masked and not _finite(summed) and not bool(keep.all()):
+            # 0 * inf is NaN: a padded row held a non-finite value. Select it away and redo.
+            _, books = _shares(params, plan, real, passed)
+            summed = {name: books[name](factors[:, column[name]]) for name in params}
         return GhostResult(
             grads=summed,
             norms=torch.where(keep, grouped.sum(1).sqrt(), zero),
@@ -244,6 +250,12 @@ def _grouped_squares(params, squares, column, count: int, keep) -> torch.Tensor:
     for name, squared in squares.items():
         grouped[:, column[name]] += squared.to(dtype)
     return grouped
+
+
+def _finite(tree: dict[str, torch.Tensor]) -> bool:
+    """Whether every entry is finite (one sum per tensor: inf and NaN survive summation)."""
+    sums = [t.sum().float() for t in tree.values()]
+    return not sums or bool(torch.isfinite(torch.stack(sums)).all())
 
 
 def _zero_rows(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
