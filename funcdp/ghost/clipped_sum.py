@@ -72,8 +72,8 @@ def ghost_clipped_sum(
         zero instead of poisoning the sum (its reported norm stays non-finite, so a caller can
         count it); the rows are selected away and the shares recomputed, which costs a second
         book-keeping pass on such (rare) batches. Without it, the sum is not finite either.
-      conv_explicit: where a conv weight's explicit per-example gradient is cheaper than its
-        ghost norm (2 T^2 >= p d), "vmap" forms it by vmap's batched conv backward (the
+      conv_explicit: where a conv weight's explicit per-example gradient is cheaper than
+        ghost clipping (T (p + d) >= p d), "vmap" forms it by vmap's batched conv backward (the
         default, faster on CPU), "unfold" by im2col and a batched matmul.
 
     Returns:
