@@ -11,6 +11,7 @@ from scipy import stats
 
 import funcdp as fdp
 from funcdp import random as fdr
+from funcdp.transforms.noise import add_noise
 
 SHAPES = {"w": (60, 100), "b": (6000,), "v": (6000,)}  # 18000 coordinates
 BATCH = 3
@@ -74,6 +75,15 @@ def test_noise_is_added_to_the_sum():
     noise_only = _noise(privatizer, key)
     for name in SHAPES:
         torch.testing.assert_close(noisy[name] - noise_only[name], per_example[name].sum(0))
+
+
+def test_noise_is_std_times_the_keys_standard_normal_draws_in_leaf_order():
+    tree = {"a": torch.randn(5, 7), "b": torch.randn(300)}
+    noisy = add_noise(tree, 0.7, fdr.key(9))
+    generator = fdr.generator(fdr.key(9), torch.device("cpu"))
+    for name in ("a", "b"):  # optree's order of a dict: sorted keys
+        expected = tree[name] + 0.7 * torch.randn(tree[name].shape, generator=generator)
+        torch.testing.assert_close(noisy[name], expected, rtol=1e-6, atol=1e-6)
 
 
 def test_same_key_same_noise_new_key_new_noise():

@@ -84,13 +84,14 @@ def add_noise(tree, std: float, key, *, secure: bool = False):
     for leaf in leaves:
         if secure:
             draw = fdr.secure_normal(leaf.shape, dtype=leaf.dtype, device=leaf.device)
+            noisy.append(leaf + std * draw)
         else:
             if leaf.device not in generators:
                 generators[leaf.device] = fdr.generator(key, leaf.device)
-            draw = torch.randn(
-                leaf.shape, generator=generators[leaf.device], dtype=leaf.dtype, device=leaf.device
-            )
-        noisy.append(leaf + std * draw)
+            # std * N(0, 1) drawn into a fresh tensor and the leaf added in place: one pass
+            # over memory fewer than leaf + std * randn, and the same values.
+            fresh = torch.empty(leaf.shape, dtype=leaf.dtype, device=leaf.device)
+            noisy.append(fresh.normal_(0.0, std, generator=generators[leaf.device]).add_(leaf))
     return tree_unflatten(spec, noisy)
 
 
