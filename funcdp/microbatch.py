@@ -35,7 +35,7 @@ def autocast_loss(loss_fn: Callable[..., torch.Tensor], dtype: torch.dtype | Non
     return loss
 
 
-def ghost_rule(privatizer, mode, chunk_size, autocast_dtype, compile) -> FactorRule | None:
+def ghost_rule(privatizer, mode, chunk_size, compile) -> FactorRule | None:
     """The clipping rule the ghost mode applies, or None for the vmap path.
 
     "ghost" refuses what it can't do; "auto" takes ghost where it can and vmap otherwise.
@@ -44,12 +44,10 @@ def ghost_rule(privatizer, mode, chunk_size, autocast_dtype, compile) -> FactorR
         raise ValueError(f'mode must be "auto", "vmap" or "ghost", got {mode!r}')
     if mode == "vmap":
         return None
-    if is_auto(chunk_size) or autocast_dtype is not None or compile is not False:
+    if is_auto(chunk_size) or compile is not False:
         if mode == "auto":
             return None
-        raise ValueError(
-            'mode="ghost" does not combine with chunk_size="auto", autocast or compile yet'
-        )
+        raise ValueError('mode="ghost" does not combine with chunk_size="auto" or compile yet')
     bound, _ = bind_parts(privatizer.parts or (privatizer,))
     head = [part for part in bound if part.stage != AGGREGATE]
     if len(head) != 2 or head[0].factor_rule is None or head[1].stage != REDUCE:

@@ -142,7 +142,8 @@ def make_train_step(
         which one logical batch is sharded: see `funcdp.distributed`. None runs in-process.
       autocast_dtype: None, torch.bfloat16 or torch.float16: run `loss_fn` (forward and
         backward) under `torch.autocast` in that dtype. The loss and the per-example gradients
-        are cast to float32 before clipping, so norms, noise and the optimizer are float32.
+        (in ghost mode: each op's input and output gradient) are cast to float32 before
+        clipping, so norms, noise and the optimizer are float32.
       compile: `torch.compile` the per-example part (gradients, losses, norms) of the step;
         True for the defaults, or a dict of `torch.compile` keyword arguments. Clipping, noise,
         accounting and the optimizer run eagerly (their keys are derived in Python, which would
@@ -154,8 +155,8 @@ def make_train_step(
         "ghost" forms none for linear, conv, embedding and normalization parameters: their
         norms and clipped sum come from one batched backward (`funcdp.ghost`), and the other
         parameters' from vmap. It needs the privatizer to start with one stateless clipping
-        transform and `aggregate()`, and it does not combine with chunk_size="auto", autocast
-        or compile yet. "auto" (the default) is "ghost" where those hold and "vmap" otherwise;
+        transform and `aggregate()`, and it does not combine with chunk_size="auto" or
+        compile yet. "auto" (the default) is "ghost" where those hold and "vmap" otherwise;
         both give the same parameters up to float rounding.
 
     Returns:
@@ -178,7 +179,7 @@ def make_train_step(
         raise ValueError(
             f"compile must be a bool or a dict of torch.compile options, got {compile!r}"
         )
-    rule = ghost_rule(privatizer, mode, chunk_size, autocast_dtype, compile)
+    rule = ghost_rule(privatizer, mode, chunk_size, compile)
     example_loss = autocast_loss(loss_fn, autocast_dtype)
     ghost_sum = None if rule is None else ghost_sum_fn(rule, example_loss, chunk_size, on_nonfinite)
     per_example = per_example_fn(example_loss, autocast_dtype is not None)

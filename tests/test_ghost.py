@@ -282,6 +282,23 @@ def test_padded_rows_are_selected_away_only_when_they_hold_inf_or_nan(garbage, p
     assert len(calls) == passes
 
 
+@pytest.mark.parametrize("name", ["cnn", "transformer", "norms", "lstm"])
+def test_a_bf16_autocast_loss_gives_a_float32_sum_near_the_float32_one(name):
+    loss_fn, params, batch, mask = _problem(name, "finite")
+
+    def half_loss(params, *example):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return loss_fn(params, *example).float()
+
+    want = ghost_clipped_sum(loss_fn, max_norm=0.3)(params, *batch, mask=mask)
+    got = ghost_clipped_sum(half_loss, max_norm=0.3)(params, *batch, mask=mask)
+    assert all(g.dtype == torch.float32 for g in got.grads.values())
+    flat = lambda tree: torch.cat([t.reshape(-1) for t in tree.values()])  # noqa: E731
+    error = torch.linalg.vector_norm(flat(got.grads) - flat(want.grads))
+    assert 0 < error <= 0.05 * torch.linalg.vector_norm(flat(want.grads))  # bf16: 8-bit mantissa
+    torch.testing.assert_close(got.norms, want.norms, rtol=0.05, atol=0)
+
+
 def test_chunked_vmap_gives_the_same_sum():
     loss_fn, params, batch, mask = _problem("mlp")
     whole = ghost_clipped_sum(loss_fn, max_norm=0.3)(params, *batch, mask=mask)

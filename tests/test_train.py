@@ -369,7 +369,7 @@ def test_to_module_round_trip():
 # ---------------------------------------------------------------- ghost mode
 
 
-def _ghost_pair(clip, on_nonfinite="raise"):
+def _ghost_pair(clip, on_nonfinite="raise", **options):
     """The same DP step built in vmap and in ghost mode, with a fresh state for each."""
     model = nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 2))
     apply_fn, params, buffers = fdp.functionalize(model)
@@ -386,7 +386,7 @@ def _ghost_pair(clip, on_nonfinite="raise"):
     )
     steps = {
         mode: fdp.make_train_step(
-            loss_fn, privatizer, optimizer, mode=mode, on_nonfinite=on_nonfinite
+            loss_fn, privatizer, optimizer, mode=mode, on_nonfinite=on_nonfinite, **options
         )
         for mode in ("vmap", "ghost", "auto")
     }
@@ -482,14 +482,32 @@ def test_default_mode_takes_ghost_where_it_can_and_probes_once_per_batch_shape(m
     assert len(probes) == 1  # the probe reads one example: the batch size does not matter
 
 
+def test_default_mode_takes_ghost_under_autocast(monkeypatch):
+    import funcdp.ghost.capture as capture
+
+    probes, original = [], capture.plan
+    monkeypatch.setattr(capture, "plan", lambda *a, **k: probes.append(1) or original(*a, **k))
+    state, half_steps = _ghost_pair(fdp.clip(0.5), autocast_dtype=torch.bfloat16)
+    _, float_steps = _ghost_pair(fdp.clip(0.5))
+    batch = _batch(rows=8, real=6)
+    half_state, _ = half_steps["auto"](state, batch)
+    assert len(probes) == 1
+    # (mode="vmap" fails here: torch's batched layer_norm backward under bf16 autocast)
+    float_state, _ = float_steps["vmap"](state, batch)
+    for name, p in half_state.params.items():  # bf16 arithmetic: close to float32, not equal
+        gap = torch.linalg.vector_norm(p - float_state.params[name])
+        change = torch.linalg.vector_norm(float_state.params[name] - state.params[name])
+        assert 0 < gap <= 0.05 * change, name
+
+
 @pytest.mark.parametrize(
     "clip, kwargs",
     [
         (fdp.clip(0.5, nan_safe=True), {}),
         (fdp.clip(0.5), {"chunk_size": "auto"}),
-        (fdp.clip(0.5), {"autocast_dtype": torch.bfloat16}),
+        (fdp.clip(0.5), {"compile": {"backend": "eager"}}),
     ],
-    ids=["nan_safe", "auto_chunk", "autocast"],
+    ids=["nan_safe", "auto_chunk", "compile"],
 )
 def test_default_mode_takes_vmap_where_ghost_cannot_go(monkeypatch, clip, kwargs):
     import funcdp.ghost.capture as capture
