@@ -8,6 +8,11 @@ and the engine's library imported).
 
     python bench/step_time.py                     # all models and engines, on CUDA if available
     python bench/step_time.py --models mlp cnn --engines nonprivate funcdp opacus-hooks
+    python bench/step_time.py --rounds 3          # each engine 3 times, round-robin; medians
+
+On a shared machine one run's figures can be off by tens of percent; with --rounds the engines
+of a model take turns, each row gives the median over rounds, the ratio is the median of each
+round's ratio to that round's non-private step, and the rounds' own figures are listed.
 
 `funcdp` is `make_train_step` with its defaults (mode "auto", which is ghost clipping here: no
 per-example gradients for linear, conv, embedding and normalization layers); `funcdp-vmap` is
@@ -326,6 +331,12 @@ def main() -> None:
     parser.add_argument(
         "--timeout", type=float, default=1800, help="seconds allowed to each (model, engine)"
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every engine this many times, round-robin; report medians over the rounds",
+    )
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "ENGINE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads is not None:
@@ -341,42 +352,68 @@ def main() -> None:
     print(f"# {' '.join(sys.argv)}")
     print(
         f"{'model':<12} {'engine':<17} {'s/step':>9} {'x nonpriv':>10} {'peak MB':>9} "
-        f"{'compile s':>10}"
+        f"{'compile s':>10}" + ("   s/step over rounds" if args.rounds > 1 else "")
     )
     for model_name in args.models:
-        baseline = None
+        runs: dict[str, list[dict]] = {engine: [] for engine in args.engines}
+        failures: dict[str, str] = {}
+        for _ in range(args.rounds):  # round-robin, so that a slow spell hits every engine
+            for engine in args.engines:
+                if engine in failures:
+                    continue
+                record = _run_in_subprocess(model_name, engine, args)
+                if isinstance(record, str):
+                    failures[engine] = record
+                else:
+                    runs[engine].append(record)
         for engine in args.engines:
-            command = [
-                sys.executable,
-                __file__,
-                "--one",
-                model_name,
-                engine,
-                "--device",
-                args.device,
-                "--warmup",
-                str(args.warmup),
-                "--repeats",
-                str(args.repeats),
-            ] + ([] if args.threads is None else ["--threads", str(args.threads)])
-            try:
-                done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-            except subprocess.TimeoutExpired:
-                print(f"{model_name:<12} {engine:<17} failed: over {args.timeout:g} s")
-                continue
-            if done.returncode != 0:
-                reason = (done.stderr.strip().splitlines() or ["failed"])[-1][:60]
-                print(f"{model_name:<12} {engine:<17} {'failed: ' + reason}")
-                continue
-            record = json.loads(done.stdout.strip().splitlines()[-1])
-            baseline = record["seconds"] if engine == "nonprivate" else baseline
-            ratio = f"{record['seconds'] / baseline:.2f}" if baseline else "-"
-            compiled = record["compile_s"]
-            print(
-                f"{model_name:<12} {engine:<17} {record['seconds']:>9.4f} {ratio:>10} "
-                f"{record['peak_mb']:>9.1f} {'' if compiled is None else f'{compiled:.1f}':>10}",
-                flush=True,
-            )
+            if engine in failures:
+                print(f"{model_name:<12} {engine:<17} failed: {failures[engine]}")
+            else:
+                print(_row(model_name, engine, runs[engine], runs.get("nonprivate")), flush=True)
+
+
+def _run_in_subprocess(model_name: str, engine: str, args) -> dict | str:
+    """One (model, engine) run in a fresh process: its record, or why it failed."""
+    command = [
+        sys.executable,
+        __file__,
+        "--one",
+        model_name,
+        engine,
+        "--device",
+        args.device,
+        "--warmup",
+        str(args.warmup),
+        "--repeats",
+        str(args.repeats),
+    ] + ([] if args.threads is None else ["--threads", str(args.threads)])
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return f"over {args.timeout:g} s"
+    if done.returncode != 0:
+        return (done.stderr.strip().splitlines() or ["failed"])[-1][:60]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _row(model_name: str, engine: str, records: list[dict], baselines: list[dict] | None) -> str:
+    """Medians over rounds; the ratio is the median of each round's ratio to its own baseline."""
+    seconds = statistics.median(r["seconds"] for r in records)
+    ratio = "-"
+    if baselines:
+        pairs = zip(records, baselines, strict=False)
+        ratio = f"{statistics.median(r['seconds'] / b['seconds'] for r, b in pairs):.2f}"
+    peak = statistics.median(r["peak_mb"] for r in records)
+    compiled = [r["compile_s"] for r in records if r["compile_s"] is not None]
+    compile_s = f"{statistics.median(compiled):.1f}" if compiled else ""
+    spread = ""
+    if len(records) > 1:
+        spread = "   " + " ".join(f"{r['seconds']:.4f}" for r in records)
+    return (
+        f"{model_name:<12} {engine:<17} {seconds:>9.4f} {ratio:>10} {peak:>9.1f} "
+        f"{compile_s:>10}{spread}"
+    )
 
 
 if __name__ == "__main__":
