@@ -14,7 +14,6 @@ import optree
 import torch
 
 from funcdp.ghost import ghost_clipped_sum
-from funcdp.memory import is_auto
 from funcdp.per_sample import per_sample_grads_and_losses
 from funcdp.transforms.base import AGGREGATE, REDUCE, FactorRule, bind_parts
 from funcdp.tree import per_example_norms, tree_map
@@ -35,7 +34,7 @@ def autocast_loss(loss_fn: Callable[..., torch.Tensor], dtype: torch.dtype | Non
     return loss
 
 
-def ghost_rule(privatizer, mode, chunk_size, compile) -> FactorRule | None:
+def ghost_rule(privatizer, mode, compile) -> FactorRule | None:
     """The clipping rule the ghost mode applies, or None for the vmap path.
 
     "ghost" refuses what it can't do; "auto" takes ghost where it can and vmap otherwise.
@@ -44,10 +43,10 @@ def ghost_rule(privatizer, mode, chunk_size, compile) -> FactorRule | None:
         raise ValueError(f'mode must be "auto", "vmap" or "ghost", got {mode!r}')
     if mode == "vmap":
         return None
-    if is_auto(chunk_size) or compile is not False:
+    if compile is not False:
         if mode == "auto":
             return None
-        raise ValueError('mode="ghost" does not combine with chunk_size="auto" or compile yet')
+        raise ValueError('mode="ghost" does not combine with compile yet')
     bound, _ = bind_parts(privatizer.parts or (privatizer,))
     head = [part for part in bound if part.stage != AGGREGATE]
     if len(head) != 2 or head[0].factor_rule is None or head[1].stage != REDUCE:

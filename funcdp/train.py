@@ -155,9 +155,10 @@ def make_train_step(
         "ghost" forms none for linear, conv, embedding and normalization parameters: their
         norms and clipped sum come from one batched backward (`funcdp.ghost`), and the other
         parameters' from vmap. It needs the privatizer to start with one stateless clipping
-        transform and `aggregate()`, and it does not combine with chunk_size="auto" or
-        compile yet. "auto" (the default) is "ghost" where those hold and "vmap" otherwise;
-        both give the same parameters up to float rounding.
+        transform and `aggregate()`, and it does not combine with compile yet; in it,
+        chunk_size="auto" sizes the chunks of the vmapped parameters' gradients only. "auto"
+        (the default) is "ghost" where those hold and "vmap" otherwise; both give the same
+        parameters up to float rounding.
 
     Returns:
       `step(state, batch)`. Its metrics (loss, clipped_fraction, grad_norm, batch_size,
@@ -179,7 +180,7 @@ def make_train_step(
         raise ValueError(
             f"compile must be a bool or a dict of torch.compile options, got {compile!r}"
         )
-    rule = ghost_rule(privatizer, mode, chunk_size, compile)
+    rule = ghost_rule(privatizer, mode, compile)
     example_loss = autocast_loss(loss_fn, autocast_dtype)
     ghost_sum = None if rule is None else ghost_sum_fn(rule, example_loss, chunk_size, on_nonfinite)
     per_example = per_example_fn(example_loss, autocast_dtype is not None)

@@ -299,6 +299,29 @@ def test_a_bf16_autocast_loss_gives_a_float32_sum_near_the_float32_one(name):
     torch.testing.assert_close(got.norms, want.norms, rtol=0.05, atol=0)
 
 
+def test_auto_chunks_size_the_fallback_gradients_only(monkeypatch):
+    asked = []
+
+    def spy(*args, **kwargs):
+        asked.append((args[1], original(*args, **kwargs)))
+        return asked[-1][1]
+
+    original = clipped_sum.auto_chunk_size
+    monkeypatch.setattr(clipped_sum, "auto_chunk_size", spy)
+    tiny = fdp.AutoChunk(budget_bytes=1)  # one example per chunk
+    for name, fallback in (("mlp", False), ("lstm", True)):
+        loss_fn, params, batch, mask = _problem(name, "finite")
+        whole = ghost_clipped_sum(loss_fn, max_norm=0.3)(params, *batch, mask=mask)
+        fn = ghost_clipped_sum(loss_fn, max_norm=0.3, chunk_size=tiny)
+        for _ in range(2):  # sized once per batch signature
+            _assert_close_relative(fn(params, *batch, mask=mask).grads, whole.grads)
+        if fallback:  # the budget covered the fallback parameters, not the ghost ones
+            ((measured, chunk),) = asked
+            assert set(measured) == set(plan(loss_fn, params, batch).fallback) and chunk == 1
+        else:  # nothing per-example is formed: no chunk to size
+            assert asked == []
+
+
 def test_chunked_vmap_gives_the_same_sum():
     loss_fn, params, batch, mask = _problem("mlp")
     whole = ghost_clipped_sum(loss_fn, max_norm=0.3)(params, *batch, mask=mask)

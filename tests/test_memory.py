@@ -193,6 +193,7 @@ def _run(steps: int, **options):
     return state, metrics
 
 
+@pytest.mark.parametrize("mode", ["vmap", "auto"])  # auto: ghost, nothing to chunk on an MLP
 @pytest.mark.parametrize(
     "options",
     [
@@ -201,9 +202,9 @@ def _run(steps: int, **options):
         {"chunk_size": AutoChunk(budget_bytes=1), "microbatch_size": 5},
     ],
 )
-def test_auto_train_step_equals_the_unchunked_step(options):
-    expected, expected_metrics = _run(3)
-    state, metrics = _run(3, **options)
+def test_auto_train_step_equals_the_unchunked_step(options, mode):
+    expected, expected_metrics = _run(3, mode="vmap")
+    state, metrics = _run(3, mode=mode, **options)
     assert_trees_close(state.params, expected.params, rtol=1e-6, atol=1e-6)
     assert state.step == 3
     assert fdp.epsilon(state.ledger, 1e-5) == fdp.epsilon(expected.ledger, 1e-5)
@@ -222,7 +223,7 @@ def test_auto_train_step_measures_once_and_keeps_the_state_pure(monkeypatch):
 
     monkeypatch.setattr("funcdp.train.auto_chunk_size", counting)
     loss_fn, privatizer, optimizer, params, buffers, batch = _train_problem()
-    step = fdp.make_train_step(loss_fn, privatizer, optimizer, chunk_size="auto")
+    step = fdp.make_train_step(loss_fn, privatizer, optimizer, chunk_size="auto", mode="vmap")
     state = fdp.TrainState.create(
         params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(7)
     )

@@ -453,10 +453,10 @@ def test_ghost_mode_drops_a_nonfinite_example_like_vmap_mode():
             ),
             {},
         ),
-        (fdp.chain(fdp.clip(1.0), fdp.aggregate()), {"chunk_size": "auto"}),
+        (fdp.chain(fdp.clip(1.0), fdp.aggregate()), {"compile": True}),
         (fdp.chain(fdp.clip(1.0), fdp.aggregate()), {"mode": "bogus"}),
     ],
-    ids=["nan_safe", "adaptive", "auto_chunk", "unknown_mode"],
+    ids=["nan_safe", "adaptive", "compile", "unknown_mode"],
 )
 def test_ghost_mode_refuses_what_it_cannot_do_when_built(privatizer, kwargs):
     kwargs = {"mode": "ghost", **kwargs}
@@ -482,6 +482,20 @@ def test_default_mode_takes_ghost_where_it_can_and_probes_once_per_batch_shape(m
     assert len(probes) == 1  # the probe reads one example: the batch size does not matter
 
 
+def test_default_mode_takes_ghost_with_auto_chunks(monkeypatch):
+    import funcdp.ghost.capture as capture
+
+    probes, original = [], capture.plan
+    monkeypatch.setattr(capture, "plan", lambda *a, **k: probes.append(1) or original(*a, **k))
+    state, steps = _ghost_pair(fdp.clip(0.5), chunk_size=fdp.AutoChunk(budget_bytes=1))
+    batch = _batch(rows=8, real=6)
+    auto_state, _ = steps["auto"](state, batch)
+    vmap_state, _ = steps["vmap"](state, batch)  # chunks of one example
+    assert len(probes) == 1
+    for name, value in vmap_state.params.items():
+        torch.testing.assert_close(auto_state.params[name], value, rtol=1e-5, atol=1e-6)
+
+
 def test_default_mode_takes_ghost_under_autocast(monkeypatch):
     import funcdp.ghost.capture as capture
 
@@ -504,10 +518,9 @@ def test_default_mode_takes_ghost_under_autocast(monkeypatch):
     "clip, kwargs",
     [
         (fdp.clip(0.5, nan_safe=True), {}),
-        (fdp.clip(0.5), {"chunk_size": "auto"}),
         (fdp.clip(0.5), {"compile": {"backend": "eager"}}),
     ],
-    ids=["nan_safe", "auto_chunk", "compile"],
+    ids=["nan_safe", "compile"],
 )
 def test_default_mode_takes_vmap_where_ghost_cannot_go(monkeypatch, clip, kwargs):
     import funcdp.ghost.capture as capture

@@ -10,6 +10,7 @@ from torch.func import grad, vmap
 
 from funcdp._checks import check_positive
 from funcdp.ghost import capture, rules
+from funcdp.memory import ChunkSize, auto_chunk_size, check_chunk_option, is_auto
 from funcdp.tree import shrink_below_one
 
 LossFn = Callable[..., Any]
@@ -40,7 +41,7 @@ def ghost_clipped_sum(
     factor_fn: FactorFn | None = None,
     groups: Callable[[str], str] | None = None,
     group_names: tuple[str, ...] | None = None,
-    chunk_size: int | None = None,
+    chunk_size: ChunkSize = None,
     zero_nonfinite: bool = False,
     conv_explicit: str = "vmap",
 ) -> Callable[..., GhostResult]:
@@ -67,7 +68,10 @@ def ghost_clipped_sum(
         and each parameter is scaled by its group's factor.
       groups: maps a parameter's name to its group's name (per-layer clipping: `lambda n: n`).
       group_names: the groups' names in column order; default the sorted names of `groups`.
-      chunk_size: vmap at most this many examples at once.
+      chunk_size: vmap at most this many examples at once. "auto" (or an `AutoChunk`) sizes
+        the chunks of the fallback parameters' per-example gradients from a memory budget,
+        measured once per batch signature (`funcdp.memory`); with no fallback parameters
+        nothing per-example is formed and the batch goes through in one piece.
       zero_nonfinite: a real example whose loss or gradient norm is not finite contributes
         zero instead of poisoning the sum (its reported norm stays non-finite, so a caller can
         count it); the rows are selected away and the shares recomputed, which costs a second
@@ -96,21 +100,25 @@ def ghost_clipped_sum(
         factor_fn = lambda norms: limit / torch.clamp(norms, min=limit)  # noqa: E731
     if conv_explicit not in ("vmap", "unfold"):
         raise ValueError(f'conv_explicit must be "vmap" or "unfold", got {conv_explicit!r}')
-    if chunk_size is not None and (
-        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_chunk_option(chunk_size)
     plans: dict[tuple, capture.Plan] = {}  # by parameter and example signature
+    chunks: dict[tuple, int | None] = {}  # chunk_size="auto": by that and the batch size
 
-    def plan_for(params, batch) -> capture.Plan:
-        """The probe's plan, run once per signature: the tapper checks each pass against it."""
+    def plan_for(params, batch) -> tuple[capture.Plan, int | None]:
+        """The probe's plan, run once per signature (the tapper checks each pass against
+        it), and the vmap chunk."""
         key = (
             tuple((n, p.shape, p.dtype, p.device) for n, p in params.items()),
             tuple((x.shape[1:], x.dtype, x.device) for x in batch),
         )
         if key not in plans:
             plans[key] = capture.plan(loss_fn, params, batch, conv_explicit=conv_explicit)
-        return plans[key]
+        if not is_auto(chunk_size):
+            return plans[key], chunk_size
+        sized = (key, batch[0].shape[0])
+        if sized not in chunks:
+            chunks[sized] = _auto_chunk(chunk_size, loss_fn, params, plans[key], batch)
+        return plans[key], chunks[sized]
 
     def fn(params: Mapping[str, torch.Tensor], *batch: Any, mask=None) -> GhostResult:
         if not isinstance(params, Mapping):
@@ -125,8 +133,8 @@ def ghost_clipped_sum(
         names = _group_names(params, groups, group_names)
         column = {name: names.index(groups(name)) if groups else 0 for name in params}
         keep = _keep(mask, batch[0].shape[0], batch[0].device)
-        plan = plan_for(params, batch)
-        passed = _one_pass(loss_fn, params, plan, batch, chunk_size)
+        plan, chunk = plan_for(params, batch)
+        passed = _one_pass(loss_fn, params, plan, batch, chunk)
         # Each example's norm reads its own rows only, so padded rows are left in; in the sums
         # their factor 0 zeroes them exactly unless they hold inf or NaN (see below).
         squares, books = _shares(params, plan, None, passed)
@@ -154,6 +162,19 @@ def ghost_clipped_sum(
         )
 
     return fn
+
+
+def _auto_chunk(spec, loss_fn, params, plan, batch) -> int | None:
+    """The largest chunk whose fallback gradients and activations fit the budget of `spec`;
+    None (one piece) when there are no fallback parameters: nothing per-example is formed."""
+    if not plan.fallback:
+        return None
+    fallback = {name: params[name] for name in plan.fallback}
+
+    def fallback_loss(own, *example):
+        return loss_fn({**params, **own}, *example)
+
+    return auto_chunk_size(fallback_loss, fallback, *batch, spec=spec)
 
 
 class _Pass(NamedTuple):
