@@ -231,10 +231,15 @@ def _forward_pass(loss_fn, params, plan, batch):
 
 
 def _zero_taps(plan, batch) -> list[torch.Tensor]:
-    """One zero tap per planned op, [B, *its output shape for one example]."""
+    """One zero tap per planned op, [B, *its output shape for one example].
+
+    Each is one zero broadcast to that shape (stride 0): nothing is filled or read but that
+    one element, and its gradient still has the full shape.
+    """
     size, device = batch[0].shape[0], batch[0].device
     return [
-        torch.zeros((size, *op.out_shape), dtype=op.out_dtype, device=device) for op in plan.ops
+        torch.zeros((), dtype=op.out_dtype, device=device).expand(size, *op.out_shape)
+        for op in plan.ops
     ]
 
 
