@@ -187,9 +187,11 @@ def _matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape) -> Piece:
             squared = torch.linalg.vector_norm(explicit.reshape(size, -1), dim=1).square()
 
     def book(factors):
-        scaled = g * factors.to(g.dtype)[:, None, None, None]
+        # sum_i c_i G_i^T A_i: scale the smaller of G and A by the factors.
+        column = factors.to(g.dtype)[:, None, None, None]
+        left, right = (g * column, a) if p <= d else (g, a * column)
         if groups == 1:
-            return (scaled.reshape(-1, p).T @ a.reshape(-1, d)).reshape(shape)
-        return torch.einsum("nkp,nkd->kpd", scaled.flatten(0, 1), a.flatten(0, 1)).reshape(shape)
+            return (left.reshape(-1, p).T @ right.reshape(-1, d)).reshape(shape)
+        return torch.einsum("nkp,nkd->kpd", left.flatten(0, 1), right.flatten(0, 1)).reshape(shape)
 
     return Piece(name, squared, book)
