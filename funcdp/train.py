@@ -163,7 +163,9 @@ def make_train_step(
     Returns:
       `step(state, batch)`. Its metrics (loss, clipped_fraction, grad_norm, batch_size,
       nonfinite, skipped) are computed from the private batch WITHOUT noise: use them for
-      monitoring, do not release them.
+      monitoring, do not release them. One step function (and one model) per thread:
+      `functional_call` swaps the module's tensors while it runs, so threads sharing a module
+      read each other's parameters and buffers.
     """
     if on_nonfinite not in ("raise", "skip", "zero"):
         raise ValueError(f'on_nonfinite must be "raise", "skip" or "zero", got {on_nonfinite!r}')
