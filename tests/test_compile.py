@@ -70,6 +70,7 @@ def test_compile_options_combine_with_autocast_auto_chunks_and_microbatches():
         "chunk_size": AutoChunk(budget_bytes=1),
         "microbatch_size": 5,
         "autocast_dtype": torch.bfloat16,
+        "mode": "vmap",  # the compiled step's path; eager "auto" would take ghost, rounded apart
     }
     eager, _ = _run(3, **options)
     compiled, _ = _run(3, compile={"backend": "aot_eager"}, **options)
