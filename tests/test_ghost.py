@@ -412,6 +412,50 @@ def test_linear_norms_match_on_both_sides_of_the_gram_switch(positions, features
     torch.testing.assert_close(result.norms, norms, rtol=RTOL, atol=1e-7)
 
 
+@settings(max_examples=50, deadline=None)
+@given(
+    nd=st.integers(1, 2),
+    channels=st.integers(1, 4),
+    out_per_group=st.integers(1, 3),
+    groups=st.integers(1, 2),
+    kernel=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    dilation=st.integers(1, 2),
+    padding=st.sampled_from([0, 1, "same"]),
+    size=st.integers(5, 9),  # at least the widest dilated kernel, 2 * (3 - 1) + 1
+    conv_explicit=st.sampled_from(["vmap", "unfold"]),
+)
+def test_conv_sums_match_vmap_for_any_geometry(
+    nd, channels, out_per_group, groups, kernel, stride, dilation, padding, size, conv_explicit
+):
+    """Whichever way the plan takes a conv (ghost norm, im2col, vmap fallback), the clipped sum
+    and the norms equal the vmap path's."""
+    if padding == "same":
+        stride = 1  # torch allows "same" only with stride 1
+    torch.manual_seed(nd * 1000 + channels * 100 + kernel * 10 + size)
+    conv = (nn.Conv1d, nn.Conv2d)[nd - 1](
+        channels * groups,
+        out_per_group * groups,
+        kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+    )
+    apply_fn, params, _ = fdp.functionalize(conv)
+    x = torch.randn(4, channels * groups, *(size,) * nd)
+
+    def loss_fn(params, x):
+        return apply_fn(params, {}, x[None]).sin().sum()
+
+    expected, norms = _reference(
+        loss_fn, params, (x,), torch.ones(4, dtype=torch.bool), fdp.clip(0.5)
+    )
+    result = ghost_clipped_sum(loss_fn, max_norm=0.5, conv_explicit=conv_explicit)(params, x)
+    _assert_close_relative(result.grads, expected)
+    torch.testing.assert_close(result.norms, norms, rtol=RTOL, atol=1e-7)
+
+
 # ----------------------------------------------------------------------------- errors
 
 
