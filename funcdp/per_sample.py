@@ -16,7 +16,7 @@ from funcdp.memory import (
     check_chunk_size,
     is_auto,
 )
-from funcdp.tree import per_example_norms, shrink_below_one, tree_map
+from funcdp.tree import flat_factors, per_example_norms, shrink_below_one, tree_map, zero_rows
 
 LossFn = Callable[..., Any]
 
@@ -119,7 +119,7 @@ def clipped_sum(
         if not isinstance(max_norm, (int, float)) or not 0 < max_norm < float("inf"):
             raise ValueError(f"max_norm must be a finite number > 0, got {max_norm!r}")
         limit = float(max_norm)
-        factor_fn = lambda norms: limit / torch.clamp(norms, min=limit)  # noqa: E731
+        factor_fn = flat_factors(limit)
     if mode not in ("vmap", "two_pass", "ghost"):
         raise ValueError(f'mode must be "vmap", "two_pass" or "ghost", got {mode!r}')
     check_chunk_size(chunk_size)
@@ -142,9 +142,8 @@ def _clipped_sum_vmap(loss_fn, factor_fn, chunk_size):
         )
 
         def weighted_sum(g: torch.Tensor) -> torch.Tensor:
-            rows = keep.reshape((-1,) + (1,) * (g.dim() - 1))
-            scaled = g * factors.reshape(rows.shape).to(g.dtype)
-            return torch.where(rows, scaled, torch.zeros((), dtype=g.dtype)).sum(0)
+            scaled = g * factors.reshape((-1,) + (1,) * (g.dim() - 1)).to(g.dtype)
+            return zero_rows(scaled, keep).sum(0)
 
         summed = tree_map(weighted_sum, grads)
         return summed, torch.where(keep, norms, torch.zeros((), dtype=norms.dtype))

@@ -17,11 +17,8 @@ from funcdp.microbatch import autocast_loss, ghost_rule, ghost_sum_fn, per_examp
 from funcdp.optim import apply_updates
 from funcdp.transforms.accounting import AccountState
 from funcdp.transforms.aggregation import check_mask
-from funcdp.transforms.base import (
-    GradientTransformation,
-    split_at_reduce,
-)
-from funcdp.tree import tree_add, tree_map
+from funcdp.transforms.base import GradientTransformation, split_at_reduce
+from funcdp.tree import tree_add, tree_map, zero_rows
 
 Metrics = dict[str, Any]
 
@@ -226,7 +223,7 @@ def make_train_step(
                 return _LocalSum(None, pre_state, None, int((~ok).sum()))
             if ghost_sum is None:
                 if on_nonfinite == "zero":
-                    grads = _zero_rows(grads, ok)
+                    grads = tree_map(lambda g, keep=ok: zero_rows(g, keep), grads)
                 summed, pre_state = through_sum.update(
                     grads, pre_state, state.params, key=step_key, mask=mask[rows]
                 )
@@ -321,14 +318,6 @@ def _check_batch(batch: Batch) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
             "a batch needs at least one row (pad an empty Poisson batch with mask false)"
         )
     return tuple(inputs), mask
-
-
-def _zero_rows(grads: Any, keep: torch.Tensor) -> Any:
-    def zero(g: torch.Tensor) -> torch.Tensor:
-        rows = keep.to(g.device).reshape((-1,) + (1,) * (g.dim() - 1))
-        return torch.where(rows, g, torch.zeros((), dtype=g.dtype, device=g.device))
-
-    return tree_map(zero, grads)
 
 
 def _stats(

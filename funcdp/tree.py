@@ -71,6 +71,20 @@ def per_example_norms(tree: PyTree) -> torch.Tensor:
     return torch.stack(squares).sum(0).sqrt()
 
 
+def zero_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """x with the rows (leading dimension) where `keep` is false replaced by zeros.
+
+    Selected, not multiplied by zero, so that a row holding inf or NaN contributes exactly 0.
+    """
+    rows = keep.to(x.device).reshape((-1,) + (1,) * (x.dim() - 1))
+    return torch.where(rows, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def flat_factors(max_norm: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The factor rule of flat clipping, min(1, C / n), for `clip_by`."""
+    return lambda norms: max_norm / torch.clamp(norms, min=max_norm)
+
+
 def shrink_below_one(factors: torch.Tensor) -> torch.Tensor:
     """Factors under 1 made smaller by 2 units in the last place of their dtype.
 

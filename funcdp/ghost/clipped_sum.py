@@ -11,7 +11,7 @@ from torch.func import grad, vmap
 from funcdp._checks import check_positive
 from funcdp.ghost import capture, rules
 from funcdp.memory import ChunkSize, auto_chunk_size, check_chunk_option, is_auto
-from funcdp.tree import shrink_below_one
+from funcdp.tree import flat_factors, shrink_below_one, zero_rows
 
 LossFn = Callable[..., Any]
 FactorFn = Callable[[torch.Tensor], torch.Tensor]
@@ -97,7 +97,7 @@ def ghost_clipped_sum(
         if groups is not None:
             raise ValueError("max_norm is flat clipping; pass factor_fn for grouped clipping")
         limit = float(max_norm)
-        factor_fn = lambda norms: limit / torch.clamp(norms, min=limit)  # noqa: E731
+        factor_fn = flat_factors(limit)
     if conv_explicit not in ("vmap", "unfold"):
         raise ValueError(f'conv_explicit must be "vmap" or "unfold", got {conv_explicit!r}')
     check_chunk_option(chunk_size)
@@ -257,11 +257,11 @@ def _shares(params, plan, keep, passed: _Pass):
     shapes = {name: p.shape for name, p in params.items()}
     squares, books = {}, {}
     for spec, a, g in zip(plan.ops, passed.inputs, passed.taps, strict=True):
-        a, g = _zero_rows(_wide(a), keep), _zero_rows(_wide(g), keep)
+        a, g = _zero_padded(_wide(a), keep), _zero_padded(_wide(g), keep)
         for piece in rules.pieces(spec, a, g, shapes):
             squares[piece.name], books[piece.name] = piece.squared_norms, piece.book
     for name, per_example in passed.fallback.items():
-        flat = _zero_rows(_wide(per_example), keep).flatten(1)
+        flat = _zero_padded(_wide(per_example), keep).flatten(1)
         squares[name] = torch.linalg.vector_norm(flat, dim=1).square()
         books[name] = lambda c, flat=flat, shape=shapes[name]: (c.to(flat.dtype) @ flat).reshape(
             shape
@@ -290,12 +290,9 @@ def _finite(tree: dict[str, torch.Tensor]) -> bool:
     return not sums or bool(torch.isfinite(torch.stack(sums)).all())
 
 
-def _zero_rows(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """x with the rows of padded examples replaced by zeros (selected, so NaN does not leak)."""
-    if keep is None:
-        return x
-    rows = keep.reshape((-1,) + (1,) * (x.dim() - 1))
-    return torch.where(rows, x, torch.zeros((), dtype=x.dtype, device=x.device))
+def _zero_padded(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """x with the rows of padded examples replaced by zeros; x itself when `keep` is None."""
+    return x if keep is None else zero_rows(x, keep)
 
 
 def _keep(mask, size: int, device) -> torch.Tensor:

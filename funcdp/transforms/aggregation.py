@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from funcdp.transforms.base import REDUCE, GradientTransformation
-from funcdp.tree import batch_size_of, tree_map
+from funcdp.tree import batch_size_of, tree_map, zero_rows
 
 
 def aggregate() -> GradientTransformation:
@@ -21,11 +21,7 @@ def aggregate() -> GradientTransformation:
             return tree_map(lambda g: g.sum(0), updates), state
         check_mask(mask, batch_size_of(updates))
 
-        def masked_sum(g: torch.Tensor) -> torch.Tensor:
-            keep = mask.to(g.device).reshape((-1,) + (1,) * (g.dim() - 1))
-            return torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device)).sum(0)
-
-        return tree_map(masked_sum, updates), state
+        return tree_map(lambda g: zero_rows(g, mask).sum(0), updates), state
 
     return GradientTransformation(lambda params: (), update, REDUCE)
 

@@ -18,7 +18,7 @@ import torch
 
 from funcdp._checks import check_positive
 from funcdp.transforms.base import PER_EXAMPLE, FactorRule, GradientTransformation
-from funcdp.tree import per_example_norms, shrink_below_one, tree_map
+from funcdp.tree import flat_factors, per_example_norms, shrink_below_one, tree_map, zero_rows
 
 FactorFn = Callable[[torch.Tensor], torch.Tensor]
 GroupFn = Callable[[str], str]
@@ -51,13 +51,14 @@ def clip(max_norm: float, *, nan_safe: bool = False) -> GradientTransformation:
     """
     check_positive("max_norm", max_norm)
     max_norm = float(max_norm)
+    rule = flat_factors(max_norm)
     if nan_safe:
-        return clip_by(flat_factors(max_norm), max_norm, nan_safe=True)
+        return clip_by(rule, max_norm, nan_safe=True)
 
     def update(updates, state, params=None, *, key=None, mask=None):
         del params, key, mask
         norms = per_example_norms(updates)
-        factors = shrink_below_one(max_norm / torch.clamp(norms, min=max_norm))
+        factors = shrink_below_one(rule(norms))
         return scale_examples(updates, factors), state
 
     return GradientTransformation(
@@ -65,7 +66,7 @@ def clip(max_norm: float, *, nan_safe: bool = False) -> GradientTransformation:
         update,
         PER_EXAMPLE,
         sensitivity=max_norm,
-        factor_rule=FactorRule(flat_factors(max_norm)),
+        factor_rule=FactorRule(rule),
     )
 
 
@@ -134,11 +135,6 @@ def clip_by(
     return GradientTransformation(
         init, update, PER_EXAMPLE, sensitivity=float(sensitivity), factor_rule=rule
     )
-
-
-def flat_factors(max_norm: float) -> FactorFn:
-    """The factor rule of flat clipping, min(1, C / n), for `clip_by`."""
-    return lambda norms: max_norm / torch.clamp(norms, min=max_norm)
 
 
 def clip_per_layer(
@@ -282,8 +278,7 @@ def _column_names(updates, groups, group_names) -> tuple[str, ...]:
 def _scale_leaf(leaf: torch.Tensor, factors: torch.Tensor, finite: torch.Tensor | None):
     shaped = factors.reshape((-1,) + (1,) * (leaf.dim() - 1))
     if finite is not None:
-        keep = finite.reshape((-1,) + (1,) * (leaf.dim() - 1))
-        leaf = torch.where(keep, leaf, torch.zeros((), dtype=leaf.dtype, device=leaf.device))
+        leaf = zero_rows(leaf, finite)
     return (leaf * shaped).to(leaf.dtype)
 
 
