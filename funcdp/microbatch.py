@@ -18,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 from funcdp.ghost import ghost_clipped_sum
 from funcdp.per_sample import per_sample_grads_and_losses
 from funcdp.transforms.base import AGGREGATE, REDUCE, FactorRule, bind_parts
-from funcdp.tree import per_example_norms, tree_map
+from funcdp.tree import per_example_norms, tree_map, upcast_half
 
 
 def autocast_loss(loss_fn: Callable[..., torch.Tensor], dtype: torch.dtype | None):
@@ -118,9 +118,7 @@ def per_example_fn(example_loss: Callable[..., torch.Tensor], upcast: bool):
             lambda p, *example: example_loss(p, buffers, *example), chunk_size=chunk
         )(params, *rows)
         if upcast:  # half-precision gradients (of half parameters) are clipped in float32
-            grads = tree_map(
-                lambda g: g.float() if g.dtype in (torch.float16, torch.bfloat16) else g, grads
-            )
+            grads = tree_map(upcast_half, grads)
         return grads, loss.detach(), per_example_norms(grads).detach()
 
     return per_example

@@ -56,7 +56,7 @@ def global_norm(tree: PyTree) -> torch.Tensor:
     leaves = tree_leaves(tree)
     if not leaves:
         return torch.zeros(())
-    squares = [torch.linalg.vector_norm(_upcast(x)).square() for x in leaves]
+    squares = [torch.linalg.vector_norm(upcast_half(x)).square() for x in leaves]
     return torch.stack(squares).sum().sqrt()
 
 
@@ -67,7 +67,7 @@ def per_example_norms(tree: PyTree) -> torch.Tensor:
         raise ValueError("per_example_norms needs a tree with at least one leaf")
     # vector_norm reads each leaf once without writing a [B, ...] temporary, which costs more
     # than the arithmetic on large leaves.
-    squares = [torch.linalg.vector_norm(_rows(_upcast(x)), dim=1).square() for x in leaves]
+    squares = [torch.linalg.vector_norm(_rows(upcast_half(x)), dim=1).square() for x in leaves]
     return torch.stack(squares).sum(0).sqrt()
 
 
@@ -111,5 +111,6 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1) if x.dim() > 1 else x[:, None]
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
+def upcast_half(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 if it is float16 or bfloat16 (norms and sums are taken in float32)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

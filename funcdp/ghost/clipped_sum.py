@@ -11,7 +11,7 @@ from torch.func import grad, vmap
 from funcdp._checks import check_positive
 from funcdp.ghost import capture, rules
 from funcdp.memory import ChunkSize, auto_chunk_size, check_chunk_option, is_auto
-from funcdp.tree import flat_factors, shrink_below_one, zero_rows
+from funcdp.tree import flat_factors, shrink_below_one, upcast_half, zero_rows
 
 LossFn = Callable[..., Any]
 FactorFn = Callable[[torch.Tensor], torch.Tensor]
@@ -257,11 +257,11 @@ def _shares(params, plan, keep, passed: _Pass):
     shapes = {name: p.shape for name, p in params.items()}
     squares, books = {}, {}
     for spec, a, g in zip(plan.ops, passed.inputs, passed.taps, strict=True):
-        a, g = _zero_padded(_wide(a), keep), _zero_padded(_wide(g), keep)
+        a, g = _zero_padded(upcast_half(a), keep), _zero_padded(upcast_half(g), keep)
         for piece in rules.pieces(spec, a, g, shapes):
             squares[piece.name], books[piece.name] = piece.squared_norms, piece.book
     for name, per_example in passed.fallback.items():
-        flat = _zero_padded(_wide(per_example), keep).flatten(1)
+        flat = _zero_padded(upcast_half(per_example), keep).flatten(1)
         squares[name] = torch.linalg.vector_norm(flat, dim=1).square()
         books[name] = lambda c, flat=flat, shape=shapes[name]: (c.to(flat.dtype) @ flat).reshape(
             shape
@@ -277,11 +277,6 @@ def _grouped_squares(params, squares, column, count: int, keep) -> torch.Tensor:
     for name, squared in squares.items():
         grouped[:, column[name]] += squared.to(dtype)
     return grouped
-
-
-def _wide(x: torch.Tensor) -> torch.Tensor:
-    """x in float32 if it is half precision (autocast): norms and sums are taken in float32."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _finite(tree: dict[str, torch.Tensor]) -> bool:
