@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 
 def check_sample_rate(sample_rate: float) -> None:
     """Raises unless 0 < sample_rate <= 1."""
@@ -27,6 +29,23 @@ def check_positive(name: str, value: float) -> None:
     """Raises unless value is a finite number > 0."""
     if not _is_real(value) or not 0.0 < value < math.inf:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_mask(mask: torch.Tensor, batch_size: int) -> None:
+    """Raises unless `mask` is a bool tensor of shape [batch_size]."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor, got {_describe(mask)}")
+    if tuple(mask.shape) != (batch_size,):
+        raise ValueError(
+            f"mask must have shape ({batch_size},) to fit a batch of {batch_size} rows, "
+            f"got shape {tuple(mask.shape)}"
+        )
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
 
 
 def _is_real(value: object) -> bool:

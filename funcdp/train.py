@@ -9,6 +9,7 @@ import optree
 import torch
 
 from funcdp import random as fdr
+from funcdp._checks import check_mask
 from funcdp.accounting.ledger import Ledger
 from funcdp.data import Batch
 from funcdp.distributed import all_reduce_local_sum
@@ -16,7 +17,6 @@ from funcdp.memory import ChunkSize, auto_chunk_size, check_chunk_option, is_aut
 from funcdp.microbatch import autocast_loss, ghost_rule, ghost_sum_fn, per_example_fn
 from funcdp.optim import apply_updates
 from funcdp.transforms.accounting import AccountState
-from funcdp.transforms.aggregation import check_mask
 from funcdp.transforms.base import GradientTransformation, split_at_reduce
 from funcdp.tree import tree_add, tree_map, zero_rows
 

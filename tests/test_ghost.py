@@ -497,7 +497,9 @@ def test_bad_groups_factors_and_mask_are_refused_when_called():
         )(params, *batch)
     with pytest.raises(ValueError, match=r"factor_fn must return a tensor of shape \(6,\)"):
         ghost_clipped_sum(loss_fn, factor_fn=lambda n: n[:3])(params, *batch)
-    with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \(6,\)"):
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor, got a torch.float32 tensor"):
         ghost_clipped_sum(loss_fn, max_norm=1.0)(params, *batch, mask=torch.ones(6))
+    with pytest.raises(ValueError, match=r"mask must have shape \(6,\) to fit a batch of 6 rows"):
+        ghost_clipped_sum(loss_fn, max_norm=1.0)(params, *batch, mask=torch.ones(5, dtype=bool))
     with pytest.raises(ValueError, match="at least one row"):
         ghost_clipped_sum(loss_fn, max_norm=1.0)(params, *(x[:0] for x in batch))

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.func import grad, vmap
 
-from funcdp._checks import check_positive
+from funcdp._checks import check_mask, check_positive
 from funcdp.ghost import capture, rules
 from funcdp.memory import ChunkSize, auto_chunk_size, check_chunk_option, is_auto
 from funcdp.tree import flat_factors, shrink_below_one, upcast_half, zero_rows
@@ -293,11 +293,7 @@ def _zero_padded(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
 def _keep(mask, size: int, device) -> torch.Tensor:
     if mask is None:
         return torch.ones(size, dtype=torch.bool, device=device)
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (size,):
-        raise ValueError(
-            f"mask must be a bool tensor of shape ({size},), got "
-            f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}"
-        )
+    check_mask(mask, size)
     return mask.to(device)
 
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
+from funcdp._checks import check_mask
 from funcdp.transforms.base import REDUCE, GradientTransformation
 from funcdp.tree import batch_size_of, tree_map, zero_rows
 
@@ -24,20 +23,3 @@ def aggregate() -> GradientTransformation:
         return tree_map(lambda g: zero_rows(g, mask).sum(0), updates), state
 
     return GradientTransformation(lambda params: (), update, REDUCE)
-
-
-def check_mask(mask: torch.Tensor, batch_size: int) -> None:
-    """Raises unless `mask` is a bool tensor of shape [batch_size]."""
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor, got {_describe(mask)}")
-    if tuple(mask.shape) != (batch_size,):
-        raise ValueError(
-            f"mask must have shape ({batch_size},) to fit a batch of {batch_size} rows, "
-            f"got shape {tuple(mask.shape)}"
-        )
-
-
-def _describe(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return type(value).__name__
