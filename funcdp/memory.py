@@ -154,6 +154,7 @@ def _probe(gradient, params, example, gradient_bytes: int, device: torch.device)
     return ExampleCost(gradient_bytes, counter.bytes, False)
 
 
+@torch.compiler.disable  # a measurement: it runs eagerly inside a compiled step
 def auto_chunk_size(
     loss_fn: Callable[..., torch.Tensor],
     params: Any,

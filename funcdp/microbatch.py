@@ -57,7 +57,7 @@ class _NormsInFloat32(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def ghost_rule(privatizer, mode, compile) -> FactorRule | None:
+def ghost_rule(privatizer, mode) -> FactorRule | None:
     """The clipping rule the ghost mode applies, or None for the vmap path.
 
     "ghost" refuses what it can't do; "auto" takes ghost where it can and vmap otherwise.
@@ -66,10 +66,6 @@ def ghost_rule(privatizer, mode, compile) -> FactorRule | None:
         raise ValueError(f'mode must be "auto", "vmap" or "ghost", got {mode!r}')
     if mode == "vmap":
         return None
-    if compile is not False:
-        if mode == "auto":
-            return None
-        raise ValueError('mode="ghost" does not combine with compile yet')
     bound, _ = bind_parts(privatizer.parts or (privatizer,))
     head = [part for part in bound if part.stage != AGGREGATE]
     if len(head) != 2 or head[0].factor_rule is None or head[1].stage != REDUCE:

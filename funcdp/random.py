@@ -6,6 +6,10 @@ every run. `normal` seeds a `torch.Generator` from the key, so the same key give
 
 `secure_key()` reads the operating system's entropy, and `secure_normal` draws Gaussian noise from
 it for the secure mode of `gaussian_noise` (see there).
+
+Every public function here runs eagerly inside a `torch.compile`d function (a compiled train
+step): keys are hashed with Python's 64-bit integer arithmetic, which inductor cannot compile
+(its int64 arithmetic overflows), and a draw must not depend on whether its caller is compiled.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ _SPLIT_SALT = 0x6A09E667F3BCC909
 Key = torch.Tensor
 
 
+@torch.compiler.disable
 def key(seed: int) -> Key:
     """A key from an integer seed."""
     if not isinstance(seed, int) or isinstance(seed, bool):
@@ -29,12 +34,14 @@ def key(seed: int) -> Key:
     return _from_words(_mix(seed ^ 0x5EED), _mix(seed + 0x9E3779B97F4A7C15))
 
 
+@torch.compiler.disable
 def secure_key() -> Key:
     """A key seeded from the operating system's entropy (os.urandom)."""
     hi, lo = np.frombuffer(os.urandom(16), dtype=np.uint64).tolist()
     return _from_words(hi, lo)
 
 
+@torch.compiler.disable
 def split(k: Key, num: int = 2) -> Key:
     """`num` new keys derived from `k`, stacked as a [num, 2] tensor."""
     _check_key(k)
@@ -50,6 +57,7 @@ def split(k: Key, num: int = 2) -> Key:
     )
 
 
+@torch.compiler.disable
 def fold_in(k: Key, data: int) -> Key:
     """A new key derived from `k` and the integer `data` (a step, a rank, an index)."""
     hi, lo = _words(k)
@@ -57,6 +65,7 @@ def fold_in(k: Key, data: int) -> Key:
     return _from_words(_mix(hi ^ _mix(data)), _mix(lo + _mix(data ^ 0xD1B54A32D192ED03)))
 
 
+@torch.compiler.disable
 def generator(k: Key, device: torch.device | str = "cpu") -> torch.Generator:
     """A `torch.Generator` on `device` seeded from `k`."""
     hi, lo = _words(k)
@@ -65,6 +74,7 @@ def generator(k: Key, device: torch.device | str = "cpu") -> torch.Generator:
     return gen
 
 
+@torch.compiler.disable
 def normal(
     k: Key,
     shape: tuple[int, ...] | torch.Size,
@@ -76,11 +86,13 @@ def normal(
     return torch.randn(tuple(shape), generator=generator(k, device), dtype=dtype, device=device)
 
 
+@torch.compiler.disable
 def uniform(k: Key, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
     """Uniform [0, 1) float64 draws on the CPU determined by `k`."""
     return torch.rand(tuple(shape), generator=generator(k), dtype=torch.float64)
 
 
+@torch.compiler.disable
 def secure_normal(
     shape: tuple[int, ...] | torch.Size,
     *,
@@ -101,6 +113,7 @@ def secure_normal(
     return values.to(dtype=dtype, device=device)
 
 
+@torch.compiler.disable
 def secure_uniform(count: int) -> torch.Tensor:
     """`count` float64 uniforms in (0, 1) from the OS's entropy (53 random bits each)."""
     return torch.from_numpy(_uniform53(count))

@@ -141,21 +141,24 @@ def make_train_step(
         backward) under `torch.autocast` in that dtype. The loss and the per-example gradients
         (in ghost mode: each op's input and output gradient) are cast to float32 before
         clipping, so norms, noise and the optimizer are float32.
-      compile: `torch.compile` the per-example part (gradients, losses, norms) of the step;
-        True for the defaults, or a dict of `torch.compile` keyword arguments. Clipping, noise,
-        accounting and the optimizer run eagerly (their keys are derived in Python, which would
-        recompile at every step). The first step of each new batch shape pays the compile time.
-        The compiled step gives the eager step's parameters up to float rounding; random layers
-        (dropout) draw from torch's compiled RNG, so their masks differ from the eager ones.
+      compile: `torch.compile` the step's tensor work, in both modes: the per-example
+        gradients (or the ghost pass), clipping and summation of each micro-batch, and the
+        optimizer's update. True for the defaults, or a dict of `torch.compile` keyword
+        arguments. Key derivation, the noise, accounting, the collective of `process_group` and
+        the chunk_size="auto" measurement stay eager: keys are hashed in Python (which inductor
+        cannot compile), the ledger is Python data, and a key's noise must not depend on
+        compilation, so the compiled step adds the eager step's noise. The first step of each
+        new batch shape pays the compile time. The compiled step gives the eager step's
+        parameters up to float rounding; random layers (dropout) draw from torch's compiled
+        RNG, so their masks differ from the eager ones.
 
       mode: "vmap" forms every example's gradient (any module, any per-example transform);
         "ghost" forms none for linear, conv, embedding and normalization parameters: their
         norms and clipped sum come from one batched backward (`funcdp.ghost`), and the other
         parameters' from vmap. It needs the privatizer to start with one stateless clipping
-        transform and `aggregate()`, and it does not combine with compile yet; in it,
-        chunk_size="auto" sizes the chunks of the vmapped parameters' gradients only. "auto"
-        (the default) is "ghost" where those hold and "vmap" otherwise; both give the same
-        parameters up to float rounding.
+        transform and `aggregate()`; in it, chunk_size="auto" sizes the chunks of the vmapped
+        parameters' gradients only. "auto" (the default) is "ghost" where those hold and "vmap"
+        otherwise; both give the same parameters up to float rounding.
 
     Returns:
       `step(state, batch)`. Its metrics (loss, clipped_fraction, grad_norm, batch_size,
@@ -179,12 +182,10 @@ def make_train_step(
         raise ValueError(
             f"compile must be a bool or a dict of torch.compile options, got {compile!r}"
         )
-    rule = ghost_rule(privatizer, mode, compile)
+    rule = ghost_rule(privatizer, mode)
     example_loss = autocast_loss(loss_fn, autocast_dtype)
     ghost_sum = None if rule is None else ghost_sum_fn(rule, example_loss, chunk_size, on_nonfinite)
     per_example = per_example_fn(example_loss, autocast_dtype is not None)
-    if compile is not False:
-        per_example = torch.compile(per_example, **({} if compile is True else compile))
     chosen_chunks: dict[tuple, int] = {}  # chunk_size="auto": by micro-batch shapes
     through_sum, after_sum, split = split_at_reduce(privatizer)
     clip_norm = privatizer.sensitivity
@@ -256,15 +257,22 @@ def make_train_step(
         private, post_state = after_sum.update(
             local.total, state.privacy_state[split:], state.params, key=step_key
         )
-        updates, opt_state = optimizer.update(private, state.opt_state, state.params)
+        params, opt_state = optimize(private, state.opt_state, state.params)
         new_state = state._replace(
-            params=apply_updates(state.params, updates),
+            params=params,
             opt_state=opt_state,
             privacy_state=(*pre_state, *post_state),
             step=state.step + 1,
         )
         return new_state, _metrics(local.stats)
 
+    def optimize(private, opt_state, params):
+        updates, opt_state = optimizer.update(private, opt_state, params)
+        return apply_updates(params, updates), opt_state
+
+    if compile is not False:  # the tensor work; keys, noise and the ledger stay eager
+        options = {} if compile is True else compile
+        local_sum, optimize = (torch.compile(f, **options) for f in (local_sum, optimize))
     return step
 
 

@@ -46,10 +46,11 @@ def _run(steps: int, key: int = 3, **options):
     return state, metrics
 
 
-def test_compiled_step_gives_the_eager_parameters_after_five_noisy_steps():
+@pytest.mark.parametrize("mode", ["ghost", "vmap"])
+def test_compiled_step_gives_the_eager_parameters_after_five_noisy_steps(mode):
     torch._dynamo.reset()
-    eager, eager_metrics = _run(5)
-    compiled, compiled_metrics = _run(5, compile=True)  # inductor, torch.compile's default
+    eager, eager_metrics = _run(5, mode=mode)
+    compiled, compiled_metrics = _run(5, mode=mode, compile=True)  # inductor, the default
     assert compiled.step == eager.step == 5
     assert_trees_close(compiled.params, eager.params, rtol=1e-5, atol=1e-5)
     assert_trees_close(compiled.opt_state, eager.opt_state, rtol=1e-5, atol=1e-5)
@@ -59,22 +60,42 @@ def test_compiled_step_gives_the_eager_parameters_after_five_noisy_steps():
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
     # The noise is on and matters: another key moves the parameters far more than 1e-5.
-    other, _ = _run(5, key=4)
+    other, _ = _run(5, key=4, mode=mode)
     gap = max((other.params[k] - eager.params[k]).abs().max().item() for k in eager.params)
     assert gap > 1e-2
 
 
-def test_compile_options_combine_with_autocast_auto_chunks_and_microbatches():
+@pytest.mark.parametrize("mode", ["ghost", "vmap"])
+def test_compile_options_combine_with_autocast_auto_chunks_and_microbatches(mode):
     torch._dynamo.reset()
     options = {
         "chunk_size": AutoChunk(budget_bytes=1),
         "microbatch_size": 5,
         "autocast_dtype": torch.bfloat16,
-        "mode": "vmap",  # the compiled step's path; eager "auto" would take ghost, rounded apart
+        "mode": mode,
     }
     eager, _ = _run(3, **options)
     compiled, _ = _run(3, compile={"backend": "aot_eager"}, **options)
     assert_trees_close(compiled.params, eager.params, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["ghost", "vmap"])
+def test_a_warm_compiled_step_does_not_compile_again(mode):
+    """Keys, noise and the ledger stay out of the graphs, and no graph holds on to a step's
+    parameters: new parameters, keys, masks and ledger entries reuse the first compilations."""
+    torch._dynamo.reset()
+    loss_fn, privatizer, optimizer, params, buffers, x, y = _problem()
+    step = fdp.make_train_step(
+        loss_fn, privatizer, optimizer, mode=mode, compile={"backend": "aot_eager"}
+    )
+    state = fdp.TrainState.create(
+        params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(3)
+    )
+    for t in range(8):
+        mask = torch.arange(16) < 9 + t % 5
+        with torch._dynamo.config.patch(error_on_recompile=t >= 2):
+            state, _ = step(state, fdp.Batch((x, y), mask))
+    assert state.step == 8 and state.ledger.steps == 8
 
 
 def test_compiled_step_refuses_a_nonfinite_example_and_keeps_the_state():

@@ -195,6 +195,7 @@ class _Spy(TorchFunctionMode):
         return out
 
 
+@torch.compiler.disable  # a probe, run once per signature: eager inside a compiled step
 def plan(
     loss_fn: Callable[..., Any],
     params: Mapping[str, torch.Tensor],
@@ -263,7 +264,7 @@ class Tapper(TorchFunctionMode):
         self, ghost: Mapping[str, torch.Tensor], ops: tuple[OpSpec, ...], taps: list
     ) -> None:
         super().__init__()
-        self.names_by_id = {id(p): name for name, p in ghost.items()}
+        self.ghost = ghost
         self.ops = ops
         self.taps = taps
         self.inputs: list[torch.Tensor] = []
@@ -274,8 +275,7 @@ class Tapper(TorchFunctionMode):
         if func not in _SIGNATURES:
             return out
         values = _bind(func, args, kwargs)
-        weight = self.names_by_id.get(id(values.get("weight")))
-        bias = self.names_by_id.get(id(values.get("bias")))
+        weight, bias = self._name_of(values.get("weight")), self._name_of(values.get("bias"))
         if weight is None and bias is None:
             return out
         index = len(self.inputs)
@@ -289,6 +289,13 @@ class Tapper(TorchFunctionMode):
             )
         self.inputs.append(values["input"])
         return out + self.taps[index]
+
+    def _name_of(self, tensor) -> str | None:
+        """The ghost parameter that `tensor` is, by identity (`is`, not `id()`, which a
+        compiled step would guard on and recompile for at every new parameter tensor)."""
+        if tensor is None:
+            return None
+        return next((name for name, p in self.ghost.items() if p is tensor), None)
 
     def check_complete(self) -> None:
         """Raises unless every planned op was seen."""

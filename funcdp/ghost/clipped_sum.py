@@ -196,21 +196,24 @@ def _one_pass(loss_fn, params, plan, batch, chunk_size):
     """
     if not plan.fallback and chunk_size is None:
         return _forward_pass(loss_fn, params, plan, batch)
-    ghost = {name: params[name] for name in plan.ghost}
     fallback = {name: params[name] for name in plan.fallback}
+    rest = {name: p for name, p in params.items() if name not in fallback}
 
-    def one(diff, *example):
+    # The parameters are arguments, not closures: a compiled step would otherwise guard on
+    # (and recompile for) each step's parameter tensors.
+    def one(diff, rest, *example):
         own, example_taps = diff
-        full = {name: own[name] if name in own else p for name, p in params.items()}
+        full = {name: own[name] if name in own else rest[name] for name in params}
+        ghost = {name: rest[name] for name in plan.ghost}
         loss, inputs = _tapped_loss(loss_fn, full, ghost, plan, example_taps, example)
         return loss, (loss, inputs)
 
-    in_dims = ((None, 0),) + (0,) * len(batch)
+    in_dims = ((None, 0), None) + (0,) * len(batch)
     mapped = vmap(
         grad(one, has_aux=True), in_dims=in_dims, chunk_size=chunk_size, randomness="different"
     )
     (fallback_grads, tap_grads), (losses, inputs) = mapped(
-        (fallback, _zero_taps(plan, batch)), *batch
+        (fallback, _zero_taps(plan, batch)), rest, *batch
     )
     return _Pass(fallback_grads, tap_grads, losses, inputs)
 
@@ -220,11 +223,12 @@ def _forward_pass(loss_fn, params, plan, batch):
     params = {name: p.detach() for name, p in params.items()}
     taps = [tap.requires_grad_() for tap in _zero_taps(plan, batch)]
 
-    def one(example_taps, *example):
+    def one(example_taps, params, *example):  # params as an argument: see _one_pass
         return _tapped_loss(loss_fn, params, params, plan, example_taps, example)
 
+    in_dims = (0, None) + (0,) * len(batch)
     with torch.enable_grad():
-        losses, inputs = vmap(one, randomness="different")(taps, *batch)
+        losses, inputs = vmap(one, in_dims=in_dims, randomness="different")(taps, params, *batch)
         grads = torch.autograd.grad(losses.sum(), taps, allow_unused=True, materialize_grads=True)
     inputs = tuple(a.detach() for a in inputs)
     return _Pass({}, list(grads), losses.detach(), inputs)
