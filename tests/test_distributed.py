@@ -27,7 +27,7 @@ def _data():
     return torch.randn(N, 5, generator=gen), torch.randint(0, 3, (N,), generator=gen)
 
 
-def _setup(group=None, fail_on=None):
+def _setup(group=None, fail_on=None, compile=False):
     """A small model, its DP step and initial state; with `fail_on=(rank, armed)`, the loss
     raises on that rank, inside the step, while `armed[0]` is true."""
     torch.manual_seed(0)
@@ -47,7 +47,7 @@ def _setup(group=None, fail_on=None):
         fdp.account(Q),
     )
     optimizer = fdp.optim.sgd(0.5, momentum=0.9)
-    step = fdp.make_train_step(loss_fn, privatizer, optimizer, process_group=group)
+    step = fdp.make_train_step(loss_fn, privatizer, optimizer, process_group=group, compile=compile)
     state = fdp.TrainState.create(
         params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(7)
     )
@@ -103,6 +103,8 @@ def _worker(rank, init_file, out_dir):
     if rank == 0:  # rank 0 writes the checkpoint, to be resumed on one process
         torch.save(half, f"{out_dir}/checkpoint.pt")
     results["noise"] = _zero_gradient_noise(group)
+    state, step = _setup(group, compile={"backend": "aot_eager"})
+    results["compiled"], _ = _train(broadcast_state(state, group), step, rank, WORLD)
 
     armed = [False]
     state, step = _setup(group, fail_on=(1, armed))
@@ -171,6 +173,16 @@ def test_two_processes_match_one_process(ranks):
             assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
     for name in single.params:  # no drift between the ranks: bit-identical
         assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name])
+
+
+def test_a_compiled_two_process_step_matches_one_eager_process(ranks):
+    state, step = _setup()
+    single, _ = _train(state, step, rank=0, world=1)
+    for result in ranks:
+        compiled = result["compiled"]
+        assert compiled.step == STEPS and compiled.ledger == single.ledger
+        for name, value in single.params.items():
+            torch.testing.assert_close(compiled.params[name], value, rtol=1e-5, atol=1e-5)
 
 
 def test_noise_is_added_once_with_std_sigma_c(ranks):
