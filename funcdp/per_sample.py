@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch.func import grad, grad_and_value, vmap
 
+from funcdp._checks import check_positive
 from funcdp.ghost import ghost_clipped_sum
 from funcdp.memory import (
     ChunkSize,
@@ -116,8 +117,7 @@ def clipped_sum(
     if (max_norm is None) == (factor_fn is None):
         raise ValueError("clipped_sum takes exactly one of max_norm and factor_fn")
     if max_norm is not None:
-        if not isinstance(max_norm, (int, float)) or not 0 < max_norm < float("inf"):
-            raise ValueError(f"max_norm must be a finite number > 0, got {max_norm!r}")
+        check_positive("max_norm", max_norm)
         limit = float(max_norm)
         factor_fn = flat_factors(limit)
     if mode not in ("vmap", "two_pass", "ghost"):

@@ -117,6 +117,8 @@ def test_argument_errors():
         clipped_sum(lambda p, x: x, max_norm=1.0, factor_fn=lambda n: n)
     with pytest.raises(ValueError, match="max_norm must be a finite number > 0, got 0"):
         clipped_sum(lambda p, x: x, max_norm=0)
+    with pytest.raises(ValueError, match="max_norm must be a finite number > 0, got True"):
+        clipped_sum(lambda p, x: x, max_norm=True)  # a bool is not a norm (it was taken as 1)
     with pytest.raises(
         ValueError, match='mode must be "vmap", "two_pass" or "ghost", got \'bogus\''
     ):
