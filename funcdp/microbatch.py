@@ -1,7 +1,7 @@
 """How a micro-batch becomes what the privatizer sums: per-example gradients, or a ghost sum.
 
 The train step picks one of these per micro-batch: `per_example_fn` (vmap over examples, with
-optional autocast and compile) hands per-example gradients to the privatizer's per-example part;
+optional autocast) hands per-example gradients to the privatizer's per-example part;
 the function `ghost_sum_fn` builds applies the privatizer's clipping rule itself and returns the
 clipped sum, never forming the per-example gradients of the layers `funcdp.ghost` handles.
 """

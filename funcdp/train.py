@@ -270,7 +270,8 @@ def make_train_step(
         updates, opt_state = optimizer.update(private, opt_state, params)
         return apply_updates(params, updates), opt_state
 
-    if compile is not False:  # the tensor work; keys, noise and the ledger stay eager
+    # Compiled: the tensor work (step calls these two by name); keys, noise and ledger stay eager.
+    if compile is not False:
         options = {} if compile is True else compile
         local_sum, optimize = (torch.compile(f, **options) for f in (local_sum, optimize))
     return step

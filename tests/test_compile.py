@@ -32,12 +32,18 @@ def _problem():
     return loss_fn, privatizer, optimizer, params, buffers, x, y
 
 
-def _run(steps: int, key: int = 3, **options):
+def _start(key: int = 3, **options):
+    """The problem's step (built with `options`), its initial state and its data."""
     loss_fn, privatizer, optimizer, params, buffers, x, y = _problem()
     step = fdp.make_train_step(loss_fn, privatizer, optimizer, **options)
     state = fdp.TrainState.create(
         params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(key)
     )
+    return step, state, x, y
+
+
+def _run(steps: int, key: int = 3, **options):
+    step, state, x, y = _start(key, **options)
     metrics = []
     for t in range(steps):
         mask = torch.arange(16) < 9 + t  # a different number of real rows each step
@@ -84,13 +90,7 @@ def test_a_warm_compiled_step_does_not_compile_again(mode):
     """Keys, noise and the ledger stay out of the graphs, and no graph holds on to a step's
     parameters: new parameters, keys, masks and ledger entries reuse the first compilations."""
     torch._dynamo.reset()
-    loss_fn, privatizer, optimizer, params, buffers, x, y = _problem()
-    step = fdp.make_train_step(
-        loss_fn, privatizer, optimizer, mode=mode, compile={"backend": "aot_eager"}
-    )
-    state = fdp.TrainState.create(
-        params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(3)
-    )
+    step, state, x, y = _start(mode=mode, compile={"backend": "aot_eager"})
     for t in range(8):
         mask = torch.arange(16) < 9 + t % 5
         with torch._dynamo.config.patch(error_on_recompile=t >= 2):
@@ -100,13 +100,8 @@ def test_a_warm_compiled_step_does_not_compile_again(mode):
 
 def test_compiled_step_refuses_a_nonfinite_example_and_keeps_the_state():
     torch._dynamo.reset()
-    loss_fn, privatizer, optimizer, params, buffers, x, y = _problem()
-    step = fdp.make_train_step(
-        loss_fn, privatizer, optimizer, on_nonfinite="skip", compile={"backend": "aot_eager"}
-    )
-    state = fdp.TrainState.create(
-        params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(3)
-    )
+    step, state, x, y = _start(on_nonfinite="skip", compile={"backend": "aot_eager"})
+    params = dict(state.params)
     bad = x.clone()
     bad[2, 0] = float("nan")
     new, metrics = step(state, fdp.Batch((bad, y), torch.ones(16, dtype=torch.bool)))
