@@ -8,7 +8,9 @@ from typing import Any
 import torch
 from torch.func import grad, grad_and_value, vmap
 
+from funcdp._certify import with_margin
 from funcdp._checks import check_positive
+from funcdp._rules import flat_factors
 from funcdp.ghost import ghost_clipped_sum
 from funcdp.memory import (
     ChunkSize,
@@ -17,7 +19,7 @@ from funcdp.memory import (
     check_chunk_size,
     is_auto,
 )
-from funcdp.tree import flat_factors, per_example_norms, shrink_below_one, tree_map, zero_rows
+from funcdp.tree import per_example_norms, tree_map, upcast_half, zero_rows
 
 LossFn = Callable[..., Any]
 
@@ -99,10 +101,11 @@ def clipped_sum(
     - `mode="vmap"` materialises the per-example gradients [B, ...] (in `chunk_size` chunks of
       computation), then scales and sums them.
     - `mode="two_pass"` never holds more than `chunk_size` (default 32) per-example gradients:
-      pass 1 computes the norms chunk by chunk and drops the gradients; pass 2 differentiates
-      sum_i c_i * loss_i once, with the factors held constant. Its memory is that of one
-      ordinary batched backward plus one chunk. Both passes must see the same function, so
-      `loss_fn` must be deterministic: random layers (dropout) raise an error in this mode.
+      pass 1 computes the norms chunk by chunk and drops the gradients; pass 2 computes each
+      chunk's gradients again, scales and sums them. (A weighted backward of sum_i c_i loss_i
+      would be cheaper, but its rounding is not bounded by the norms of pass 1: with
+      cancelling terms it can exceed the clip bound by any amount.) Both passes must see the
+      same function, so `loss_fn` must be deterministic: random layers raise an error here.
     - `mode="ghost"` never forms the per-example gradients of linear, conv, embedding and
       normalization parameters: one batched forward and backward gives their norms from each
       op's input and output gradient, and their clipped sum from one more contraction
@@ -137,47 +140,47 @@ def _clipped_sum_vmap(loss_fn, factor_fn, chunk_size):
         grads = grads_fn(params, *batch)
         norms = per_example_norms(grads)
         keep = torch.ones_like(norms, dtype=torch.bool) if mask is None else mask.to(norms.device)
-        factors = torch.where(
-            keep, shrink_below_one(factor_fn(norms)), torch.zeros((), dtype=norms.dtype)
-        )
-
-        def weighted_sum(g: torch.Tensor) -> torch.Tensor:
-            scaled = g * factors.reshape((-1,) + (1,) * (g.dim() - 1)).to(g.dtype)
-            return zero_rows(scaled, keep).sum(0)
-
-        summed = tree_map(weighted_sum, grads)
+        summed = _scaled_sum(grads, factor_fn(norms), keep)
         return summed, torch.where(keep, norms, torch.zeros((), dtype=norms.dtype))
 
     return fn
 
 
+def _scaled_sum(grads: Any, factors: torch.Tensor, keep: torch.Tensor) -> Any:
+    """sum_i f_i g_i over the kept rows, in float32 or wider, with the rounding margin."""
+
+    def weighted_sum(g: torch.Tensor) -> torch.Tensor:
+        g = upcast_half(g)
+        scale = with_margin(factors, g.dtype).to(g.dtype)
+        return zero_rows(g * scale.reshape((-1,) + (1,) * (g.dim() - 1)), keep).sum(0)
+
+    return tree_map(weighted_sum, grads)
+
+
 def _clipped_sum_two_pass(loss_fn, factor_fn, chunk_size):
-    norm_of_example = _deterministic(grad(loss_fn))
+    """Pass 1: every example's norm, chunk by chunk. Pass 2: each chunk's gradients again,
+    scaled and summed. A factor comes from the larger of the two passes' norm bounds, so the
+    scaled gradient is within its bound even where a kernel does not repeat bit for bit. Padded
+    rows are computed too: an example's gradient must not depend on which other rows are real
+    (a kernel chosen by the number of rows can round differently)."""
+    example_grads = _deterministic(grad(loss_fn))
 
     def fn(params: Any, *batch: Any, mask: torch.Tensor | None = None):
         if not batch:
             raise ValueError("per-example functions need at least one batched argument")
         size = batch[0].shape[0]
-        rows = torch.arange(size) if mask is None else torch.nonzero(mask.cpu()).flatten()
-        norms = torch.zeros(size, dtype=torch.float32)
-        real = [x[rows.to(x.device)] for x in batch]
-        parts = []
-        for start in range(0, rows.numel(), chunk_size):  # pass 1: norms, gradients dropped
-            chunk = [x[start : start + chunk_size] for x in real]
-            parts.append(per_example_norms(norm_of_example(params, *chunk)).detach())
-        if not parts:
-            return tree_map(torch.zeros_like, params), norms
-        real_norms = torch.cat(parts)
-        norms = norms.to(real_norms.device, real_norms.dtype)
-        norms[rows.to(norms.device)] = real_norms
-        factors = shrink_below_one(factor_fn(real_norms)).detach()
-        losses_fn = _deterministic(loss_fn)
-
-        def weighted(p):  # pass 2: one backward of sum_i c_i * loss_i
-            losses = losses_fn(p, *real)
-            return (factors.to(losses.dtype) * losses).sum()
-
-        return grad(weighted)(params), norms
+        keep = torch.ones(size, dtype=torch.bool) if mask is None else mask
+        chunks = [slice(start, start + chunk_size) for start in range(0, size, chunk_size)]
+        norms = [per_example_norms(example_grads(params, *(x[c] for x in batch))) for c in chunks]
+        total = tree_map(torch.zeros_like, params)
+        for rows, norm in zip(chunks, norms, strict=True):
+            grads = example_grads(params, *(x[rows] for x in batch))
+            bound = torch.maximum(norm, per_example_norms(grads))
+            real = keep[rows].to(bound.device)
+            factors = torch.where(real, factor_fn(bound), torch.zeros((), dtype=bound.dtype))
+            total = tree_map(torch.add, total, _scaled_sum(grads, factors, real))
+        norms = torch.cat(norms)
+        return total, torch.where(keep.to(norms.device), norms, torch.zeros((), dtype=norms.dtype))
 
     return fn
 

@@ -8,6 +8,8 @@ from typing import Any
 import optree
 import torch
 
+from funcdp._certify import round_up, sqrt_upper, squares_upper
+
 PyTree = Any
 
 
@@ -61,14 +63,16 @@ def global_norm(tree: PyTree) -> torch.Tensor:
 
 
 def per_example_norms(tree: PyTree) -> torch.Tensor:
-    """The L2 norm of each example's slice of a tree whose leaves are [B, ...]; returns [B]."""
+    """Upper bounds on the L2 norm of each example's slice of a tree whose leaves are [B, ...].
+
+    Returns [B] in float32 (float64 if a leaf is float64), never below the exact norm: squares
+    are summed in float32 blocks and float64 (`funcdp._certify`), and the result is rounded up.
+    """
     leaves = tree_leaves(tree)
     if not leaves:
         raise ValueError("per_example_norms needs a tree with at least one leaf")
-    # vector_norm reads each leaf once without writing a [B, ...] temporary, which costs more
-    # than the arithmetic on large leaves.
-    squares = [torch.linalg.vector_norm(_rows(upcast_half(x)), dim=1).square() for x in leaves]
-    return torch.stack(squares).sum(0).sqrt()
+    squares = torch.stack([squares_upper(_rows(x)) for x in leaves]).sum(0)
+    return round_up(sqrt_upper(squares), _norm_dtype(leaves))
 
 
 def zero_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -78,22 +82,6 @@ def zero_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """
     rows = keep.to(x.device).reshape((-1,) + (1,) * (x.dim() - 1))
     return torch.where(rows, x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-def flat_factors(max_norm: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The factor rule of flat clipping, min(1, C / n), for `clip_by`."""
-    return lambda norms: max_norm / torch.clamp(norms, min=max_norm)
-
-
-def shrink_below_one(factors: torch.Tensor) -> torch.Tensor:
-    """Factors under 1 made smaller by 2 units in the last place of their dtype.
-
-    A factor from a float32 norm can be a few ulps too large, so an example scaled to C could
-    land a few ulps above C; this margin keeps every clipped example at or below its bound.
-    Factors of 1 (examples already within the bound) and above are left exactly as they are.
-    """
-    margin = 1.0 - 2.0 * torch.finfo(factors.dtype).eps
-    return torch.where(factors < 1, factors * margin, factors)
 
 
 def batch_size_of(tree: PyTree) -> int:
@@ -109,6 +97,10 @@ def batch_size_of(tree: PyTree) -> int:
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """[B, ...] as [B, n], also for B = 0."""
     return x.flatten(1) if x.dim() > 1 else x[:, None]
+
+
+def _norm_dtype(leaves) -> torch.dtype:
+    return torch.float64 if any(x.dtype == torch.float64 for x in leaves) else torch.float32
 
 
 def upcast_half(x: torch.Tensor) -> torch.Tensor:

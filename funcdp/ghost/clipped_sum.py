@@ -8,10 +8,12 @@ from typing import Any, NamedTuple
 import torch
 from torch.func import grad, vmap
 
+from funcdp._certify import round_up, sqrt_upper, squares_upper, with_margin
 from funcdp._checks import check_mask, check_positive
+from funcdp._rules import flat_factors
 from funcdp.ghost import capture, rules
 from funcdp.memory import ChunkSize, auto_chunk_size, check_chunk_option, is_auto
-from funcdp.tree import flat_factors, shrink_below_one, upcast_half, zero_rows
+from funcdp.tree import upcast_half, zero_rows
 
 LossFn = Callable[..., Any]
 FactorFn = Callable[[torch.Tensor], torch.Tensor]
@@ -137,27 +139,29 @@ def ghost_clipped_sum(
         passed = _one_pass(loss_fn, params, plan, batch, chunk)
         # Each example's norm reads its own rows only, so padded rows are left in; in the sums
         # their factor 0 zeroes them exactly unless they hold inf or NaN (see below).
-        squares, books = _shares(params, plan, None, passed)
+        squares, books = _shares(params, plan, None, passed, keep)
         grouped = _grouped_squares(params, squares, column, len(names), keep)
         real, clean, masked = keep, grouped, False
         if zero_nonfinite:
             finite = torch.isfinite(grouped.sum(1)) & torch.isfinite(passed.losses)
             if not bool((finite | ~keep).all()):  # rare: select the bad rows away, recompute
                 real, masked = keep & finite, True
-                squares, books = _shares(params, plan, real, passed)
+                squares, books = _shares(params, plan, real, passed, real)
                 clean = _grouped_squares(params, squares, column, len(names), real)
-        zero = torch.zeros((), dtype=grouped.dtype, device=keep.device)
-        factors = _factors(factor_fn, torch.where(real[:, None], clean.sqrt(), zero), groups)
+        group_norms = _norms(grouped, params)
+        zero = torch.zeros((), dtype=group_norms.dtype, device=keep.device)
+        clean_norms = group_norms if clean is grouped else _norms(clean, params)
+        factors = _factors(factor_fn, torch.where(real[:, None], clean_norms, zero), groups)
         factors = torch.where(real[:, None], factors, zero)
         summed = {name: books[name](factors[:, column[name]]) for name in params}
         if not masked and not _finite(summed) and not bool(keep.all()):
             # 0 * inf is NaN: a padded row held a non-finite value. Select it away and redo.
-            _, books = _shares(params, plan, real, passed)
+            _, books = _shares(params, plan, real, passed, real)
             summed = {name: books[name](factors[:, column[name]]) for name in params}
         return GhostResult(
             grads=summed,
-            norms=torch.where(keep, grouped.sum(1).sqrt(), zero),
-            group_norms=torch.where(keep[:, None], grouped.sqrt(), zero),
+            norms=torch.where(keep, _norms(grouped.sum(1), params), zero),
+            group_norms=torch.where(keep[:, None], group_norms, zero),
             losses=passed.losses,
         )
 
@@ -256,17 +260,19 @@ def _tapped_loss(loss_fn, params, ghost, plan, taps, example):
     return loss, tuple(tapper.inputs)
 
 
-def _shares(params, plan, keep, passed: _Pass):
-    """Squared per-example norms and clipped-sum builders for every parameter."""
+def _shares(params, plan, keep, passed: _Pass, real):
+    """Squared per-example norms (float64 upper bounds) and clipped-sum builders for every
+    parameter; `keep` zeroes padded rows first (None: leave them), `real` marks the rows that
+    may take the rules' exact path."""
     shapes = {name: p.shape for name, p in params.items()}
     squares, books = {}, {}
     for spec, a, g in zip(plan.ops, passed.inputs, passed.taps, strict=True):
         a, g = _zero_padded(upcast_half(a), keep), _zero_padded(upcast_half(g), keep)
-        for piece in rules.pieces(spec, a, g, shapes):
+        for piece in rules.pieces(spec, a, g, shapes, real):
             squares[piece.name], books[piece.name] = piece.squared_norms, piece.book
     for name, per_example in passed.fallback.items():
         flat = _zero_padded(upcast_half(per_example), keep).flatten(1)
-        squares[name] = torch.linalg.vector_norm(flat, dim=1).square()
+        squares[name] = squares_upper(flat)
         books[name] = lambda c, flat=flat, shape=shapes[name]: (c.to(flat.dtype) @ flat).reshape(
             shape
         )
@@ -274,13 +280,17 @@ def _shares(params, plan, keep, passed: _Pass):
 
 
 def _grouped_squares(params, squares, column, count: int, keep) -> torch.Tensor:
-    """Squared norms [B, G] of each example's gradient in each group."""
-    wide = any(p.dtype == torch.float64 for p in params.values())
-    dtype = torch.float64 if wide else torch.float32
-    grouped = torch.zeros(keep.shape[0], count, dtype=dtype, device=keep.device)
+    """Squared norms [B, G] (float64 upper bounds) of each example's gradient in each group."""
+    grouped = torch.zeros(keep.shape[0], count, dtype=torch.float64, device=keep.device)
     for name, squared in squares.items():
-        grouped[:, column[name]] += squared.to(dtype)
-    return grouped
+        grouped[:, column[name]] += squared
+    return grouped * (1.0 + 2.0 * len(squares) * 2.0**-53)
+
+
+def _norms(squares: torch.Tensor, params) -> torch.Tensor:
+    """Upper bounds on the norms from float64 squares, in the parameters' (float32) dtype."""
+    wide = any(p.dtype == torch.float64 for p in params.values())
+    return round_up(sqrt_upper(squares), torch.float64 if wide else torch.float32)
 
 
 def _finite(tree: dict[str, torch.Tensor]) -> bool:
@@ -315,11 +325,12 @@ def _group_names(params, groups, group_names) -> list[str]:
 
 def _factors(factor_fn, group_norms: torch.Tensor, groups) -> torch.Tensor:
     grouped = groups is not None
-    factors = shrink_below_one(factor_fn(group_norms if grouped else group_norms[:, 0]))
+    factors = factor_fn(group_norms if grouped else group_norms[:, 0])
     expected = tuple(group_norms.shape) if grouped else (group_norms.shape[0],)
     if not isinstance(factors, torch.Tensor) or tuple(factors.shape) != expected:
         raise ValueError(
             f"factor_fn must return a tensor of shape {expected}, "
             f"got {getattr(factors, 'shape', type(factors).__name__)}"
         )
-    return factors.to(group_norms.dtype).reshape(group_norms.shape[0], -1)
+    factors = factors.to(group_norms.dtype).reshape(group_norms.shape[0], -1)
+    return with_margin(factors, group_norms.dtype)

@@ -8,12 +8,24 @@ directly from A, G and the factors c [B] (book-keeping, Bu et al. 2023): one con
 examples and positions, no second backward.
 
 - linear / conv: per example g = G^T A over positions T (conv: A unfolded, im2col); the norm
-  is <A A^T, G G^T> (ghost norm, cost O(T^2 (d + p))) when 2 T^2 < p d, else ||G^T A||^2 from
-  the explicit [B, p, d] gradient (Li et al. 2022, Bu et al. 2023).
+  is <A A^T, G G^T> (ghost norm, cost O(T^2 (d + p))) when 2 T^2 < p d, else the explicit
+  [B, p, d] gradient is formed, and both its norm and its share of the sum are read from it
+  (Li et al. 2022, Bu et al. 2023).
 - embedding: row v of g is the sum of G over positions holding token v, so ||g||^2 is
   sum_{t,s} [id_t = id_s] <G_t, G_s>; positions holding `padding_idx` get no gradient.
 - layer_norm / group_norm: g_weight = sum over positions of G * x_hat (the normalized input),
   g_bias = sum of G; both are small, so they are formed explicitly.
+
+Certified norms. `squared_norms` are float64 UPPER bounds on the squared norm of what each
+example adds to the clipped sum per unit of its factor: the exact gradient of the float32 A and
+G, plus the rounding that the example's own terms bring into the book-keeping sum. The Gram form
+<A A^T, G G^T> cancels catastrophically when an example's inputs share a large common part and
+its output gradients nearly cancel (a float32 estimate can then be 0, negative or NaN); its error
+is bounded a priori from the per-position norms (Higham 2002, section 3.1) and, where that bound
+is more than `TOLERANCE` of the estimate, the example's gradient of that op is formed exactly
+in float64 and summed apart from the float32 book-keeping ("certify or fall back"). In a
+compiled step, which takes no data-dependent branch, such an example keeps its certified bound
+instead: still an upper bound, only looser, so it is clipped harder.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from funcdp._certify import gamma, sqrt_upper, squares_upper, unit_roundoff
 from funcdp.ghost.capture import CONV, EMBEDDING, GROUP_NORM, LAYER_NORM, LINEAR, OpSpec
 
 
@@ -36,14 +49,22 @@ class Piece(NamedTuple):
     book: Callable[[torch.Tensor], torch.Tensor]
 
 
-def pieces(spec: OpSpec, inputs: torch.Tensor, grads: torch.Tensor, shapes) -> list[Piece]:
+# The largest relative excess of a certified norm over its estimate before the exact path.
+TOLERANCE = 2.0**-12
+_U64 = 2.0**-53
+
+
+def pieces(
+    spec: OpSpec, inputs: torch.Tensor, grads: torch.Tensor, shapes, real: torch.Tensor
+) -> list[Piece]:
     """The pieces of the ghost parameters of one op.
 
     Args:
       spec: the op, as planned.
-      inputs: its input, [B, *one example's input shape], padded rows already zeroed.
-      grads: the gradient w.r.t. its output, [B, *spec.out_shape], padded rows zeroed.
+      inputs: its input, [B, *one example's input shape].
+      grads: the gradient w.r.t. its output, [B, *spec.out_shape].
       shapes: parameter name -> shape.
+      real: bool [B], the rows that may take the exact float64 path (padded rows never do).
     """
     rule = {
         LINEAR: _linear,
@@ -52,22 +73,22 @@ def pieces(spec: OpSpec, inputs: torch.Tensor, grads: torch.Tensor, shapes) -> l
         LAYER_NORM: _layer_norm,
         GROUP_NORM: _group_norm,
     }[spec.kind]
-    return rule(spec, inputs, grads, shapes)
+    return rule(spec, inputs, grads, shapes, real)
 
 
-def _linear(spec, inputs, grads, shapes):
+def _linear(spec, inputs, grads, shapes, real):
     size = grads.shape[0]
     a = inputs.reshape(size, -1, 1, inputs.shape[-1])
     g = grads.reshape(size, -1, 1, grads.shape[-1])
     out = []
     if spec.weight is not None:
-        out.append(_matmul_piece(spec.weight, a, g, shapes[spec.weight]))
+        out.append(_matmul_piece(spec.weight, a, g, shapes[spec.weight], real))
     if spec.bias is not None:
         out.append(_explicit_piece(spec.bias, g.sum(1).flatten(1), shapes[spec.bias]))
     return out
 
 
-def _conv(spec, inputs, grads, shapes):
+def _conv(spec, inputs, grads, shapes, real):
     config, size = spec.config, grads.shape[0]
     nd, groups = config["nd"], config["groups"]
     if inputs.dim() == nd + 2:  # unbatched conv input [C, *S] for one example
@@ -78,7 +99,7 @@ def _conv(spec, inputs, grads, shapes):
         shape = shapes[spec.weight]
         windows = _unfold(inputs.flatten(0, 1), tuple(shape[2:]), config)
         a = windows.reshape(size, -1, groups, windows.shape[-1] // groups)
-        out.append(_matmul_piece(spec.weight, a, g, shape))
+        out.append(_matmul_piece(spec.weight, a, g, shape, real))
     if spec.bias is not None:
         out.append(_explicit_piece(spec.bias, g.sum(1).flatten(1), shapes[spec.bias]))
     return out
@@ -114,32 +135,76 @@ def _tuple(value, nd: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * nd
 
 
-def _embedding(spec, inputs, grads, shapes):
+def _embedding(spec, inputs, grads, shapes, real):
     size = grads.shape[0]
     ids = inputs.reshape(size, -1)
     g = grads.reshape(size, ids.shape[1], -1)
     padding = spec.config["padding_idx"]
     if padding is not None:
         g = torch.where((ids != padding)[..., None], g, torch.zeros((), dtype=g.dtype))
-    same = (ids[:, :, None] == ids[:, None, :]).to(g.dtype)
-    squared = (torch.bmm(g, g.transpose(1, 2)) * same).sum((1, 2))
+    same = (ids[:, :, None] == ids[:, None, :]).double()
+    norms = sqrt_upper(squares_upper(g))  # [B, T], each position's output gradient
+    u, positions = unit_roundoff(g.dtype), ids.shape[1]
+    gram = torch.bmm(g, g.transpose(1, 2)).double()
+    estimate = (gram * same).sum((1, 2))
+    # Each Gram entry is off by at most gamma_p |G_t| |G_s|; the float64 sum adds gamma_(T^2).
+    error = (gamma(g.shape[-1], u) + gamma(positions**2 + 1, _U64)) * torch.einsum(
+        "bt,bts,bs->b", norms, same, norms
+    )
+    reach = norms.sum(1) * (1.0 + gamma(positions, _U64))
+    bound = _certified(estimate, error, reach, positions, u)
     shape = shapes[spec.weight]
+    flagged = _flagged(bound, estimate, real)
+    exact = None if torch.compiler.is_compiling() else _ExactRows(ids, g, flagged, reach, padding)
 
     def book(factors):
-        rows = (g * factors.to(g.dtype)[:, None, None]).reshape(-1, g.shape[-1])
-        return g.new_zeros(shape).index_add(0, ids.reshape(-1), rows)
+        kept = factors if exact is None else torch.where(flagged, 0.0, factors)
+        rows = (g * kept.to(g.dtype)[:, None, None]).reshape(-1, g.shape[-1])
+        total = g.new_zeros(shape).index_add(0, ids.reshape(-1), rows)
+        return total if exact is None else exact.add_to(total, factors)
 
+    squared = bound.square() * (1.0 + 2.0 * _U64) if exact is None else exact.squared(bound)
     return [Piece(spec.weight, squared, book)]
 
 
-def _layer_norm(spec, inputs, grads, shapes):
+class _ExactRows:
+    """The embedding gradients of the flagged examples, formed exactly in float64: one row per
+    distinct token of the example."""
+
+    def __init__(self, ids, g, flagged, reach, padding):
+        self.rows = []
+        for i in torch.nonzero(flagged).flatten().tolist():
+            keep = (
+                ids[i] != padding
+                if padding is not None
+                else torch.ones_like(ids[i], dtype=torch.bool)
+            )
+            tokens, inverse = ids[i][keep].unique(return_inverse=True)
+            rows = g.new_zeros(len(tokens), g.shape[-1], dtype=torch.float64)
+            rows.index_add_(0, inverse, g[i][keep].double())
+            self.rows.append((i, tokens, rows, reach[i]))
+        self.positions = ids.shape[1]
+
+    def squared(self, bound: torch.Tensor) -> torch.Tensor:
+        bound = bound.clone()
+        for i, _, rows, reach in self.rows:
+            bound[i] = _exact_bound(rows, reach, self.positions)
+        return bound.square() * (1.0 + 2.0 * _U64)
+
+    def add_to(self, total: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+        for i, tokens, rows, _ in self.rows:
+            total = total.index_add(0, tokens, (factors[i].double() * rows).to(total.dtype))
+        return total
+
+
+def _layer_norm(spec, inputs, grads, shapes, real):
     normalized = spec.config["normalized_shape"]
     x_hat = F.layer_norm(inputs, normalized, eps=spec.config["eps"])
     positions = tuple(range(1, inputs.dim() - len(normalized)))
     return _affine(spec, x_hat, grads, positions, shapes)
 
 
-def _group_norm(spec, inputs, grads, shapes):
+def _group_norm(spec, inputs, grads, shapes, real):
     flat = inputs.flatten(0, 1)  # [B * n, C, *S]: each row is normalized on its own
     x_hat = F.group_norm(flat, spec.config["num_groups"], eps=spec.config["eps"])
     x_hat = x_hat.reshape(inputs.shape)
@@ -161,7 +226,7 @@ def _affine(spec, x_hat, grads, positions, shapes):
 def _explicit_piece(name: str, per_example: torch.Tensor, shape) -> Piece:
     """A parameter whose per-example gradient [B, ...] is small enough to form."""
     flat = per_example.reshape(per_example.shape[0], -1)
-    squared = torch.linalg.vector_norm(flat, dim=1).square()
+    squared = squares_upper(flat)
 
     def book(factors):
         return (factors.to(flat.dtype) @ flat).reshape(shape)
@@ -169,29 +234,95 @@ def _explicit_piece(name: str, per_example: torch.Tensor, shape) -> Piece:
     return Piece(name, squared, book)
 
 
-def _matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape) -> Piece:
+def _matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real) -> Piece:
     """g_i = sum_t G[i, t]^T A[i, t] per group; a: [B, T, groups, d], g: [B, T, groups, p]."""
     size, positions, groups, d = a.shape
     p = g.shape[-1]
+    u = unit_roundoff(a.dtype)
+    norms_a = sqrt_upper(squares_upper(a))  # [B, T, groups]
+    norms_g = sqrt_upper(squares_upper(g))
     if positions == 1:  # one position: the gradient is an outer product, ||g||^2 ||a||^2
-        squared = (a.square().sum(-1) * g.square().sum(-1)).sum((1, 2))
-    else:
-        a_rows = a.transpose(1, 2).reshape(size * groups, positions, d)
-        g_rows = g.transpose(1, 2).reshape(size * groups, positions, p)
-        if 2 * positions * positions < p * d:  # ghost norm: Gram matrices over positions
-            gram_a = torch.bmm(a_rows, a_rows.transpose(1, 2))
-            gram_g = torch.bmm(g_rows, g_rows.transpose(1, 2))
-            squared = (gram_a * gram_g).reshape(size, -1).sum(1)
-        else:
-            explicit = torch.bmm(g_rows.transpose(1, 2), a_rows)
-            squared = torch.linalg.vector_norm(explicit.reshape(size, -1), dim=1).square()
+        squared = (norms_a * norms_g).square().sum((1, 2)) * (1.0 + 4.0 * _U64)
+        return Piece(name, squared, _book(a, g, shape, p, d, groups, None))
+    # reach: sum over positions of |A_t| |G_t|, the size of the terms that can cancel
+    reach = (norms_a * norms_g).sum(1).square().sum(1).sqrt() * (1.0 + gamma(positions + 2, _U64))
+    a_rows = a.transpose(1, 2).reshape(size * groups, positions, d)
+    g_rows = g.transpose(1, 2).reshape(size * groups, positions, p)
+    if 2 * positions * positions >= p * d:  # the gradient is no larger than the Grams: form it
+        explicit = torch.bmm(g_rows.transpose(1, 2), a_rows)  # [B * groups, p, d]
+        return _explicit_piece(name, explicit.reshape(size, -1), shape)
+    gram_a = torch.bmm(a_rows, a_rows.transpose(1, 2)).double()
+    gram_g = torch.bmm(g_rows, g_rows.transpose(1, 2)).double()
+    estimate = (gram_a * gram_g).reshape(size, -1).sum(1)
+    na = norms_a.transpose(1, 2).reshape(size * groups, positions)
+    ng = norms_g.transpose(1, 2).reshape(size * groups, positions)
+    # |error of a Gram entry| <= gamma_d |A_t| |A_s| (gamma_p for G); then the float64 sum
+    error = gamma(d, u) * _quadratic(na, gram_g.abs()) + gamma(p, u) * _quadratic(ng, gram_a.abs())
+    cross = 3.0 * gamma(d, u) * gamma(p, u) + gamma(positions**2 + 1, _U64)
+    error = error.reshape(size, groups).sum(1) + cross * 2.0 * reach.square()
+    bound = _certified(estimate, error, reach, positions, u)
+    flagged = _flagged(bound, estimate, real)
+    exact = None if torch.compiler.is_compiling() else _exact_matmul(a, g, flagged, reach)
+    if exact is not None:
+        bound = bound.index_put((exact[0],), exact[2])
+    squared = bound.square() * (1.0 + 2.0 * _U64)
+    return Piece(name, squared, _book(a, g, shape, p, d, groups, exact))
+
+
+def _quadratic(norms: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """n^T M n per row: [N, T] and [N, T, T] -> [N], in float64."""
+    return torch.einsum("nt,nts,ns->n", norms, matrix, norms)
+
+
+def _certified(estimate, error, reach, positions: int, u: float) -> torch.Tensor:
+    """A norm bound from a squared-norm estimate and its error bound, plus the rounding the
+    example's own terms add to the book-keeping sum (gamma_T reach)."""
+    return sqrt_upper((estimate + error).clamp(min=0.0)) + gamma(positions, u) * reach
+
+
+def _flagged(bound, estimate, real) -> torch.Tensor:
+    """Real rows whose bound exceeds sqrt(estimate) by more than TOLERANCE (or whose estimate
+    is not a finite, non-negative number)."""
+    tight = bound <= (1.0 + TOLERANCE) * estimate.clamp(min=0.0).sqrt()
+    return real & ~tight
+
+
+def _exact_bound(gradient: torch.Tensor, reach: torch.Tensor, terms: int) -> torch.Tensor:
+    """A norm bound for a gradient formed in float64 from float32 inputs."""
+    norm = torch.linalg.vector_norm(gradient.reshape(-1))
+    return norm * (1.0 + gamma(gradient.numel() + 3, _U64)) + gamma(terms, _U64) * reach
+
+
+def _exact_matmul(a, g, flagged, reach):
+    """The flagged examples' gradients in float64: (indices, [F, groups, p, d], bounds [F]);
+    None when no example is flagged."""
+    if not bool(flagged.any()):
+        return None
+    index = torch.nonzero(flagged).flatten()
+    exact = torch.einsum("ftkp,ftkd->fkpd", g[index].double(), a[index].double())
+    bounds = torch.stack(
+        [_exact_bound(x, reach[i], a.shape[1]) for x, i in zip(exact, index, strict=True)]
+    )
+    return index, exact, bounds
+
+
+def _book(a, g, shape, p: int, d: int, groups: int, exact):
+    """sum_i c_i G_i^T A_i in float32 (the flagged examples' terms added in float64)."""
 
     def book(factors):
-        # sum_i c_i G_i^T A_i: scale the smaller of G and A by the factors.
-        column = factors.to(g.dtype)[:, None, None, None]
+        kept = factors if exact is None else factors.index_fill(0, exact[0], 0.0)
+        # Scale the smaller of G and A by the factors.
+        column = kept.to(g.dtype)[:, None, None, None]
         left, right = (g * column, a) if p <= d else (g, a * column)
         if groups == 1:
-            return (left.reshape(-1, p).T @ right.reshape(-1, d)).reshape(shape)
-        return torch.einsum("nkp,nkd->kpd", left.flatten(0, 1), right.flatten(0, 1)).reshape(shape)
+            total = (left.reshape(-1, p).T @ right.reshape(-1, d)).reshape(shape)
+        else:
+            total = torch.einsum("nkp,nkd->kpd", left.flatten(0, 1), right.flatten(0, 1))
+            total = total.reshape(shape)
+        if exact is None:
+            return total
+        index, gradients, _ = exact
+        scaled = (factors[index].double()[:, None, None, None] * gradients).sum(0)
+        return total + scaled.reshape(shape).to(total.dtype)
 
-    return Piece(name, squared, book)
+    return book

@@ -16,9 +16,11 @@ from typing import NamedTuple
 import optree
 import torch
 
+from funcdp._certify import round_up, sqrt_upper, squares_upper, with_margin
 from funcdp._checks import check_positive
+from funcdp._rules import flat_factors
 from funcdp.transforms.base import PER_EXAMPLE, FactorRule, GradientTransformation
-from funcdp.tree import flat_factors, per_example_norms, shrink_below_one, tree_map, zero_rows
+from funcdp.tree import per_example_norms, tree_map, upcast_half, zero_rows
 
 FactorFn = Callable[[torch.Tensor], torch.Tensor]
 GroupFn = Callable[[str], str]
@@ -58,8 +60,7 @@ def clip(max_norm: float, *, nan_safe: bool = False) -> GradientTransformation:
     def update(updates, state, params=None, *, key=None, mask=None):
         del params, key, mask
         norms = per_example_norms(updates)
-        factors = shrink_below_one(rule(norms))
-        return scale_examples(updates, factors), state
+        return scale_examples(updates, rule(norms)), state
 
     return GradientTransformation(
         lambda params: (),
@@ -119,7 +120,6 @@ def clip_by(
                 f"factor_fn must return a tensor of shape {tuple(norms.shape)} (examples, groups), "
                 f"got {getattr(factors, 'shape', type(factors).__name__)}"
             )
-        factors = shrink_below_one(factors)
         if finite is not None:
             factors = torch.where(finite[:, None], factors, torch.zeros((), dtype=factors.dtype))
         scaled = [
@@ -214,13 +214,13 @@ def normalize_per_example(
 
 
 def scale_examples(updates, factors: torch.Tensor):
-    """Multiplies example i of every [B, ...] leaf by factors[i]."""
+    """Multiplies example i of every [B, ...] leaf by factors[i], with the rounding margin.
 
-    def scale(leaf: torch.Tensor) -> torch.Tensor:
-        shaped = factors.reshape((-1,) + (1,) * (leaf.dim() - 1))
-        return (leaf * shaped).to(leaf.dtype)
-
-    return tree_map(scale, updates)
+    `factors` come from upper bounds on the norms; the margin (`funcdp._certify.with_margin`)
+    covers the rounding of the products, so a scaled example stays within its bound. Half-
+    precision leaves are scaled (and later summed) in float32.
+    """
+    return tree_map(lambda leaf: _scale_leaf(leaf, factors, None), updates)
 
 
 def leaf_paths(tree) -> list[str]:
@@ -257,14 +257,14 @@ def _grouped(updates, groups, group_names, nan_safe):
         rows = [torch.isfinite(x.reshape(x.shape[0], -1)).all(1) for x in leaves]
         finite = torch.stack(rows).all(0)
     squares = torch.zeros(
-        (leaves[0].shape[0], len(names)), dtype=_norm_dtype(leaves), device=leaves[0].device
+        (leaves[0].shape[0], len(names)), dtype=torch.float64, device=leaves[0].device
     )
     for leaf, column in zip(leaves, columns, strict=True):
-        flat = leaf.reshape(leaf.shape[0], -1).to(squares.dtype)
+        flat = leaf.reshape(leaf.shape[0], -1)
         if finite is not None:
             flat = torch.where(finite[:, None], flat, torch.zeros((), dtype=flat.dtype))
-        squares[:, column] += torch.linalg.vector_norm(flat, dim=1).square()
-    return leaves, spec, columns, squares.sqrt(), finite
+        squares[:, column] += squares_upper(flat)
+    return leaves, spec, columns, round_up(sqrt_upper(squares), _norm_dtype(leaves)), finite
 
 
 def _column_names(updates, groups, group_names) -> tuple[str, ...]:
@@ -276,10 +276,14 @@ def _column_names(updates, groups, group_names) -> tuple[str, ...]:
 
 
 def _scale_leaf(leaf: torch.Tensor, factors: torch.Tensor, finite: torch.Tensor | None):
+    """The scaled leaf in its own dtype; half precision is scaled in float32 and rounded back,
+    which the margin (in units of the leaf's own roundoff) covers."""
+    wide = upcast_half(leaf)
+    factors = with_margin(factors, leaf.dtype).to(wide.dtype)
     shaped = factors.reshape((-1,) + (1,) * (leaf.dim() - 1))
     if finite is not None:
-        leaf = zero_rows(leaf, finite)
-    return (leaf * shaped).to(leaf.dtype)
+        wide = zero_rows(wide, finite)
+    return (wide * shaped).to(leaf.dtype)
 
 
 def _norm_dtype(leaves) -> torch.dtype:

@@ -1,0 +1,119 @@
+"""Rounding-safe norms and clip factors: a clip bound is a promise about floats, not reals.
+
+A clip factor computed from a norm that came out a little too small lets an example past its
+bound; a norm that came out far too small (a long float32 reduction, a Gram form with
+cancellation) lets it past by any amount. Everything here returns UPPER bounds on exact
+quantities, from a priori error bounds of floating-point sums (Higham, "Accuracy and Stability
+of Numerical Algorithms", 2002, section 3.1): a sum of n terms computed in any order has
+|error| <= gamma_n * sum |terms|, gamma_n = n u / (1 - n u), u the unit roundoff.
+
+- `squares_upper`: sums of squares over the last dimension, summed by float32 blocks of
+  `BLOCK` elements (relative error <= gamma_(BLOCK+3)) whose results are added in float64, so a
+  million-element leaf costs one float32 pass and still has a relative error near 4e-6.
+- `round_up`: a float64 bound cast to a narrower dtype without rounding it down.
+- `with_margin`: clip factors shrunk by the rounding of the float multiplications that apply
+  them, so that factor * gradient, as computed, stays within the bound the rule promises.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK = 64
+_U64 = 2.0**-53
+# Below n * _SMALL a float32 sum of n squares may have lost underflowed terms (2^-100 is far
+# above float32's smallest normal, 2^-126, so the terms lost are negligible above it).
+_SMALL = 2.0**-100
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u = eps / 2 of a floating dtype (the relative error of one rounding)."""
+    return torch.finfo(dtype).eps / 2.0
+
+
+def gamma(n: int, u: float) -> float:
+    """gamma_n = n u / (1 - n u): bounds the relative error of a sum or dot product of n terms."""
+    nu = n * u
+    return nu / (1.0 - nu) if nu < 0.5 else float("inf")
+
+
+def squares_upper(x: torch.Tensor) -> torch.Tensor:
+    """float64 upper bounds on the exact sums of squares of `x` over its last dimension.
+
+    Half-precision inputs are widened to float32 (exactly). Rows so small that their squares
+    may underflow are scaled up by a power of two (exactly) and summed again; rows whose float32
+    sum overflows while their values are finite are summed in float64. So the bound holds for
+    every finite input, and a zero row's bound is exactly 0. Inside a compiled graph, which
+    takes no data-dependent branch, a tiny row's bound is the threshold n 2^-100 instead, and a
+    row whose squares overflow float32 (values above about 1e19) gets an infinite bound.
+    """
+    x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    bound = _blocked_squares(x)
+    if x.dtype == torch.float64:
+        return bound
+    n = max(x.shape[-1], 1)
+    small = bound < n * _SMALL
+    if torch.compiler.is_compiling():  # no data-dependent branch in a compiled graph
+        return torch.where(small, n * _SMALL * (1.0 + 2.0**-20), bound)
+    return _extremes(x, bound, small)
+
+
+def _extremes(x: torch.Tensor, bound: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
+    """`bound` with tiny rows rescaled by 2^100 (exactly: rows of zeros, padding, or rows whose
+    squares may underflow) and overflowed rows of finite values summed in float64."""
+    n = max(x.shape[-1], 1)
+    overflowed = torch.isinf(bound) & torch.isfinite(x).all(-1)
+    if bool(small.any()):
+        rows = x[small] * 2.0**100
+        bound = bound.index_put((small,), _blocked_squares(rows) * 2.0**-200)
+    if bool(overflowed.any()):
+        exact = torch.linalg.vector_norm(x[overflowed].double(), dim=-1).square()
+        bound = bound.index_put((overflowed,), exact * (1.0 + 2.0 * gamma(n + 3, _U64)))
+    return bound
+
+
+def _blocked_squares(x: torch.Tensor) -> torch.Tensor:
+    """Upper bounds on the sums of squares of `x`, ignoring underflow and overflow."""
+    n = x.shape[-1]
+    u = unit_roundoff(x.dtype)
+    if x.dtype == torch.float64 or n <= BLOCK:
+        block = max(n, 1)
+        squares = torch.linalg.vector_norm(x, dim=-1).double().square()
+    else:
+        block, full = BLOCK, n - n % BLOCK
+        blocks = x[..., :full].unflatten(-1, (-1, BLOCK))
+        squares = torch.linalg.vector_norm(blocks, dim=-1).double().square().sum(-1)
+        if full < n:
+            squares = squares + torch.linalg.vector_norm(x[..., full:], dim=-1).double().square()
+    # One block: its squares, their sum and the sqrt round (gamma_(block+3)); then the float64
+    # sum of the n / block results; and the squares lost to underflow, at most n * 2^-126,
+    # under 2^-26 of any sum above n * _SMALL.
+    relative = gamma(block + 3, u) + gamma(n // block + 3, _U64) + 2.0**-26
+    return squares * (1.0 + 2.0 * relative)
+
+
+def sqrt_upper(squares: torch.Tensor) -> torch.Tensor:
+    """An upper bound on sqrt of each entry (float64 in, float64 out)."""
+    return squares.sqrt() * (1.0 + 2.0 * _U64)
+
+
+def round_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` (float64) cast to `dtype`, stepping to the next value up wherever the cast rounded
+    down, so that an upper bound stays one."""
+    if dtype == x.dtype:
+        return x
+    cast = x.to(dtype)
+    below = cast.to(x.dtype) < x
+    return torch.where(below, torch.nextafter(cast, torch.full_like(cast, float("inf"))), cast)
+
+
+def with_margin(factors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Factors other than exactly 1 shrunk by 4 units of roundoff of `dtype`, the dtype in which
+    they scale the gradient.
+
+    The factor's own rounding (computing it, casting it to `dtype`) and the rounding of each
+    product factor * g_j add at most about 2 u to the scaled example's norm; a factor of 1
+    leaves the gradient as it is, so it needs no margin.
+    """
+    shrink = 1.0 - 4.0 * unit_roundoff(dtype)
+    return torch.where(factors == 1, factors, factors * shrink)

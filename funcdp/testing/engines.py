@@ -1,0 +1,171 @@
+"""Property checks for clipping ENGINES (a loss and parameters), and adversarial examples.
+
+`check_sensitivity` checks a transform on gradients it is handed. An engine also computes the
+gradients and their norms (vmap, ghost clipping's Gram form, two passes), and that is where
+rounding can hide an example's size: a float32 Gram norm of an example whose inputs share a
+large common part and whose output gradients nearly cancel can come out near zero. These checks
+run the real engines (`funcdp.clipped_sum`) on such examples.
+
+The examples come from `sequence_examples`: one example of a linear, conv or embedding layer
+applied to a sequence, with a loss whose output gradient is an input (`(layer(x) * g).sum()`),
+so hypothesis controls both A (the layer's input) and G (its output gradient) directly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from funcdp.per_sample import clipped_sum
+from funcdp.testing.checks import _settings
+
+ENGINES = ("vmap", "ghost", "two_pass")
+LAYERS = ("linear", "conv", "embedding")
+
+
+class Problem(NamedTuple):
+    """A layer, its parameters, and per-example inputs stacked over a batch.
+
+    Attributes:
+      loss_fn: `loss_fn(params, *example)`, the loss of ONE example.
+      params: dict of parameter tensors.
+      batch: tuple of tensors [B, ...], one example per row.
+    """
+
+    loss_fn: Callable[..., torch.Tensor]
+    params: dict[str, torch.Tensor]
+    batch: tuple[torch.Tensor, ...]
+
+
+def check_engine_sensitivity(
+    problems: st.SearchStrategy[Problem],
+    *,
+    max_norm: float = 1.0,
+    engines: Sequence[str] = ENGINES,
+    tolerance: float = 1e-6,
+    max_examples: int = 50,
+) -> None:
+    """Checks each engine's clipped sum: every example's share is at most `max_norm`.
+
+    For each drawn problem and engine: (1) each real example alone (the other rows padded, mask
+    false) gives a finite sum of norm at most max_norm (1 + tolerance), with a finite reported
+    norm (a finite example is never refused as non-finite); (2) removing one example from the
+    full batch moves the sum by at most max_norm (1 + tolerance + 2 B^2 u), u the float32 unit
+    roundoff, the slack of the float sum over B examples. Norms are measured in float64.
+
+    Raises:
+      AssertionError: an engine breaks the bound (the message holds the engine and the numbers).
+    """
+    for mode in engines:
+        if mode not in ENGINES:
+            raise ValueError(f"engines must be drawn from {ENGINES}, got {mode!r}")
+    unit = 2.0**-24
+
+    @settings(**_settings(max_examples))
+    @given(problem=problems)
+    def run(problem: Problem) -> None:
+        size = problem.batch[0].shape[0]
+        for mode in engines:
+            fn = clipped_sum(problem.loss_fn, max_norm=max_norm, mode=mode)
+            full, _ = fn(problem.params, *problem.batch, mask=torch.ones(size, dtype=torch.bool))
+            for i in range(size):
+                alone = torch.zeros(size, dtype=torch.bool)
+                alone[i] = True
+                summed, norms = fn(problem.params, *problem.batch, mask=alone)
+                share = _norm(summed)
+                assert math.isfinite(share) and bool(torch.isfinite(norms[i])), (
+                    f"{mode}: example {i} alone gave a non-finite sum or norm ({share}, {norms[i]})"
+                )
+                assert share <= max_norm * (1 + tolerance), (
+                    f"{mode}: example {i} alone contributed {share:.9g}, over the bound "
+                    f"{max_norm:g} (norm reported {float(norms[i]):.6g})"
+                )
+                without = ~alone
+                rest, _ = fn(problem.params, *problem.batch, mask=without)
+                moved = _distance(full, rest)
+                slack = tolerance + 2 * size * size * unit
+                assert moved <= max_norm * (1 + slack), (
+                    f"{mode}: removing example {i} moved the sum by {moved:.9g}, over {max_norm:g}"
+                )
+
+    run()
+
+
+@st.composite
+def sequence_examples(
+    draw,
+    *,
+    layers: Sequence[str] = LAYERS,
+    max_batch: int = 3,
+    max_positions: int = 6,
+    scales: Sequence[float] = (1.0, 1e2, 1e4, 1e6, 1e8),
+) -> Problem:
+    """Adversarial examples of one layer on a sequence: inputs that share a large common part
+    (scale up to 1e8) with small differences, and output gradients that nearly cancel across
+    positions, beside ordinary random rows."""
+    layer = draw(st.sampled_from(tuple(layers)))
+    size = draw(st.integers(1, max_batch))
+    positions = draw(st.integers(2, max_positions))
+    width, out = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    scale = draw(st.sampled_from(tuple(scales)))
+    gradient_scale = draw(st.sampled_from(tuple(scales)))
+    spread = draw(st.sampled_from((0.0, 1e-3, 1.0, 10.0)))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    crafted = [draw(st.booleans()) for _ in range(size)]
+    grads = torch.stack(
+        [
+            _cancelling(positions, out, gradient_scale, gen)
+            if c
+            else torch.randn(positions, out, generator=gen)
+            for c in crafted
+        ]
+    )
+    if layer == "embedding":
+        vocab = draw(st.integers(1, 4))
+        ids = torch.randint(0, vocab, (size, positions), generator=gen)
+        weight = torch.randn(vocab, out, generator=gen)
+        return Problem(_embedding_loss, {"weight": weight}, (ids, grads))
+    common = scale * torch.randn(size, 1, width, generator=gen)
+    inputs = common + spread * torch.randn(size, positions, width, generator=gen)
+    params = {
+        "weight": torch.randn(out, width, generator=gen),
+        "bias": torch.randn(out, generator=gen),
+    }
+    if layer == "linear":
+        return Problem(_linear_loss, params, (inputs, grads))
+    conv = {"weight": params["weight"][..., None], "bias": params["bias"]}
+    return Problem(_conv_loss, conv, (inputs.transpose(1, 2), grads.transpose(1, 2)))
+
+
+def _cancelling(positions: int, width: int, scale: float, gen) -> torch.Tensor:
+    """Output gradients of one example that nearly cancel across positions: +v, -v(1 + e), ..."""
+    v = scale * torch.randn(width, generator=gen)
+    signs = torch.tensor([(-1.0) ** t for t in range(positions)])
+    wobble = 1.0 + 1e-6 * torch.randn(positions, 1, generator=gen)
+    return signs[:, None] * v * wobble
+
+
+def _linear_loss(params, x, g):
+    return (F.linear(x, params["weight"], params["bias"]) * g).sum()
+
+
+def _conv_loss(params, x, g):
+    return (F.conv1d(x, params["weight"], params["bias"]) * g).sum()
+
+
+def _embedding_loss(params, ids, g):
+    return (F.embedding(ids, params["weight"]) * g).sum()
+
+
+def _norm(tree: dict[str, Any]) -> float:
+    return math.sqrt(sum(float(x.double().square().sum()) for x in tree.values()))
+
+
+def _distance(a: dict[str, Any], b: dict[str, Any]) -> float:
+    return math.sqrt(sum(float((a[k].double() - b[k].double()).square().sum()) for k in a))
