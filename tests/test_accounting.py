@@ -260,6 +260,57 @@ def test_calibrate_noise_meets_target_tightly(target, delta, sample_rate, steps)
     )
 
 
+# ---------------------------------------------------------------- keyword-only arguments
+# delta and sample_rate both lie in (0, 1): a positional swap would pass every range check.
+
+
+def test_positional_calls_raise_type_error():
+    ledger = Ledger().record(1.1, 0.01, 100)
+    with pytest.raises(TypeError, match="positional"):
+        epsilon(ledger, 1e-5)
+    with pytest.raises(TypeError, match="positional"):
+        epsilon(ledger, 1e-5, "rdp")
+    with pytest.raises(TypeError, match="positional"):
+        dpsgd_epsilon(1.1, 0.01, 1000, 1e-5)
+    with pytest.raises(TypeError, match="positional"):
+        dpsgd_epsilon(1.1, 1e-5, 1000, 0.01)  # the swap that returned 0.0
+    with pytest.raises(TypeError, match="positional"):
+        calibrate_noise(3.0, 1e-5, 0.01, 1000)
+    with pytest.raises(TypeError, match="positional"):
+        calibrate_noise(3.0, 0.01, 1e-5, 1000)  # the swap that returned a too-small sigma
+
+
+# Values the positional API returned before it became keyword only (commit 653a49b,
+# dp_accounting 0.6.0).
+@pytest.mark.parametrize(
+    "method,spent_by_ledger,spent_by_dpsgd,sigma",
+    [
+        ("rdp", 1.1740784485544362, 1.3953302581597133, 1.4932076247290818),
+        ("pld", 0.9197803651038595, 1.0305975715321916, 1.390593599539862),
+    ],
+)
+def test_keyword_calls_give_the_values_of_the_positional_api(
+    method, spent_by_ledger, spent_by_dpsgd, sigma
+):
+    ledger = Ledger().record(1.1, 0.01, 100).record(2.0, 0.05, 50)
+    assert epsilon(ledger, delta=1e-5, method=method) == pytest.approx(spent_by_ledger, rel=1e-9)
+    spent = dpsgd_epsilon(
+        noise_multiplier=1.1, sample_rate=0.01, steps=300, delta=1e-6, method=method
+    )
+    assert spent == pytest.approx(spent_by_dpsgd, rel=1e-9)
+    calibrated = calibrate_noise(
+        target_epsilon=3.0, delta=1e-5, sample_rate=1.0, steps=1, method=method
+    )
+    assert calibrated == pytest.approx(sigma, rel=1e-9)
+
+
+def test_keyword_calibrate_noise_gives_the_positional_apis_sigma_under_subsampling():
+    sigma = calibrate_noise(
+        target_epsilon=2.0, delta=1e-5, sample_rate=0.02, steps=500, method="rdp"
+    )
+    assert sigma == pytest.approx(1.260582230003853, rel=1e-9)
+
+
 # ---------------------------------------------------------------- argument checks
 
 
