@@ -19,10 +19,10 @@ def check_noise_multiplier(noise_multiplier: float) -> None:
         raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
 
 
-def check_delta(delta: float) -> None:
-    """Raises unless 0 < delta < 1."""
-    if not _is_real(delta) or not 0.0 < delta < 1.0:
-        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+def check_delta(delta: float, *, allow_zero: bool = False) -> None:
+    """Raises unless 0 < delta < 1, or 0 <= delta < 1 with `allow_zero` (pure DP)."""
+    if not _is_real(delta) or not 0.0 <= delta < 1.0 or (delta == 0.0 and not allow_zero):
+        raise ValueError(f"delta must be in {'[0' if allow_zero else '(0'}, 1), got {delta!r}")
 
 
 def check_positive(name: str, value: float) -> None:

@@ -268,7 +268,11 @@ def _noise_arguments(parser: argparse.ArgumentParser) -> None:
 def epsilon(args: argparse.Namespace) -> int:
     """`funcdp epsilon`: prints the epsilon of the DP-SGD run (full precision, one number)."""
     value = fdp.dpsgd_epsilon(
-        args.noise_multiplier, args.sample_rate, args.steps, args.delta, args.accountant
+        noise_multiplier=args.noise_multiplier,
+        sample_rate=args.sample_rate,
+        steps=args.steps,
+        delta=args.delta,
+        method=args.accountant,
     )
     print(repr(value))
     return 0
@@ -278,7 +282,11 @@ def noise(args: argparse.Namespace) -> int:
     """`funcdp noise`: prints the smallest noise multiplier reaching --epsilon (one number)."""
     try:
         value = fdp.calibrate_noise(
-            args.epsilon, args.delta, args.sample_rate, args.steps, args.accountant
+            target_epsilon=args.epsilon,
+            delta=args.delta,
+            sample_rate=args.sample_rate,
+            steps=args.steps,
+            method=args.accountant,
         )
     except (ValueError, RuntimeError) as error:
         raise CommandError(

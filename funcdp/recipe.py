@@ -102,7 +102,13 @@ def fit(
     q = recipe.batch_size / n_train
     steps_per_epoch = default_steps(q)
     steps = recipe.epochs * steps_per_epoch
-    sigma = fdp.calibrate_noise(recipe.epsilon, recipe.delta, q, steps, recipe.accountant)
+    sigma = fdp.calibrate_noise(
+        target_epsilon=recipe.epsilon,
+        delta=recipe.delta,
+        sample_rate=q,
+        steps=steps,
+        method=recipe.accountant,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(data.num_features, data.num_classes, recipe.hidden)
@@ -146,7 +152,7 @@ def fit(
         if on_epoch is None and epoch < recipe.epochs:
             continue  # nobody reads this epoch's scores
         scores = eval_step(state, test_batch)
-        spent = fdp.epsilon(state.ledger, recipe.delta, recipe.accountant)
+        spent = fdp.epsilon(state.ledger, delta=recipe.delta, method=recipe.accountant)
         trained = fdp.to_module(model, state)
         result = TrainResult(trained, state, sigma, scores["loss"], scores["accuracy"], spent)
         if on_epoch is not None:

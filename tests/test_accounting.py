@@ -42,8 +42,17 @@ def _reference_epsilon(event: dpa.DpEvent, delta: float, method: str) -> float:
 def test_epsilon_equals_dp_accounting_exactly(noise_multiplier, sample_rate, steps, delta, method):
     expected = _reference_epsilon(_dpsgd_event(noise_multiplier, sample_rate, steps), delta, method)
     ledger = Ledger().record(noise_multiplier, sample_rate, steps)
-    assert epsilon(ledger, delta, method) == expected
-    assert dpsgd_epsilon(noise_multiplier, sample_rate, steps, delta, method) == expected
+    assert epsilon(ledger, delta=delta, method=method) == expected
+    assert (
+        dpsgd_epsilon(
+            noise_multiplier=noise_multiplier,
+            sample_rate=sample_rate,
+            steps=steps,
+            delta=delta,
+            method=method,
+        )
+        == expected
+    )
 
 
 @pytest.mark.parametrize("method", ["rdp", "pld"])
@@ -52,23 +61,32 @@ def test_full_batch_epsilon_is_the_plain_gaussian_composition(method):
     expected = _reference_epsilon(
         dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(3.0), 5), 1e-5, method
     )
-    assert dpsgd_epsilon(3.0, 1.0, 5, 1e-5, method) == expected
+    assert (
+        dpsgd_epsilon(noise_multiplier=3.0, sample_rate=1.0, steps=5, delta=1e-5, method=method)
+        == expected
+    )
 
 
 @pytest.mark.parametrize("method", ["rdp", "pld"])
 def test_two_record_ledger_equals_the_composed_event(method):
     ledger = Ledger().record(1.1, 0.01, 100).record(2.0, 0.05, 50)
     event = dpa.ComposedDpEvent([_dpsgd_event(1.1, 0.01, 100), _dpsgd_event(2.0, 0.05, 50)])
-    spent = epsilon(ledger, 1e-5, method)
+    spent = epsilon(ledger, delta=1e-5, method=method)
     assert spent == _reference_epsilon(event, 1e-5, method)
     if method == "rdp":  # composition spends more than either part alone
-        assert spent > dpsgd_epsilon(1.1, 0.01, 100, 1e-5, method)
-        assert spent > dpsgd_epsilon(2.0, 0.05, 50, 1e-5, method)
+        assert spent > dpsgd_epsilon(
+            noise_multiplier=1.1, sample_rate=0.01, steps=100, delta=1e-5, method=method
+        )
+        assert spent > dpsgd_epsilon(
+            noise_multiplier=2.0, sample_rate=0.05, steps=50, delta=1e-5, method=method
+        )
 
 
 def test_rdp_matches_opacus_reference_figure():
     # Opacus's RDP accountant gives 7.329 for this classic setting.
-    assert dpsgd_epsilon(1.5, 0.04, 2250, 1e-5, "rdp") == pytest.approx(7.329, rel=1e-3)
+    assert dpsgd_epsilon(
+        noise_multiplier=1.5, sample_rate=0.04, steps=2250, delta=1e-5, method="rdp"
+    ) == pytest.approx(7.329, rel=1e-3)
 
 
 @pytest.mark.parametrize(
@@ -84,30 +102,45 @@ def test_rdp_matches_opacus_accountant(noise_multiplier, sample_rate, steps, del
     accountant = RDPAccountant()
     accountant.history = [(noise_multiplier, sample_rate, steps)]
     expected = accountant.get_epsilon(delta)
-    actual = dpsgd_epsilon(noise_multiplier, sample_rate, steps, delta, "rdp")
+    actual = dpsgd_epsilon(
+        noise_multiplier=noise_multiplier,
+        sample_rate=sample_rate,
+        steps=steps,
+        delta=delta,
+        method="rdp",
+    )
     assert actual == pytest.approx(expected, rel=1e-3)
 
 
 def test_pld_is_no_looser_than_rdp():
-    assert dpsgd_epsilon(1.1, 0.01, 100, 1e-5, "pld") < dpsgd_epsilon(1.1, 0.01, 100, 1e-5, "rdp")
+    assert dpsgd_epsilon(
+        noise_multiplier=1.1, sample_rate=0.01, steps=100, delta=1e-5, method="pld"
+    ) < dpsgd_epsilon(noise_multiplier=1.1, sample_rate=0.01, steps=100, delta=1e-5, method="rdp")
 
 
 def test_empty_ledger_spends_nothing():
-    assert epsilon(Ledger(), 1e-5) == 0.0
-    assert epsilon(Ledger(), 1e-5, "pld") == 0.0
-    assert dpsgd_epsilon(1.0, 0.01, 0, 1e-5) == 0.0
+    assert epsilon(Ledger(), delta=1e-5) == 0.0
+    assert epsilon(Ledger(), delta=1e-5, method="pld") == 0.0
+    assert dpsgd_epsilon(noise_multiplier=1.0, sample_rate=0.01, steps=0, delta=1e-5) == 0.0
 
 
 @pytest.mark.parametrize("method", ["rdp", "pld"])
 def test_noiseless_step_spends_infinite_epsilon(method):
-    assert dpsgd_epsilon(0.0, 0.01, 10, 1e-5, method) == math.inf
+    assert (
+        dpsgd_epsilon(noise_multiplier=0.0, sample_rate=0.01, steps=10, delta=1e-5, method=method)
+        == math.inf
+    )
     mixed = Ledger().record(1.1, 0.01, 100).record(0.0, 0.01, 1)
-    assert epsilon(mixed, 1e-5, method) == math.inf
+    assert epsilon(mixed, delta=1e-5, method=method) == math.inf
 
 
 def test_epsilon_grows_with_steps_and_shrinks_with_noise():
-    assert dpsgd_epsilon(1.0, 0.01, 200, 1e-5) > dpsgd_epsilon(1.0, 0.01, 100, 1e-5)
-    assert dpsgd_epsilon(2.0, 0.01, 100, 1e-5) < dpsgd_epsilon(1.0, 0.01, 100, 1e-5)
+    assert dpsgd_epsilon(
+        noise_multiplier=1.0, sample_rate=0.01, steps=200, delta=1e-5
+    ) > dpsgd_epsilon(noise_multiplier=1.0, sample_rate=0.01, steps=100, delta=1e-5)
+    assert dpsgd_epsilon(
+        noise_multiplier=2.0, sample_rate=0.01, steps=100, delta=1e-5
+    ) < dpsgd_epsilon(noise_multiplier=1.0, sample_rate=0.01, steps=100, delta=1e-5)
 
 
 # ---------------------------------------------------------------- the ledger
@@ -207,11 +240,75 @@ def test_to_dp_event_composes_with_other_mechanisms():
     "target,delta,sample_rate,steps", [(3.0, 1e-5, 0.01, 100), (1.0, 1e-6, 0.02, 500)]
 )
 def test_calibrate_noise_meets_target_tightly(target, delta, sample_rate, steps):
-    sigma = calibrate_noise(target, delta, sample_rate, steps, "rdp")
-    spent = dpsgd_epsilon(sigma, sample_rate, steps, delta, "rdp")
+    sigma = calibrate_noise(
+        target_epsilon=target, delta=delta, sample_rate=sample_rate, steps=steps, method="rdp"
+    )
+    spent = dpsgd_epsilon(
+        noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta, method="rdp"
+    )
     assert spent <= target
     assert spent >= target * (1 - 1e-3)
-    assert dpsgd_epsilon(sigma * 0.99, sample_rate, steps, delta, "rdp") > target
+    assert (
+        dpsgd_epsilon(
+            noise_multiplier=sigma * 0.99,
+            sample_rate=sample_rate,
+            steps=steps,
+            delta=delta,
+            method="rdp",
+        )
+        > target
+    )
+
+
+# ---------------------------------------------------------------- keyword-only arguments
+# delta and sample_rate both lie in (0, 1): a positional swap would pass every range check.
+
+
+def test_positional_calls_raise_type_error():
+    ledger = Ledger().record(1.1, 0.01, 100)
+    with pytest.raises(TypeError, match="positional"):
+        epsilon(ledger, 1e-5)
+    with pytest.raises(TypeError, match="positional"):
+        epsilon(ledger, 1e-5, "rdp")
+    with pytest.raises(TypeError, match="positional"):
+        dpsgd_epsilon(1.1, 0.01, 1000, 1e-5)
+    with pytest.raises(TypeError, match="positional"):
+        dpsgd_epsilon(1.1, 1e-5, 1000, 0.01)  # the swap that returned 0.0
+    with pytest.raises(TypeError, match="positional"):
+        calibrate_noise(3.0, 1e-5, 0.01, 1000)
+    with pytest.raises(TypeError, match="positional"):
+        calibrate_noise(3.0, 0.01, 1e-5, 1000)  # the swap that returned a too-small sigma
+
+
+# Values the positional API returned before it became keyword only (commit 653a49b,
+# dp_accounting 0.6.0).
+@pytest.mark.parametrize(
+    "method,spent_by_ledger,spent_by_dpsgd,sigma",
+    [
+        ("rdp", 1.1740784485544362, 1.3953302581597133, 1.4932076247290818),
+        ("pld", 0.9197803651038595, 1.0305975715321916, 1.390593599539862),
+    ],
+)
+def test_keyword_calls_give_the_values_of_the_positional_api(
+    method, spent_by_ledger, spent_by_dpsgd, sigma
+):
+    ledger = Ledger().record(1.1, 0.01, 100).record(2.0, 0.05, 50)
+    assert epsilon(ledger, delta=1e-5, method=method) == pytest.approx(spent_by_ledger, rel=1e-9)
+    spent = dpsgd_epsilon(
+        noise_multiplier=1.1, sample_rate=0.01, steps=300, delta=1e-6, method=method
+    )
+    assert spent == pytest.approx(spent_by_dpsgd, rel=1e-9)
+    calibrated = calibrate_noise(
+        target_epsilon=3.0, delta=1e-5, sample_rate=1.0, steps=1, method=method
+    )
+    assert calibrated == pytest.approx(sigma, rel=1e-9)
+
+
+def test_keyword_calibrate_noise_gives_the_positional_apis_sigma_under_subsampling():
+    sigma = calibrate_noise(
+        target_epsilon=2.0, delta=1e-5, sample_rate=0.02, steps=500, method="rdp"
+    )
+    assert sigma == pytest.approx(1.260582230003853, rel=1e-9)
 
 
 # ---------------------------------------------------------------- argument checks
@@ -221,36 +318,36 @@ def test_calibrate_noise_meets_target_tightly(target, delta, sample_rate, steps)
 def test_bad_delta_raises(delta):
     ledger = Ledger().record(1.0, 0.01)
     with pytest.raises(ValueError, match="delta"):
-        epsilon(ledger, delta)
+        epsilon(ledger, delta=delta)
     with pytest.raises(ValueError, match="delta"):
-        epsilon(Ledger(), delta)
+        epsilon(Ledger(), delta=delta)
     with pytest.raises(ValueError, match="delta"):
-        dpsgd_epsilon(1.0, 0.01, 10, delta)
+        dpsgd_epsilon(noise_multiplier=1.0, sample_rate=0.01, steps=10, delta=delta)
     with pytest.raises(ValueError, match="delta"):
-        calibrate_noise(1.0, delta, 0.01, 10)
+        calibrate_noise(target_epsilon=1.0, delta=delta, sample_rate=0.01, steps=10)
 
 
 @pytest.mark.parametrize("sample_rate", [0.0, -0.5, 1.0001, math.nan])
 def test_bad_sample_rate_raises(sample_rate):
     with pytest.raises(ValueError, match="sample_rate"):
-        dpsgd_epsilon(1.0, sample_rate, 10, 1e-5)
+        dpsgd_epsilon(noise_multiplier=1.0, sample_rate=sample_rate, steps=10, delta=1e-5)
     with pytest.raises(ValueError, match="sample_rate"):
-        calibrate_noise(1.0, 1e-5, sample_rate, 10)
+        calibrate_noise(target_epsilon=1.0, delta=1e-5, sample_rate=sample_rate, steps=10)
 
 
 def test_negative_noise_multiplier_raises():
     with pytest.raises(ValueError, match="noise_multiplier"):
-        dpsgd_epsilon(-0.1, 0.01, 10, 1e-5)
+        dpsgd_epsilon(noise_multiplier=-0.1, sample_rate=0.01, steps=10, delta=1e-5)
 
 
 def test_bad_method_raises():
     ledger = Ledger().record(1.0, 0.01)
     with pytest.raises(ValueError, match="method"):
-        epsilon(ledger, 1e-5, "gdp")
+        epsilon(ledger, delta=1e-5, method="gdp")
     with pytest.raises(ValueError, match="method"):
-        dpsgd_epsilon(1.0, 0.01, 10, 1e-5, "RDP")
+        dpsgd_epsilon(noise_multiplier=1.0, sample_rate=0.01, steps=10, delta=1e-5, method="RDP")
     with pytest.raises(ValueError, match="method"):
-        calibrate_noise(1.0, 1e-5, 0.01, 10, "gdp")
+        calibrate_noise(target_epsilon=1.0, delta=1e-5, sample_rate=0.01, steps=10, method="gdp")
 
 
 @pytest.mark.parametrize(
@@ -271,7 +368,7 @@ def test_calibrate_noise_bad_args(kwargs, name):
 
 def test_epsilon_needs_a_ledger():
     with pytest.raises(TypeError, match="ledger"):
-        epsilon([(1.0, 0.01, 10)], 1e-5)
+        epsilon([(1.0, 0.01, 10)], delta=1e-5)
 
 
 def test_epsilon_warns_when_the_ledger_holds_non_poisson_steps():
@@ -279,7 +376,7 @@ def test_epsilon_warns_when_the_ledger_holds_non_poisson_steps():
     shuffled = Ledger().record(1.0, 0.1, 10, poisson=False)
     assert shuffled.records[0].poisson is False and shuffled != poisson
     with pytest.warns(UserWarning, match="assumes Poisson sampling"):
-        spent = epsilon(shuffled, 1e-5)
-    assert spent == epsilon(poisson, 1e-5)
+        spent = epsilon(shuffled, delta=1e-5)
+    assert spent == epsilon(poisson, delta=1e-5)
     merged = shuffled.record(1.0, 0.1, 5, poisson=False).record(1.0, 0.1, 1)
     assert [(r.steps, r.poisson) for r in merged.records] == [(15, False), (1, True)]

@@ -37,8 +37,8 @@ def test_account_records_each_update_merged():
     assert state[3] == fdp.AccountState(Ledger())
     state = _steps(privatizer, state, 3)
     assert state[3] == fdp.AccountState(Ledger((LedgerRecord(SIGMA, RATE, 3),)))
-    assert fdp.epsilon(state[3].ledger, DELTA) == pytest.approx(
-        fdp.dpsgd_epsilon(SIGMA, RATE, 3, DELTA)
+    assert fdp.epsilon(state[3].ledger, delta=DELTA) == pytest.approx(
+        fdp.dpsgd_epsilon(noise_multiplier=SIGMA, sample_rate=RATE, steps=3, delta=DELTA)
     )
 
 
@@ -63,7 +63,7 @@ def test_zero_noise_is_recorded_and_costs_infinite_epsilon():
     privatizer = _privatizer(sigma=0.0)
     state = _steps(privatizer, privatizer.init(None), 1)
     assert state[3].ledger == Ledger((LedgerRecord(0.0, RATE, 1),))
-    assert fdp.epsilon(state[3].ledger, DELTA) == math.inf
+    assert fdp.epsilon(state[3].ledger, delta=DELTA) == math.inf
 
 
 def test_state_unchanged_when_a_step_raises():
@@ -79,8 +79,10 @@ def test_state_unchanged_when_a_step_raises():
 
 def _max_epsilon_between(steps: int) -> float:
     """A budget that allows `steps` steps and refuses the next one."""
-    allowed = fdp.dpsgd_epsilon(SIGMA, RATE, steps, DELTA)
-    refused = fdp.dpsgd_epsilon(SIGMA, RATE, steps + 1, DELTA)
+    allowed = fdp.dpsgd_epsilon(noise_multiplier=SIGMA, sample_rate=RATE, steps=steps, delta=DELTA)
+    refused = fdp.dpsgd_epsilon(
+        noise_multiplier=SIGMA, sample_rate=RATE, steps=steps + 1, delta=DELTA
+    )
     return (allowed + refused) / 2
 
 
@@ -100,14 +102,21 @@ def test_budget_allows_steps_under_and_refuses_the_step_over():
 
 
 def test_budget_refuses_the_first_step_if_it_is_already_over():
-    privatizer = _privatizer(fdp.budget(0.5 * fdp.dpsgd_epsilon(SIGMA, RATE, 1, DELTA), DELTA))
+    privatizer = _privatizer(
+        fdp.budget(
+            0.5 * fdp.dpsgd_epsilon(noise_multiplier=SIGMA, sample_rate=RATE, steps=1, delta=DELTA),
+            DELTA,
+        )
+    )
     with pytest.raises(fdp.BudgetExceededError):
         privatizer.update(_per_example(), privatizer.init(None), key=fdr.key(0))
 
 
 def test_budget_with_pld_accounting():
     # One PLD step is allowed with 1% headroom; two steps spend ~15% more.
-    one_step = fdp.dpsgd_epsilon(SIGMA, RATE, 1, DELTA, method="pld")
+    one_step = fdp.dpsgd_epsilon(
+        noise_multiplier=SIGMA, sample_rate=RATE, steps=1, delta=DELTA, method="pld"
+    )
     privatizer = _privatizer(fdp.budget(1.01 * one_step, DELTA, method="pld"))
     state = _steps(privatizer, privatizer.init(None), 1)
     assert state[4].ledger.steps == 1

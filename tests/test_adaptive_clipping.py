@@ -117,7 +117,9 @@ def test_privacy_accounting_and_raised_gradient_noise():
         outs.append(out["w"])
     ledger = state[-1].ledger
     assert ledger.records == (fdp.LedgerRecord(sigma, q, 10),)
-    assert fdp.epsilon(ledger, 1e-5) == fdp.dpsgd_epsilon(sigma, q, 10, 1e-5)
+    assert fdp.epsilon(ledger, delta=1e-5) == fdp.dpsgd_epsilon(
+        noise_multiplier=sigma, sample_rate=q, steps=10, delta=1e-5
+    )
     raised = (sigma**-2 - (2 * sigma_b) ** -2) ** -0.5
     assert T.gradient_noise_multiplier(sigma, sigma_b) == pytest.approx(raised, rel=1e-12)
     measured = float(torch.stack(outs).std())

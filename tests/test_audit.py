@@ -43,7 +43,7 @@ def audit_and_epsilon(privatizer, *, sample_rate, steps, seed, canary_norm=None)
     result = audit.audit_privatizer(privatizer, PARAMS, delta=DELTA, num_canaries=M, **kwargs)
     run = audit.run_dirac_canaries(privatizer, PARAMS, num_canaries=M, **kwargs)
     assert torch.equal(run.scores, result.scores) and torch.equal(run.included, result.included)
-    return result, fdp.epsilon(run.ledger, DELTA)
+    return result, fdp.epsilon(run.ledger, delta=DELTA)
 
 
 # ---- canaries ----------------------------------------------------------------------------
@@ -137,7 +137,9 @@ def test_ledger_is_the_chains_own():
         dpsgd(sigma, sample_rate=0.5), PARAMS, sample_rate=0.5, steps=4, key=fdp.random.key(0)
     )
     assert run.ledger == fdp.Ledger().record(sigma, 0.5, 4)
-    assert fdp.epsilon(run.ledger, DELTA) == fdp.dpsgd_epsilon(sigma, 0.5, 4, DELTA)
+    assert fdp.epsilon(run.ledger, delta=DELTA) == fdp.dpsgd_epsilon(
+        noise_multiplier=sigma, sample_rate=0.5, steps=4, delta=DELTA
+    )
 
 
 def test_audit_refuses_bad_arguments():
@@ -171,7 +173,9 @@ def test_correct_engine_stays_below_the_accountants_epsilon(target):
     # Full batch, one step (the strongest setting for the auditor), and Poisson sampling at
     # q = 0.5 over 5 steps; sigma calibrated by funcdp.calibrate_noise for each.
     for rate, steps, seeds in ((1.0, 1, range(3)), (0.5, 5, range(1))):
-        sigma = fdp.calibrate_noise(target, DELTA, rate, steps)
+        sigma = fdp.calibrate_noise(
+            target_epsilon=target, delta=DELTA, sample_rate=rate, steps=steps
+        )
         for seed in seeds:
             result, epsilon = audit_and_epsilon(
                 dpsgd(sigma, sample_rate=rate), sample_rate=rate, steps=steps, seed=seed
@@ -186,7 +190,7 @@ def test_audit_reaches_half_the_one_run_ceiling(target):
     # one-run method can certify against this Gaussian mechanism (mu = 1 / sigma) with 1000
     # canaries and the best number of guesses. The ceilings for an exactly eps-DP mechanism and
     # for all-correct guesses are printed beside it.
-    sigma = fdp.calibrate_noise(target, DELTA, 1.0, 1)
+    sigma = fdp.calibrate_noise(target_epsilon=target, delta=DELTA, sample_rate=1.0, steps=1)
     ceiling, _ = audit.one_run_gaussian_ceiling(M, 1.0 / sigma, delta=DELTA)
     pure, _ = audit.one_run_ceiling(M, delta=DELTA, epsilon=target)
     perfect, _ = audit.one_run_ceiling(M, delta=DELTA)
@@ -207,7 +211,9 @@ def test_sweep_correct_engine_over_many_seeds():
     # 20 audits per setting; at 95% confidence at most one in twenty may exceed, none should.
     for target in (1.0, 2.0, 4.0, 8.0):
         for rate, steps in ((1.0, 1), (1.0, 4), (0.5, 5)):
-            sigma = fdp.calibrate_noise(target, DELTA, rate, steps)
+            sigma = fdp.calibrate_noise(
+                target_epsilon=target, delta=DELTA, sample_rate=rate, steps=steps
+            )
             privatizer = dpsgd(sigma, sample_rate=rate)
             found = [
                 audit_and_epsilon(privatizer, sample_rate=rate, steps=steps, seed=seed)
@@ -225,7 +231,7 @@ CLAIMED = 2.0
 
 
 def calibrated_sigma():
-    return fdp.calibrate_noise(CLAIMED, DELTA, 1.0, 1)
+    return fdp.calibrate_noise(target_epsilon=CLAIMED, delta=DELTA, sample_rate=1.0, steps=1)
 
 
 def test_noise_removed_is_caught():
@@ -308,7 +314,7 @@ def test_many_run_scores_go_through_the_real_chain():
 
 @pytest.mark.parametrize("target", [2.0, 8.0])
 def test_many_run_audit_stays_below_the_accountant(target):
-    sigma = fdp.calibrate_noise(target, DELTA, 1.0, 1)
+    sigma = fdp.calibrate_noise(target_epsilon=target, delta=DELTA, sample_rate=1.0, steps=1)
     privatizer = dpsgd(sigma)
     _, _, result = many_run(privatizer)
     assert 0.0 < result.epsilon_lower_bound <= target
@@ -317,7 +323,7 @@ def test_many_run_audit_stays_below_the_accountant(target):
 
 
 def test_many_run_audit_catches_noise_for_a_reduced_sensitivity():
-    sigma = fdp.calibrate_noise(CLAIMED, DELTA, 1.0, 1)
+    sigma = fdp.calibrate_noise(target_epsilon=CLAIMED, delta=DELTA, sample_rate=1.0, steps=1)
     _, _, result = many_run(dpsgd(sigma, clipper=fdp.clip(1.0)._replace(sensitivity=0.25)))
     assert result.epsilon_lower_bound > CLAIMED
 
@@ -397,9 +403,9 @@ def test_black_box_audit_catches_non_private_training_and_passes_dp_training():
     # No noise and no effective clipping: the model memorizes the mislabelled canaries.
     leaky, _ = train_with_input_canaries(0.0, 100.0, steps=steps)
     assert leaky.epsilon_lower_bound > claimed
-    sigma = fdp.calibrate_noise(claimed, DELTA, 1.0, steps)
+    sigma = fdp.calibrate_noise(target_epsilon=claimed, delta=DELTA, sample_rate=1.0, steps=steps)
     private, ledger = train_with_input_canaries(sigma, 1.0, steps=steps)
-    assert private.epsilon_lower_bound <= fdp.epsilon(ledger, DELTA)
+    assert private.epsilon_lower_bound <= fdp.epsilon(ledger, delta=DELTA)
 
 
 # ---- the command and the notebook ----------------------------------------------------------

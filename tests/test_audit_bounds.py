@@ -214,7 +214,7 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="num_guesses must be in"):
         bounds.one_run_epsilon_lower_bound(10, 11, 6, delta=1e-5)
     with pytest.raises(ValueError, match="delta must be in"):
-        bounds.one_run_epsilon_lower_bound(10, 5, 5, delta=0.0)
+        bounds.one_run_epsilon_lower_bound(10, 5, 5, delta=1.0)
     with pytest.raises(ValueError, match="confidence must be in"):
         bounds.one_run_epsilon_lower_bound(10, 5, 5, delta=1e-5, confidence=1.0)
     with pytest.raises(ValueError, match="successes must be"):
@@ -225,3 +225,74 @@ def test_errors_name_the_argument():
         bounds.guess_from_scores([1.0, 2.0], [True, False], delta=1e-5, guess_counts=(2,))
     with pytest.raises(ValueError, match="mu must be"):
         bounds.gaussian_dp_epsilon(-1.0, delta=1e-5)
+
+
+# --- delta = 0: pure DP, as Steinke, Nasr & Jagielski (2023) report ------------------------
+
+
+@pytest.mark.parametrize("m, r, v", [(1000, 100, 100), (1000, 1000, 881), (300, 60, 45)])
+def test_one_run_bound_at_delta_zero_is_finite_and_no_lower_than_at_positive_delta(m, r, v):
+    pure = bounds.one_run_epsilon_lower_bound(m, r, v, delta=0.0)
+    assert math.isfinite(pure)
+    assert pure >= bounds.one_run_epsilon_lower_bound(m, r, v, delta=1e-5) > 0
+    # The largest rejected epsilon of Theorem 5.2 with its delta term gone.
+    assert scipy_one_run_p_value(m, r, v, pure, 0.0) < 0.05 + 1e-12
+    assert scipy_one_run_p_value(m, r, v, pure + 1e-6, 0.0) > 0.05
+
+
+def test_all_correct_bound_at_delta_zero_is_the_closed_form():
+    for r in (10, 100, 1000):
+        p = 0.05 ** (1 / r)
+        got = bounds.one_run_epsilon_lower_bound(1000, r, r, delta=0.0, confidence=0.95)
+        assert got == pytest.approx(math.log(p / (1 - p)), rel=1e-9)
+
+
+def test_one_run_ceiling_and_guesses_accept_delta_zero():
+    ceiling, guesses = bounds.one_run_ceiling(1000, delta=0.0)
+    assert math.isfinite(ceiling) and guesses == 1000
+    assert ceiling >= bounds.one_run_ceiling(1000, delta=1e-5)[0]
+    gaussian, _ = bounds.one_run_gaussian_ceiling(1000, 2.0, delta=0.0)
+    assert math.isfinite(gaussian)
+    assert gaussian >= bounds.one_run_gaussian_ceiling(1000, 2.0, delta=1e-5)[0] > 0
+    included = np.arange(1000) % 2 == 0
+    pure = bounds.guess_from_scores(included.astype(float), included, delta=0.0)
+    assert math.isfinite(pure.epsilon_lower_bound)
+    approx = bounds.guess_from_scores(included.astype(float), included, delta=1e-5)
+    assert pure.epsilon_lower_bound >= approx.epsilon_lower_bound > 0
+
+
+@pytest.mark.parametrize("fp, fn, n", [(5, 40, 1000), (3, 0, 50), (0, 0, 100)])
+def test_many_run_bound_at_delta_zero_matches_an_independent_computation(fp, fn, n):
+    level = (1 - 0.95) / 2
+    fpr = stats.beta.ppf(1 - level, fp + 1, n - fp)
+    fnr = stats.beta.ppf(1 - level, fn + 1, n - fn)
+    expected = max(0.0, math.log((1 - fnr) / fpr), math.log((1 - fpr) / fnr))
+    pure = bounds.many_run_epsilon_lower_bound(fp, fn, n, delta=0.0)
+    assert math.isfinite(pure)
+    assert pure == pytest.approx(expected, rel=1e-7, abs=1e-9)
+    assert pure >= bounds.many_run_epsilon_lower_bound(fp, fn, n, delta=1e-5) > 0
+
+
+def test_gaussian_dp_refuses_delta_zero_and_says_why():
+    with pytest.raises(ValueError, match=r"delta must be in \(0, 1\).*infinite epsilon"):
+        bounds.gaussian_dp_epsilon(1.0, delta=0.0)
+    with pytest.raises(ValueError, match=r"delta must be in \(0, 1\).*infinite epsilon"):
+        bounds.many_run_gdp_epsilon_lower_bound(5, 40, 1000, delta=0.0)
+
+
+@pytest.mark.parametrize("delta", [-0.1, 1.0, 1.5, math.nan, True])
+def test_bounds_refuse_delta_outside_zero_one_naming_delta(delta):
+    with pytest.raises(ValueError, match=r"delta must be in \[0, 1\)"):
+        bounds.one_run_p_value(100, 10, 10, 1.0, delta=delta)
+    with pytest.raises(ValueError, match=r"delta must be in \[0, 1\)"):
+        bounds.one_run_epsilon_lower_bound(100, 10, 10, delta=delta)
+    with pytest.raises(ValueError, match=r"delta must be in \[0, 1\)"):
+        bounds.one_run_ceiling(100, delta=delta)
+    with pytest.raises(ValueError, match=r"delta must be in \[0, 1\)"):
+        bounds.guess_from_scores([1.0, 0.0], [True, False], delta=delta)
+    with pytest.raises(ValueError, match=r"delta must be in \[0, 1\)"):
+        bounds.many_run_epsilon_lower_bound(5, 40, 1000, delta=delta)
+    with pytest.raises(ValueError, match=r"delta must be in \(0, 1\)"):
+        bounds.gaussian_dp_epsilon(1.0, delta=delta)
+    with pytest.raises(ValueError, match=r"delta must be in \(0, 1\)"):
+        bounds.many_run_gdp_epsilon_lower_bound(5, 40, 1000, delta=delta)

@@ -89,8 +89,10 @@ def test_fit_reports_the_ledgers_epsilon_and_is_deterministic():
     steps = round(1 / q)
     assert first.state.step == steps
     assert first.state.ledger.records == (fdp.LedgerRecord(first.noise_multiplier, q, steps),)
-    assert first.noise_multiplier == fdp.calibrate_noise(3.0, 1e-5, q, steps)
-    assert first.epsilon == fdp.epsilon(first.state.ledger, 1e-5) <= 3.0
+    assert first.noise_multiplier == fdp.calibrate_noise(
+        target_epsilon=3.0, delta=1e-5, sample_rate=q, steps=steps
+    )
+    assert first.epsilon == fdp.epsilon(first.state.ledger, delta=1e-5) <= 3.0
     for name, value in first.model.state_dict().items():
         assert torch.equal(value, again.model.state_dict()[name])
     assert not torch.equal(first.model.weight, other.model.weight)
@@ -149,14 +151,18 @@ def test_epsilon_prints_dpsgd_epsilon(capsys, method):
         capsys, "epsilon", "--sample-rate", "0.01", "--noise-multiplier", "1.1",
         "--steps", "300", "--delta", "1e-6", "--accountant", method,
     )  # fmt: skip
-    assert float(out) == fdp.dpsgd_epsilon(1.1, 0.01, 300, 1e-6, method)
+    assert float(out) == fdp.dpsgd_epsilon(
+        noise_multiplier=1.1, sample_rate=0.01, steps=300, delta=1e-6, method=method
+    )
 
 
 def test_noise_prints_calibrate_noise(capsys):
     out = _run(capsys, "noise", "--epsilon", "2", "--sample-rate", "0.02", "--steps", "500")
     sigma = float(out)
-    assert sigma == fdp.calibrate_noise(2.0, 1e-5, 0.02, 500, "rdp")
-    assert fdp.dpsgd_epsilon(sigma, 0.02, 500, 1e-5) <= 2.0
+    assert sigma == fdp.calibrate_noise(
+        target_epsilon=2.0, delta=1e-5, sample_rate=0.02, steps=500, method="rdp"
+    )
+    assert fdp.dpsgd_epsilon(noise_multiplier=sigma, sample_rate=0.02, steps=500, delta=1e-5) <= 2.0
 
 
 BAD_ARGUMENTS = [

@@ -60,7 +60,7 @@ def test_compiled_step_gives_the_eager_parameters_after_five_noisy_steps(mode):
     assert compiled.step == eager.step == 5
     assert_trees_close(compiled.params, eager.params, rtol=1e-5, atol=1e-5)
     assert_trees_close(compiled.opt_state, eager.opt_state, rtol=1e-5, atol=1e-5)
-    assert fdp.epsilon(compiled.ledger, 1e-5) == fdp.epsilon(eager.ledger, 1e-5)
+    assert fdp.epsilon(compiled.ledger, delta=1e-5) == fdp.epsilon(eager.ledger, delta=1e-5)
     for got, want in zip(compiled_metrics, eager_metrics, strict=True):
         assert got["batch_size"] == want["batch_size"]
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)

@@ -167,7 +167,7 @@ def test_two_processes_match_one_process(ranks):
         for name, value in single.params.items():
             torch.testing.assert_close(result["params"][name], value, rtol=0, atol=1e-6)
         assert result["ledger"] == single.ledger
-        assert fdp.epsilon(result["ledger"], 1e-5) == fdp.epsilon(single.ledger, 1e-5)
+        assert fdp.epsilon(result["ledger"], delta=1e-5) == fdp.epsilon(single.ledger, delta=1e-5)
         for got, want in zip(result["metrics"], single_metrics, strict=True):
             assert got["batch_size"] == want["batch_size"]
             assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)

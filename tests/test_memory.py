@@ -207,7 +207,7 @@ def test_auto_train_step_equals_the_unchunked_step(options, mode):
     state, metrics = _run(3, mode=mode, **options)
     assert_trees_close(state.params, expected.params, rtol=1e-6, atol=1e-6)
     assert state.step == 3
-    assert fdp.epsilon(state.ledger, 1e-5) == fdp.epsilon(expected.ledger, 1e-5)
+    assert fdp.epsilon(state.ledger, delta=1e-5) == fdp.epsilon(expected.ledger, delta=1e-5)
     for got, want in zip(metrics, expected_metrics, strict=True):
         assert got["batch_size"] == want["batch_size"] == 13
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)

@@ -172,7 +172,7 @@ def test_save_load_resume_is_bit_identical(tmp_path, make_optimizer):
 
     _assert_states_equal(state, uninterrupted)
     assert state.ledger == uninterrupted.ledger and state.ledger.steps == 6
-    assert fdp.epsilon(state.ledger, 1e-5) == fdp.epsilon(uninterrupted.ledger, 1e-5)
+    assert fdp.epsilon(state.ledger, delta=1e-5) == fdp.epsilon(uninterrupted.ledger, delta=1e-5)
 
 
 # ---------------------------------------------------------------- refused input
@@ -274,7 +274,9 @@ def test_step_is_pure_and_noise_depends_on_step_and_key():
 
 
 def test_budget_refuses_the_step_that_would_exceed_it():
-    spent = [fdp.dpsgd_epsilon(1.0, Q, t, 1e-5) for t in (2, 3)]
+    spent = [
+        fdp.dpsgd_epsilon(noise_multiplier=1.0, sample_rate=Q, steps=t, delta=1e-5) for t in (2, 3)
+    ]
     max_epsilon = (spent[0] + spent[1]) / 2
     *_, state, step = _setup(noise=1.0, extra=(fdp.budget(max_epsilon, delta=1e-5),))
     for seed in range(2):
@@ -284,7 +286,7 @@ def test_budget_refuses_the_step_that_would_exceed_it():
         step(state, _batch(seed=2))
     _assert_states_equal(state, snapshot)
     assert state.step == 2 and state.ledger.steps == 2
-    assert fdp.epsilon(state.ledger, 1e-5) == spent[0] < max_epsilon
+    assert fdp.epsilon(state.ledger, delta=1e-5) == spent[0] < max_epsilon
 
 
 def test_ledger_needs_exactly_one_account():

@@ -17,17 +17,21 @@ from funcdp.accounting.ledger import Ledger
 Method = Literal["rdp", "pld"]
 
 
-def epsilon(ledger: Ledger, delta: float, method: Method = "rdp") -> float:
+def epsilon(ledger: Ledger, *, delta: float, method: Method = "rdp") -> float:
     """The epsilon spent by the mechanisms in `ledger` at this `delta`.
 
     Args:
       ledger: the records of the steps taken (`TrainState.ledger`).
-      delta: target delta in (0, 1).
+      delta: target delta in (0, 1), keyword only (a positional float could be anything).
       method: "rdp" (Renyi DP, as Opacus and TF Privacy report) or "pld" (privacy loss
         distributions: tighter, slower).
 
     Returns:
       epsilon; 0.0 for an empty ledger and inf if any step was released without noise.
+
+    Raises:
+      TypeError: ledger is not a `Ledger`.
+      ValueError: delta outside (0, 1) or an unknown method.
     """
     check_delta(delta)
     _check_method(method)
@@ -51,24 +55,62 @@ def epsilon(ledger: Ledger, delta: float, method: Method = "rdp") -> float:
 
 
 def dpsgd_epsilon(
+    *,
     noise_multiplier: float,
     sample_rate: float,
     steps: int,
     delta: float,
     method: Method = "rdp",
 ) -> float:
-    """Epsilon of `steps` DP-SGD steps with Poisson sampling at `sample_rate`."""
-    return epsilon(Ledger().record(noise_multiplier, sample_rate, steps), delta, method)
+    """Epsilon of `steps` DP-SGD steps with Poisson sampling at `sample_rate`.
+
+    Every argument is keyword only: `sample_rate` and `delta` both lie in (0, 1), so a
+    positional swap would pass every check and return a wrong epsilon.
+
+    Args:
+      noise_multiplier: noise std / clip norm, >= 0.
+      sample_rate: Poisson sampling rate q in (0, 1].
+      steps: number of steps, >= 0.
+      delta: target delta in (0, 1).
+      method: "rdp" or "pld", as in `epsilon`.
+
+    Returns:
+      epsilon; 0.0 for zero steps and inf for a zero noise multiplier.
+
+    Raises:
+      ValueError: an argument outside its range or an unknown method.
+    """
+    ledger = Ledger().record(noise_multiplier, sample_rate, steps)
+    return epsilon(ledger, delta=delta, method=method)
 
 
 def calibrate_noise(
+    *,
     target_epsilon: float,
     delta: float,
     sample_rate: float,
     steps: int,
     method: Method = "rdp",
 ) -> float:
-    """The smallest noise multiplier whose `steps` DP-SGD steps spend at most `target_epsilon`."""
+    """The smallest noise multiplier whose `steps` DP-SGD steps spend at most `target_epsilon`.
+
+    Every argument is keyword only: `delta` and `sample_rate` both lie in (0, 1), so a
+    positional swap would pass every check and return a too-small noise multiplier.
+
+    Args:
+      target_epsilon: the epsilon the run may spend, > 0.
+      delta: target delta in (0, 1).
+      sample_rate: Poisson sampling rate q in (0, 1].
+      steps: number of steps, a positive int.
+      method: "rdp" or "pld", as in `epsilon`.
+
+    Returns:
+      sigma such that `dpsgd_epsilon` at sigma is at most `target_epsilon` (the search stops
+      within a relative 1e-4 of the smallest such sigma).
+
+    Raises:
+      ValueError: an argument outside its range or an unknown method.
+    """
     check_positive("target_epsilon", target_epsilon)
     check_delta(delta)
     check_sample_rate(sample_rate)
@@ -79,14 +121,24 @@ def calibrate_noise(
     def event(noise_multiplier: float) -> dp_accounting.DpEvent:
         return Ledger().record(noise_multiplier, sample_rate, steps).to_dp_event()
 
+    def spent(noise_multiplier: float, kind: Method) -> float:
+        ledger = Ledger().record(noise_multiplier, sample_rate, steps)
+        return epsilon(ledger, delta=delta, method=kind)
+
     if method == "rdp":
         bracket = dp_accounting.LowerEndpointAndGuess(1e-3, 1.0)
     else:
         # PLD is tighter than RDP, so RDP's sigma bounds PLD's from above; a PLD accountant at a
         # tiny sigma would need gigabytes, so the search starts from that bound and halves down.
-        upper = calibrate_noise(target_epsilon, delta, sample_rate, steps, "rdp")
+        upper = calibrate_noise(
+            target_epsilon=target_epsilon,
+            delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            method="rdp",
+        )
         lower = upper / 2
-        while dpsgd_epsilon(lower, sample_rate, steps, delta, "pld") <= target_epsilon:
+        while spent(lower, "pld") <= target_epsilon:
             upper, lower = lower, lower / 2
         bracket = dp_accounting.ExplicitBracketInterval(lower, upper)
     with _quiet_absl():
@@ -94,7 +146,7 @@ def calibrate_noise(
             lambda: _accountant(method), event, target_epsilon, delta, bracket, tol=1e-4
         )
     # The search stops within `tol`; step up until the guarantee holds for the returned value.
-    while dpsgd_epsilon(sigma, sample_rate, steps, delta, method) > target_epsilon:
+    while spent(sigma, method) > target_epsilon:
         sigma *= 1.0 + 1e-4
     check_noise_multiplier(sigma)
     return float(sigma)

@@ -15,6 +15,10 @@ bound above the accountant's epsilon proves that the code does not do what the p
   test, turned into eps with the hypothesis-testing view of (eps, delta)-DP, or through the
   Gaussian-DP trade-off curve.
 
+The (eps, delta) bounds take delta in [0, 1): delta = 0 bounds pure eps-DP, as Steinke et al.
+(2023) report. The Gaussian-DP conversions need delta > 0, since a mu-GDP mechanism with mu > 0
+has infinite epsilon at delta = 0.
+
 No scipy at run time: binomial tails are summed in log space from log-factorials, and the
 Clopper-Pearson bound is found by bisection on the binomial tail (the beta quantile equals it).
 """
@@ -69,8 +73,7 @@ def one_run_p_value(
     _check_counts(num_canaries, num_guesses, num_correct)
     if not epsilon >= 0:
         raise ValueError(f"epsilon must be >= 0, got {epsilon!r}")
-    if not 0.0 <= delta < 1.0:
-        raise ValueError(f"delta must be in [0, 1), got {delta!r}")
+    check_delta(delta, allow_zero=True)
     if num_correct == 0:
         return 1.0
     log_p = -math.log1p(math.exp(-epsilon))
@@ -102,17 +105,17 @@ def one_run_epsilon_lower_bound(
       num_canaries: m >= 1.
       num_guesses: r, 0 <= r <= m.
       num_correct: v, 0 <= v <= r.
-      delta: the delta at which to bound epsilon, in (0, 1).
+      delta: the delta at which to bound epsilon, in [0, 1); 0 bounds pure eps-DP.
       confidence: in (0, 1).
 
     Returns:
       The lower bound on epsilon, >= 0 (0 when the guesses prove nothing).
 
     Raises:
-      ValueError: counts out of range, delta outside (0, 1) or confidence outside (0, 1).
+      ValueError: counts out of range, delta outside [0, 1) or confidence outside (0, 1).
     """
     _check_counts(num_canaries, num_guesses, num_correct)
-    check_delta(delta)
+    check_delta(delta, allow_zero=True)
     _check_confidence(confidence)
     level = 1.0 - confidence
 
@@ -205,7 +208,7 @@ def guess_from_scores(
     Args:
       scores: one score per canary, higher meaning "more likely included".
       included: whether each canary was included in the run (the secret the auditor guesses).
-      delta: the delta at which to bound epsilon.
+      delta: the delta at which to bound epsilon, in [0, 1); 0 bounds pure eps-DP.
       confidence: in (0, 1).
       guess_counts: the candidate k (guesses per side); default a fixed grid of fractions of
         the canaries, chosen before seeing the scores.
@@ -283,10 +286,14 @@ def many_run_epsilon_lower_bound(
     for `false_positives` runs without it and "out" for `false_negatives` runs with it. Any
     (eps, delta)-DP mechanism has FPR + e^eps FNR >= 1 - delta and the mirror inequality, so
     with Clopper-Pearson upper bounds on both rates (each at level (1 - confidence) / 2),
-    eps >= max(log((1 - delta - FNR) / FPR), log((1 - delta - FPR) / FNR)).
+    eps >= max(log((1 - delta - FNR) / FPR), log((1 - delta - FPR) / FNR)), with delta in
+    [0, 1) (0 bounds pure eps-DP).
 
     Returns:
       The lower bound, >= 0, holding with probability at least `confidence`.
+
+    Raises:
+      ValueError: counts out of range, delta outside [0, 1) or confidence outside (0, 1).
     """
     fpr, fnr = _error_rate_bounds(false_positives, false_negatives, num_trials, delta, confidence)
     candidates = [0.0]
@@ -313,8 +320,12 @@ def gaussian_dp_epsilon(mu: float, *, delta: float) -> float:
     """The epsilon at `delta` of a mu-GDP mechanism (Dong, Roth & Su 2019, Corollary 2.13).
 
     Solves delta = Phi(-eps / mu + mu / 2) - e^eps Phi(-eps / mu - mu / 2) for eps by bisection.
+
+    Raises:
+      ValueError: delta outside (0, 1) (at delta = 0 the epsilon of mu-GDP is infinite) or mu
+        not >= 0.
     """
-    check_delta(delta)
+    _check_gdp_delta(delta)
     if not mu >= 0:
         raise ValueError(f"mu must be >= 0, got {mu!r}")
     if mu == 0:
@@ -339,8 +350,10 @@ def many_run_gdp_epsilon_lower_bound(
 
     Tighter than `many_run_epsilon_lower_bound` for mechanisms whose trade-off curve is Gaussian
     (DP-SGD), as in Nasr et al. (2023); it assumes that shape, so it is an estimate rather than
-    a proof for other mechanisms.
+    a proof for other mechanisms. `delta` must be in (0, 1): at delta = 0 the epsilon of mu-GDP
+    is infinite.
     """
+    _check_gdp_delta(delta)
     mu = gaussian_dp_mu_lower_bound(
         false_positives, false_negatives, num_trials, confidence=confidence
     )
@@ -350,7 +363,7 @@ def many_run_gdp_epsilon_lower_bound(
 def _error_rate_bounds(
     false_positives: int, false_negatives: int, num_trials: int, delta: float, confidence: float
 ) -> tuple[float, float]:
-    check_delta(delta)
+    check_delta(delta, allow_zero=True)
     _check_confidence(confidence)
     level = (1.0 - confidence) / 2.0
     fpr = clopper_pearson_upper(false_positives, num_trials, level)
@@ -386,6 +399,16 @@ def _check_counts(num_canaries: int, num_guesses: int, num_correct: int) -> None
         raise ValueError(
             f"num_correct must be in [0, num_guesses={num_guesses}], got {num_correct}"
         )
+
+
+def _check_gdp_delta(delta: float) -> None:
+    """Raises unless 0 < delta < 1, and says why delta = 0 is refused."""
+    if isinstance(delta, (int, float)) and not isinstance(delta, bool) and delta == 0:
+        raise ValueError(
+            f"delta must be in (0, 1) for a mu-GDP bound, got {delta!r}: a mu-GDP mechanism "
+            "with mu > 0 has infinite epsilon at delta = 0"
+        )
+    check_delta(delta)
 
 
 def _check_confidence(confidence: float) -> None:

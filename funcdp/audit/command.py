@@ -95,7 +95,9 @@ def audit_training(
             real * F.cross_entropy(logits, y[None]) + (params[CANARY_PARAMETER] * direction).sum()
         )
 
-    sigma = fdp.calibrate_noise(target_epsilon, delta, sample_rate, steps)
+    sigma = fdp.calibrate_noise(
+        target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps
+    )
     # A public constant: the expected batch size if half the canaries join, whoever joins.
     expected_batch = sample_rate * (len(x_train) + num_canaries / 2)
     privatizer = fdp.chain(
@@ -120,7 +122,7 @@ def audit_training(
         logits = apply_fn(without_canary_parameter(state.params), state.buffers, x_test)
     accuracy = float((logits.argmax(1) == y_test).float().mean())
     return TrainingAudit(
-        fdp.epsilon(state.ledger, delta),
+        fdp.epsilon(state.ledger, delta=delta),
         sigma,
         outcome.epsilon_lower_bound,
         outcome.num_guesses,

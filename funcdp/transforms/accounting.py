@@ -74,7 +74,7 @@ def budget(max_epsilon: float, delta: float, method: Method = "rdp") -> Gradient
 
         def update(updates, state, params=None, *, key=None, mask=None):
             updates, new_state = record.update(updates, state, params, key=key, mask=mask)
-            spent = epsilon(new_state.ledger, delta, method)
+            spent = epsilon(new_state.ledger, delta=delta, method=method)
             if spent > max_epsilon or math.isnan(spent):
                 raise BudgetExceededError(
                     f"this step would spend epsilon={spent:.4g} at delta={delta:g}, over the "
