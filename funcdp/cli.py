@@ -8,9 +8,11 @@ the exit code: 0 on success, 2 for bad arguments, with a one-line message naming
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
+import secrets
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, NoReturn
@@ -137,7 +139,12 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         "--accountant", choices=ACCOUNTANTS, default=d.accountant, help="default %(default)s"
     )
     parser.add_argument("--data", metavar="PATH", help=_DATA_HELP)
-    parser.add_argument("--save", metavar="PATH", help="write the trained model's state_dict here")
+    parser.add_argument(
+        "--save",
+        metavar="PATH",
+        help="write the trained model's state_dict here (checked before training; written to a "
+        "temporary file beside PATH and renamed onto it, so PATH is never left half-written)",
+    )
 
 
 def train(args: argparse.Namespace) -> int:
@@ -152,6 +159,8 @@ def train(args: argparse.Namespace) -> int:
         hidden=args.hidden,
         accountant=args.accountant,
     )
+    if args.save is not None:
+        _check_save_path(args.save)
     try:
         data = datasets.load_npz(args.data) if args.data else datasets.load_digits()
     except ValueError as error:
@@ -199,8 +208,8 @@ def train(args: argparse.Namespace) -> int:
     progress.clear()
     if not lead:
         return 0
-    if args.save:
-        torch.save(result.model.state_dict(), args.save)
+    if args.save is not None:
+        _save(result.model.state_dict(), args.save)
         print(f"saved the model's state_dict to {args.save}")
     print(
         f"final: test_accuracy={result.test_accuracy:.3f} epsilon={result.epsilon:.2f} "
@@ -208,6 +217,42 @@ def train(args: argparse.Namespace) -> int:
         flush=True,
     )
     return 0
+
+
+def _check_save_path(path: str) -> None:
+    """Raises CommandError unless `path` names a file that can be written: fails before training."""
+    if not path:
+        raise CommandError("argument --save: expected a file path, got ''")
+    if path.endswith(("/", os.sep)) or os.path.isdir(path):
+        raise CommandError(f"argument --save: {path!r} is a directory, not a file path")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise CommandError(f"argument --save: directory {directory!r} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise CommandError(f"argument --save: directory {directory!r} is not writable")
+
+
+def _save(state_dict: dict, path: str) -> None:
+    """Writes `state_dict` atomically: to a temporary file beside `path`, renamed onto `path`.
+
+    On any failure (an exception, KeyboardInterrupt) the temporary file is removed, and a file
+    already at `path` keeps its bytes: os.replace swaps in the whole new file or nothing.
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(directory, f".{name}.{secrets.token_hex(8)}.tmp")
+    # O_EXCL: never write into someone else's file; mode 0o666 minus the umask, as open() gives.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    descriptor = os.open(temporary, flags, 0o666)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            torch.save(state_dict, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def _join_torchrun() -> Any:

@@ -8,11 +8,13 @@ Optimizers only post-process the privatized gradient, so they cost no privacy.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 
+from funcdp._checks import _is_real, check_positive
 from funcdp.transforms.base import AGGREGATE, GradientTransformation
 from funcdp.tree import tree_clone, tree_map, tree_zeros_like
 
@@ -44,10 +46,14 @@ class TorchOptimizerState(NamedTuple):
 def sgd(
     learning_rate: LearningRate, momentum: float = 0.0, nesterov: bool = False
 ) -> GradientTransformation:
-    """Stochastic gradient descent, with optional (Nesterov) heavy-ball momentum."""
+    """Stochastic gradient descent, with optional (Nesterov) heavy-ball momentum.
+
+    Raises:
+      ValueError: learning_rate is not a finite number >= 0 or a schedule, or momentum is not in
+        [0, 1); at update time, a schedule returned something other than a finite number >= 0.
+    """
     _check_learning_rate(learning_rate)
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    _check_beta("momentum", momentum)
 
     def init(params):
         return SgdState(0, tree_zeros_like(params) if momentum else ())
@@ -79,7 +85,11 @@ def adam(
     b2: float = 0.999,
     eps: float = 1e-8,
 ) -> GradientTransformation:
-    """Adam (Kingma & Ba 2015) with bias correction."""
+    """Adam (Kingma & Ba 2015) with bias correction.
+
+    Raises:
+      ValueError: as `adamw`.
+    """
     return adamw(learning_rate, b1, b2, eps, weight_decay=0.0)
 
 
@@ -90,13 +100,19 @@ def adamw(
     eps: float = 1e-8,
     weight_decay: float = 1e-2,
 ) -> GradientTransformation:
-    """Adam with decoupled weight decay (Loshchilov & Hutter 2019); needs `params` in update."""
+    """Adam with decoupled weight decay (Loshchilov & Hutter 2019); needs `params` in update.
+
+    Raises:
+      ValueError: learning_rate is not a finite number >= 0 or a schedule, b1 or b2 is not in
+        [0, 1), eps is not a finite number > 0, or weight_decay is not a finite number >= 0; at
+        update time, a schedule returned something other than a finite number >= 0.
+    """
     _check_learning_rate(learning_rate)
-    for name, beta in (("b1", b1), ("b2", b2)):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {beta!r}")
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    _check_beta("b1", b1)
+    _check_beta("b2", b2)
+    check_positive("eps", eps)
+    if not _is_real(weight_decay) or not 0.0 <= weight_decay < math.inf:
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
 
     def init(params):
         return AdamState(0, tree_zeros_like(params), tree_zeros_like(params))
@@ -163,13 +179,42 @@ def from_torch(
 
 
 def _rate(learning_rate: LearningRate, count: int) -> float:
-    return float(learning_rate(count)) if callable(learning_rate) else float(learning_rate)
+    """The learning rate at step `count`; raises (before any update) on a bad schedule value."""
+    if not callable(learning_rate):
+        return float(learning_rate)
+    value = learning_rate(count)
+    rate = value.item() if _is_scalar_tensor(value) else value
+    if (
+        not isinstance(rate, numbers.Real)
+        or isinstance(rate, bool)
+        or not 0.0 <= float(rate) < math.inf  # also refuses NaN
+    ):
+        raise ValueError(
+            f"learning_rate schedule must return a finite number >= 0, got {value!r} at step "
+            f"{count}"
+        )
+    return float(rate)
+
+
+def _is_scalar_tensor(value: Any) -> bool:
+    """A one-element real tensor (a schedule may compute its rate with torch)."""
+    return (
+        isinstance(value, torch.Tensor)
+        and value.numel() == 1
+        and not value.dtype.is_complex
+        and value.dtype != torch.bool
+    )
 
 
 def _check_learning_rate(learning_rate: LearningRate) -> None:
     if callable(learning_rate):
         return
-    if not isinstance(learning_rate, (int, float)) or not 0 <= learning_rate < math.inf:
+    if not _is_real(learning_rate) or not 0 <= learning_rate < math.inf:
         raise ValueError(
             f"learning_rate must be a finite number >= 0 or a schedule, got {learning_rate!r}"
         )
+
+
+def _check_beta(name: str, beta: float) -> None:
+    if not _is_real(beta) or not 0.0 <= beta < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {beta!r}")

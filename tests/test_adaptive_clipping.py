@@ -150,6 +150,11 @@ def test_refuses_sigma_at_or_above_twice_sigma_b(sigma):
 def test_argument_errors_name_the_argument():
     with pytest.raises(ValueError, match="target_quantile must be in \\[0, 1\\], got 1.5"):
         T.adaptive_clip(1.0, 1.5, count_noise_multiplier=1.0, expected_batch_size=10)
+    for quantile in (True, False, math.nan):
+        with pytest.raises(
+            ValueError, match=f"target_quantile must be in \\[0, 1\\], got {quantile}"
+        ):
+            T.adaptive_clip(1.0, quantile, count_noise_multiplier=1.0, expected_batch_size=10)
     with pytest.raises(ValueError, match="count_noise_multiplier must be a finite number > 0"):
         T.adaptive_clip(1.0, count_noise_multiplier=0.0, expected_batch_size=10)
     with pytest.raises(ValueError, match="initial_norm must be a finite number > 0, got -1"):

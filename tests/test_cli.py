@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -126,6 +127,117 @@ def test_data_trains_on_a_synthetic_npz(tmp_path, capsys):
     model = build_model(5, 3)
     model.load_state_dict(torch.load(path))
     assert _test_accuracy(model, datasets.split(x, y)) == pytest.approx(accuracy, abs=5e-4)
+
+
+def _blobs_argv(tmp_path: Path, save: Path) -> list[str]:
+    """A one-epoch `funcdp train` on 400 synthetic examples (about a second), saving to `save`."""
+    data = tmp_path / "data" / "blobs.npz"
+    data.parent.mkdir(exist_ok=True)
+    x, y = _blobs()
+    np.savez(data, x=x, y=y)
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--save",
+        str(save),
+        *"--epochs 1 --batch-size 64".split(),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("relative", "message"),
+    [
+        ("missing/model.pt", "does not exist"),
+        ("missing/deeper/model.pt", "does not exist"),
+        ("existing_dir", "is a directory"),
+        ("existing_dir/", "is a directory"),
+        ("a_file/model.pt", "does not exist"),
+        (None, "expected a file path"),
+    ],
+)
+def test_save_to_a_bad_path_exits_2_before_training(
+    tmp_path, monkeypatch, capsys, relative, message
+):
+    (tmp_path / "existing_dir").mkdir()
+    (tmp_path / "a_file").write_text("not a directory")
+    calls = []
+    monkeypatch.setattr(cli, "fit", lambda *args, **kwargs: calls.append(args) or 1 / 0)
+    save = "" if relative is None else os.path.join(tmp_path, relative)  # keeps a trailing /
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--epochs", "1", "--save", save])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert not calls and "epoch" not in captured.out and captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("funcdp train: error: argument --save: ")
+    assert message in lines[0], captured.err
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "existing_dir"]
+    assert os.listdir(tmp_path / "existing_dir") == []
+
+
+def test_save_to_a_directory_that_is_not_writable_exits_2_before_training(
+    tmp_path, monkeypatch, capsys
+):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.access(locked, os.W_OK):  # root may write anyway: have the check see what a user would
+        access = os.access
+        monkeypatch.setattr(
+            os, "access", lambda path, mode: access(path, mode) and Path(path) != locked
+        )
+    monkeypatch.setattr(cli, "fit", lambda *args, **kwargs: 1 / 0)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["train", "--save", str(locked / "model.pt")])
+    finally:
+        locked.chmod(0o700)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip() == (
+        f"funcdp train: error: argument --save: directory {str(locked)!r} is not writable"
+    )
+
+
+@pytest.mark.parametrize("error", [OSError("No space left on device"), KeyboardInterrupt()])
+def test_a_failed_save_leaves_the_existing_file_and_no_temporary_file(
+    tmp_path, monkeypatch, capsys, error
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    path = out / "model.pt"
+    path.write_bytes(b"the previous run's model")
+    real_save = torch.save
+
+    def broken_save(obj, f, *args, **kwargs):
+        # Writes part of a checkpoint where it was told to, then fails (disk full, Ctrl-C).
+        with open(f, "wb") if isinstance(f, (str, os.PathLike)) else contextlib.nullcontext(f) as w:
+            real_save({"partial": torch.zeros(3)}, w)
+            w.flush()
+        raise error
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(type(error)):
+        cli.main(_blobs_argv(tmp_path, path))
+    assert path.read_bytes() == b"the previous run's model"
+    assert os.listdir(out) == ["model.pt"]
+    assert "saved" not in capsys.readouterr().out
+
+
+def test_save_replaces_an_existing_file_with_a_loadable_state_dict(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    path = out / "model.pt"
+    path.write_bytes(b"the previous run's model")
+    stdout = _run(capsys, *_blobs_argv(tmp_path, path))
+    assert f"saved the model's state_dict to {path}" in stdout
+    assert os.listdir(out) == ["model.pt"]
+    model = build_model(5, 3)
+    model.load_state_dict(torch.load(path))
+    accuracy, _, _ = _final(stdout)
+    assert _test_accuracy(model, datasets.split(*_blobs())) == pytest.approx(accuracy, abs=5e-4)
 
 
 def test_progress_bar_draws_on_a_tty_only():

@@ -45,3 +45,16 @@ def test_normalize_is_an_aggregate_stage_transform():
 def test_bad_expected_batch_size_raises(size):
     with pytest.raises(ValueError, match=r"expected_batch_size must be a finite number > 0, got"):
         fdp.normalize(size)
+
+
+@pytest.mark.parametrize("size", [1e-320, 5e-324, 2.0**-1025])
+def test_expected_batch_size_whose_reciprocal_overflows_raises(size):
+    # A subnormal size passes "finite and > 0" but 1 / size is inf: the factor must be finite.
+    with pytest.raises(ValueError, match=r"expected_batch_size must be large enough that 1 / "):
+        fdp.normalize(size)
+
+
+def test_tiny_expected_batch_size_with_a_finite_reciprocal_is_accepted():
+    size = 2.0**-1000  # 1 / size = 2**1000, finite
+    out, _ = fdp.normalize(size).update({"a": torch.tensor([1.0], dtype=torch.float64)}, ())
+    assert torch.equal(out["a"], torch.tensor([2.0**1000], dtype=torch.float64))

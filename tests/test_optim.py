@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -231,7 +232,7 @@ def test_from_torch_needs_params():
 # ---------------------------------------------------------------- argument checks
 
 
-@pytest.mark.parametrize("lr", [-0.1, math.nan, math.inf, "0.1"])
+@pytest.mark.parametrize("lr", [-0.1, math.nan, math.inf, "0.1", True, False])
 def test_bad_learning_rate_raises(lr):
     for make in (optim.sgd, optim.momentum, optim.adam, optim.adamw):
         with pytest.raises(ValueError, match="learning_rate"):
@@ -252,3 +253,66 @@ def test_bad_learning_rate_raises(lr):
 def test_bad_hyperparameters_raise(make, name):
     with pytest.raises(ValueError, match=name):
         make()
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: optim.sgd(0.1, momentum=True), r"momentum must be in \[0, 1\), got True"),
+        (lambda: optim.sgd(0.1, momentum=False), r"momentum must be in \[0, 1\), got False"),
+        (lambda: optim.sgd(0.1, momentum=math.nan), r"momentum must be in \[0, 1\), got nan"),
+        (lambda: optim.momentum(0.1, beta=math.nan), r"momentum must be in \[0, 1\), got nan"),
+        (lambda: optim.momentum(0.1, beta=False), r"momentum must be in \[0, 1\), got False"),
+        (lambda: optim.adam(0.1, b1=math.nan), r"b1 must be in \[0, 1\), got nan"),
+        (lambda: optim.adam(0.1, b1=False), r"b1 must be in \[0, 1\), got False"),
+        (lambda: optim.adamw(0.1, b2=math.nan), r"b2 must be in \[0, 1\), got nan"),
+        (lambda: optim.adamw(0.1, b2=True), r"b2 must be in \[0, 1\), got True"),
+        (lambda: optim.adam(0.1, eps=-1), "eps must be a finite number > 0, got -1"),
+        (lambda: optim.adam(0.1, eps=0.0), "eps must be a finite number > 0, got 0.0"),
+        (lambda: optim.adam(0.1, eps=math.nan), "eps must be a finite number > 0, got nan"),
+        (lambda: optim.adamw(0.1, eps=math.inf), "eps must be a finite number > 0, got inf"),
+        (lambda: optim.adamw(0.1, eps=True), "eps must be a finite number > 0, got True"),
+        (
+            lambda: optim.adamw(0.1, weight_decay=math.nan),
+            "weight_decay must be a finite number >= 0, got nan",
+        ),
+        (
+            lambda: optim.adamw(0.1, weight_decay=math.inf),
+            "weight_decay must be a finite number >= 0, got inf",
+        ),
+        (
+            lambda: optim.adamw(0.1, weight_decay=True),
+            "weight_decay must be a finite number >= 0, got True",
+        ),
+    ],
+)
+def test_nan_bool_and_nonpositive_hyperparameters_raise_naming_the_value(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -0.1, "0.1", None, True, torch.tensor(-1.0)])
+@pytest.mark.parametrize("make", [optim.sgd, optim.momentum, optim.adam, optim.adamw])
+def test_bad_schedule_value_raises_at_its_step_and_leaves_the_state(make, value):
+    def schedule(step: int):
+        return 0.1 if step < 2 else value
+
+    transform = make(schedule)
+    params, grads = _params(), _grads(3)
+    state = transform.init(params)
+    for g in grads[:2]:
+        _, state = transform.update(g, state, params)
+    before = tree_clone((params, grads[2], state))
+    message = r"learning_rate schedule must return a finite number >= 0, got .* at step 2$"
+    with pytest.raises(ValueError, match=message):
+        transform.update(grads[2], state, params)
+    for x, y in zip(tree_leaves(before), tree_leaves((params, grads[2], state)), strict=True):
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+
+
+@pytest.mark.parametrize("value", [0, 0.05, np.float32(0.05), torch.tensor(0.05)])
+def test_schedule_may_return_any_finite_non_negative_real(value):
+    transform = optim.sgd(lambda step: value)
+    updates, state = transform.update({"w": torch.ones(2)}, transform.init({"w": torch.zeros(2)}))
+    torch.testing.assert_close(updates["w"], torch.full((2,), -float(value)))
+    assert state.count == 1

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 
 from funcdp import random as fdr
-from funcdp._checks import check_positive
+from funcdp._checks import _is_real, check_positive
 from funcdp.transforms.base import PER_EXAMPLE, GradientTransformation, PrivacyContext
 from funcdp.transforms.clipping import GroupFn, _by_path, _thresholds, clip_by
 from funcdp.tree import tree_leaves
@@ -98,7 +98,7 @@ def adaptive_clip(
             )
         check_positive("initial_norm", initial_norm)
         names, initial, group_fn = None, [float(initial_norm)], None
-    if not isinstance(target_quantile, (int, float)) or not 0.0 <= target_quantile <= 1.0:
+    if not _is_real(target_quantile) or not 0.0 <= target_quantile <= 1.0:
         raise ValueError(f"target_quantile must be in [0, 1], got {target_quantile!r}")
     check_positive("learning_rate", learning_rate)
     check_positive("count_noise_multiplier", count_noise_multiplier)

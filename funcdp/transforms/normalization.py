@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from funcdp._checks import check_positive
 from funcdp.transforms.base import AGGREGATE, GradientTransformation, PrivacyContext
 from funcdp.tree import tree_scale
@@ -14,10 +16,16 @@ def normalize(expected_batch_size: float) -> GradientTransformation:
     would leak that through the update, so DP-SGD divides by its expectation instead.
 
     Raises:
-      ValueError: expected_batch_size is not a finite number > 0.
+      ValueError: expected_batch_size is not a finite number > 0, or so small that
+        1 / expected_batch_size is not finite.
     """
     check_positive("expected_batch_size", expected_batch_size)
     factor = 1.0 / float(expected_batch_size)
+    if not math.isfinite(factor):
+        raise ValueError(
+            f"expected_batch_size must be large enough that 1 / expected_batch_size is a finite "
+            f"factor, got {expected_batch_size!r} (1 / it is {factor!r})"
+        )
 
     def update(updates, state, params=None, *, key=None, mask=None):
         del params, key, mask
