@@ -52,21 +52,26 @@ def squares_upper(x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.float64:
         return bound
     n = max(x.shape[-1], 1)
-    small = bound < n * _SMALL
     if torch.compiler.is_compiling():  # no data-dependent branch in a compiled graph
-        return torch.where(small, n * _SMALL * (1.0 + 2.0**-20), bound)
-    return _extremes(x, bound, small)
+        return torch.where(bound < n * _SMALL, n * _SMALL * (1.0 + 2.0**-20), bound)
+    if bound.numel() == 0:
+        return bound
+    low, high = torch.aminmax(bound)
+    if float(low) >= n * _SMALL and float(high) < float("inf"):
+        return bound  # the common case: one reduction, nothing to redo
+    return _extremes(x, bound)
 
 
-def _extremes(x: torch.Tensor, bound: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
+def _extremes(x: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     """`bound` with tiny rows rescaled by 2^100 (exactly: rows of zeros, padding, or rows whose
     squares may underflow) and overflowed rows of finite values summed in float64."""
     n = max(x.shape[-1], 1)
-    overflowed = torch.isinf(bound) & torch.isfinite(x).all(-1)
+    small = bound < n * _SMALL
     if bool(small.any()):
         rows = x[small] * 2.0**100
         bound = bound.index_put((small,), _blocked_squares(rows) * 2.0**-200)
-    if bool(overflowed.any()):
+    overflowed = torch.isinf(bound)
+    if bool(overflowed.any()):  # in float64, which holds the squares of any finite float32
         exact = torch.linalg.vector_norm(x[overflowed].double(), dim=-1).square()
         bound = bound.index_put((overflowed,), exact * (1.0 + 2.0 * gamma(n + 3, _U64)))
     return bound

@@ -22,8 +22,9 @@ G, plus the rounding that the example's own terms bring into the book-keeping su
 <A A^T, G G^T> cancels catastrophically when an example's inputs share a large common part and
 its output gradients nearly cancel (a float32 estimate can then be 0, negative or NaN); its error
 is bounded a priori from the per-position norms (Higham 2002, section 3.1) and, where that bound
-is more than `TOLERANCE` of the estimate, the example's gradient of that op is formed exactly
-in float64 and summed apart from the float32 book-keeping ("certify or fall back"). In a
+is more than `TOLERANCE` of the estimate, the example's gradient of that op is formed (as the
+vmap engine would) and its formed gradient, whose norm is read directly, is summed apart from
+the book-keeping ("certify or fall back"). In a
 compiled step, which takes no data-dependent branch, such an example keeps its certified bound
 instead: still an upper bound, only looser, so it is clipped harder.
 """
@@ -49,8 +50,8 @@ class Piece(NamedTuple):
     book: Callable[[torch.Tensor], torch.Tensor]
 
 
-# The largest relative excess of a certified norm over its estimate before the exact path.
-TOLERANCE = 2.0**-12
+# The largest relative excess of a certified norm over its estimate before the formed path.
+TOLERANCE = 2.0**-10
 _U64 = 2.0**-53
 
 
@@ -64,7 +65,7 @@ def pieces(
       inputs: its input, [B, *one example's input shape].
       grads: the gradient w.r.t. its output, [B, *spec.out_shape].
       shapes: parameter name -> shape.
-      real: bool [B], the rows that may take the exact float64 path (padded rows never do).
+      real: bool [B], the rows that may have their gradient formed (padded rows never do).
     """
     rule = {
         LINEAR: _linear,
@@ -148,14 +149,12 @@ def _embedding(spec, inputs, grads, shapes, real):
     gram = torch.bmm(g, g.transpose(1, 2)).double()
     estimate = (gram * same).sum((1, 2))
     # Each Gram entry is off by at most gamma_p |G_t| |G_s|; the float64 sum adds gamma_(T^2).
-    error = (gamma(g.shape[-1], u) + gamma(positions**2 + 1, _U64)) * torch.einsum(
-        "bt,bts,bs->b", norms, same, norms
-    )
+    error = (gamma(g.shape[-1], u) + gamma(positions**2 + 1, _U64)) * _quadratic(norms, same)
     reach = norms.sum(1) * (1.0 + gamma(positions, _U64))
     bound = _certified(estimate, error, reach, positions, u)
     shape = shapes[spec.weight]
     flagged = _flagged(bound, estimate, real)
-    exact = None if torch.compiler.is_compiling() else _ExactRows(ids, g, flagged, reach, padding)
+    exact = None if torch.compiler.is_compiling() else _ExactRows(ids, g, flagged, padding)
 
     def book(factors):
         kept = factors if exact is None else torch.where(flagged, 0.0, factors)
@@ -168,10 +167,10 @@ def _embedding(spec, inputs, grads, shapes, real):
 
 
 class _ExactRows:
-    """The embedding gradients of the flagged examples, formed exactly in float64: one row per
-    distinct token of the example."""
+    """The embedding gradients of the flagged examples, formed: one row per distinct token of
+    the example; the formed rows are what these examples add to the sum."""
 
-    def __init__(self, ids, g, flagged, reach, padding):
+    def __init__(self, ids, g, flagged, padding):
         self.rows = []
         for i in torch.nonzero(flagged).flatten().tolist():
             keep = (
@@ -180,20 +179,18 @@ class _ExactRows:
                 else torch.ones_like(ids[i], dtype=torch.bool)
             )
             tokens, inverse = ids[i][keep].unique(return_inverse=True)
-            rows = g.new_zeros(len(tokens), g.shape[-1], dtype=torch.float64)
-            rows.index_add_(0, inverse, g[i][keep].double())
-            self.rows.append((i, tokens, rows, reach[i]))
-        self.positions = ids.shape[1]
+            rows = g.new_zeros(len(tokens), g.shape[-1]).index_add(0, inverse, g[i][keep])
+            self.rows.append((i, tokens, rows))
 
     def squared(self, bound: torch.Tensor) -> torch.Tensor:
         bound = bound.clone()
-        for i, _, rows, reach in self.rows:
-            bound[i] = _exact_bound(rows, reach, self.positions)
+        for i, _, rows in self.rows:
+            bound[i] = sqrt_upper(squares_upper(rows.reshape(1, -1)))[0]
         return bound.square() * (1.0 + 2.0 * _U64)
 
     def add_to(self, total: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-        for i, tokens, rows, _ in self.rows:
-            total = total.index_add(0, tokens, (factors[i].double() * rows).to(total.dtype))
+        for i, tokens, rows in self.rows:
+            total = total.index_add(0, tokens, factors[i].to(rows.dtype) * rows)
         return total
 
 
@@ -239,11 +236,11 @@ def _matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real) -> P
     size, positions, groups, d = a.shape
     p = g.shape[-1]
     u = unit_roundoff(a.dtype)
+    if positions == 1:  # one position: the gradient is an outer product, ||g||^2 ||a||^2
+        squared = (squares_upper(a) * squares_upper(g)).sum((1, 2)) * (1.0 + 4.0 * _U64)
+        return Piece(name, squared, _book(a, g, shape, p, d, groups, None))
     norms_a = sqrt_upper(squares_upper(a))  # [B, T, groups]
     norms_g = sqrt_upper(squares_upper(g))
-    if positions == 1:  # one position: the gradient is an outer product, ||g||^2 ||a||^2
-        squared = (norms_a * norms_g).square().sum((1, 2)) * (1.0 + 4.0 * _U64)
-        return Piece(name, squared, _book(a, g, shape, p, d, groups, None))
     # reach: sum over positions of |A_t| |G_t|, the size of the terms that can cancel
     reach = (norms_a * norms_g).sum(1).square().sum(1).sqrt() * (1.0 + gamma(positions + 2, _U64))
     a_rows = a.transpose(1, 2).reshape(size * groups, positions, d)
@@ -262,7 +259,7 @@ def _matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real) -> P
     error = error.reshape(size, groups).sum(1) + cross * 2.0 * reach.square()
     bound = _certified(estimate, error, reach, positions, u)
     flagged = _flagged(bound, estimate, real)
-    exact = None if torch.compiler.is_compiling() else _exact_matmul(a, g, flagged, reach)
+    exact = None if torch.compiler.is_compiling() else _explicit_matmul(a, g, flagged)
     if exact is not None:
         bound = bound.index_put((exact[0],), exact[2])
     squared = bound.square() * (1.0 + 2.0 * _U64)
@@ -271,7 +268,7 @@ def _matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real) -> P
 
 def _quadratic(norms: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """n^T M n per row: [N, T] and [N, T, T] -> [N], in float64."""
-    return torch.einsum("nt,nts,ns->n", norms, matrix, norms)
+    return (matrix * (norms[:, :, None] * norms[:, None, :])).sum((1, 2))
 
 
 def _certified(estimate, error, reach, positions: int, u: float) -> torch.Tensor:
@@ -287,27 +284,22 @@ def _flagged(bound, estimate, real) -> torch.Tensor:
     return real & ~tight
 
 
-def _exact_bound(gradient: torch.Tensor, reach: torch.Tensor, terms: int) -> torch.Tensor:
-    """A norm bound for a gradient formed in float64 from float32 inputs."""
-    norm = torch.linalg.vector_norm(gradient.reshape(-1))
-    return norm * (1.0 + gamma(gradient.numel() + 3, _U64)) + gamma(terms, _U64) * reach
+def _explicit_matmul(a, g, flagged):
+    """The flagged examples' gradients, formed: (indices, [F, groups, p, d], norm bounds [F]).
 
-
-def _exact_matmul(a, g, flagged, reach):
-    """The flagged examples' gradients in float64: (indices, [F, groups, p, d], bounds [F]);
-    None when no example is flagged."""
+    The formed gradient is what these examples add to the sum, so its own (certified) norm
+    bounds their share; None when no example is flagged."""
     if not bool(flagged.any()):
         return None
     index = torch.nonzero(flagged).flatten()
-    exact = torch.einsum("ftkp,ftkd->fkpd", g[index].double(), a[index].double())
-    bounds = torch.stack(
-        [_exact_bound(x, reach[i], a.shape[1]) for x, i in zip(exact, index, strict=True)]
-    )
-    return index, exact, bounds
+    left = g[index].permute(0, 2, 3, 1).flatten(0, 1)  # [F * groups, p, T]
+    right = a[index].transpose(1, 2).flatten(0, 1)  # [F * groups, T, d]
+    explicit = torch.bmm(left, right).unflatten(0, (len(index), a.shape[2]))
+    return index, explicit, sqrt_upper(squares_upper(explicit.flatten(1)))
 
 
 def _book(a, g, shape, p: int, d: int, groups: int, exact):
-    """sum_i c_i G_i^T A_i in float32 (the flagged examples' terms added in float64)."""
+    """sum_i c_i G_i^T A_i in float32 (the flagged examples' formed gradients added apart)."""
 
     def book(factors):
         kept = factors if exact is None else factors.index_fill(0, exact[0], 0.0)
@@ -322,7 +314,7 @@ def _book(a, g, shape, p: int, d: int, groups: int, exact):
         if exact is None:
             return total
         index, gradients, _ = exact
-        scaled = (factors[index].double()[:, None, None, None] * gradients).sum(0)
-        return total + scaled.reshape(shape).to(total.dtype)
+        scaled = (factors[index].to(gradients.dtype)[:, None, None, None] * gradients).sum(0)
+        return total + scaled.reshape(shape)
 
     return book
