@@ -11,7 +11,7 @@ from funcdp import accounting, data, memory, nn, optim, random, transforms, tree
 from funcdp.accounting import Ledger, LedgerRecord, calibrate_noise, dpsgd_epsilon, epsilon
 from funcdp.data import Batch, IndexBatch, PoissonLoader, poisson_batches, shuffled_batches
 from funcdp.functional import functionalize, to_module
-from funcdp.ghost import GhostResult, ghost_clipped_sum
+from funcdp.ghost import ghost_clipped_sum
 from funcdp.memory import AutoChunk
 from funcdp.per_sample import (
     clipped_sum,
@@ -19,13 +19,12 @@ from funcdp.per_sample import (
     per_sample_grads_and_losses,
     per_sample_norms,
 )
+from funcdp.performance import Performance
 from funcdp.train import NonFiniteError, TrainState, make_eval_step, make_train_step
 from funcdp.transforms import (
     AccountState,
     AdaptiveClipState,
     BudgetExceededError,
-    BudgetState,
-    FactorRule,
     GradientTransformation,
     NonFiniteState,
     account,
@@ -36,7 +35,6 @@ from funcdp.transforms import (
     clip,
     clip_by,
     clip_per_layer,
-    flat_factors,
     gaussian_noise,
     gradient_noise_multiplier,
     identity,
@@ -54,6 +52,16 @@ from funcdp.validate import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """`funcdp.audit` and `funcdp.testing` load on first use (testing needs hypothesis)."""
+    if name in ("audit", "testing"):
+        import importlib
+
+        return importlib.import_module(f"funcdp.{name}")
+    raise AttributeError(f"module 'funcdp' has no attribute {name!r}")
+
+
 # Let `torch.load` (weights_only, the default) read a saved TrainState.
 _torch.serialization.add_safe_globals(
     [
@@ -61,7 +69,6 @@ _torch.serialization.add_safe_globals(
         Ledger,
         LedgerRecord,
         AccountState,
-        BudgetState,
         AdaptiveClipState,
         NonFiniteState,
         optim.SgdState,
@@ -76,22 +83,21 @@ __all__ = [
     "AutoChunk",
     "Batch",
     "BudgetExceededError",
-    "BudgetState",
     "Change",
-    "FactorRule",
     "Finding",
-    "GhostResult",
     "GradientTransformation",
     "IndexBatch",
     "Ledger",
     "LedgerRecord",
     "NonFiniteError",
     "NonFiniteState",
+    "Performance",
     "PoissonLoader",
     "TrainState",
     "UnsupportedModuleError",
     "account",
     "accounting",
+    "audit",
     "adaptive_clip",
     "aggregate",
     "budget",
@@ -106,7 +112,6 @@ __all__ = [
     "dpsgd_epsilon",
     "epsilon",
     "fix",
-    "flat_factors",
     "functionalize",
     "gaussian_noise",
     "ghost_clipped_sum",
@@ -125,6 +130,7 @@ __all__ = [
     "poisson_batches",
     "random",
     "shuffled_batches",
+    "testing",
     "to_module",
     "transforms",
     "tree",

@@ -1,24 +1,126 @@
-"""How a micro-batch becomes what the privatizer sums: per-example gradients, or a ghost sum.
+"""The train step's engine: a batch's clipped sum, micro-batch by micro-batch.
 
-The train step picks one of these per micro-batch: `per_example_fn` (vmap over examples, with
-optional autocast) hands per-example gradients to the privatizer's per-example part;
-the function `ghost_sum_fn` builds applies the privatizer's clipping rule itself and returns the
-clipped sum, never forming the per-example gradients of the layers `funcdp.ghost` handles.
+`local_sum_fn` builds `local_sum(state, inputs, mask, key) -> LocalSum`, this process's share of
+a step up to and including `aggregate()`. Per micro-batch it takes one of two engines:
+`per_example_fn` (vmap over examples, with optional autocast) hands per-example gradients to the
+privatizer's per-example part; `ghost_sum_fn` applies the privatizer's clipping rule itself and
+returns the clipped sum, never forming the per-example gradients of the layers `funcdp.ghost`
+handles.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import optree
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from funcdp import random as fdr
 from funcdp.ghost import ghost_clipped_sum
+from funcdp.memory import auto_chunk_size, is_auto
 from funcdp.per_sample import per_sample_grads_and_losses
-from funcdp.transforms.base import AGGREGATE, REDUCE, FactorRule, bind_parts
-from funcdp.tree import per_example_norms, tree_map, upcast_half
+from funcdp.performance import Performance
+from funcdp.transforms.base import AGGREGATE, REDUCE, FactorRule
+from funcdp.tree import per_example_norms, tree_add, tree_map, upcast_half, zero_rows
+
+
+class LocalSum(NamedTuple):
+    """This process's share of a step: the sum through aggregate(), and what the metrics need.
+
+    `nonfinite` counts real examples refused in "raise"/"skip" mode; then total and stats are
+    None and the step is refused.
+    """
+
+    total: Any
+    pre_state: tuple
+    stats: torch.Tensor | None
+    nonfinite: int
+
+
+def local_sum_fn(
+    loss_fn, through_sum, split: int, clip_norm, performance: Performance, on_nonfinite: str
+):
+    """`local_sum(state, inputs, mask, key) -> LocalSum` over micro-batches.
+
+    Micro-batch k hands the privatizer's per-example part the key `fold_in(key, k)`, so a
+    transform that draws randomness draws anew in each micro-batch.
+    """
+    rule = ghost_rule(through_sum.parts, performance.mode)
+    example_loss = autocast_loss(loss_fn, performance.autocast_dtype)
+    ghost_sum = (
+        None
+        if rule is None
+        else ghost_sum_fn(rule, example_loss, performance.chunk_size, on_nonfinite)
+    )
+    per_example = per_example_fn(example_loss, performance.autocast_dtype is not None)
+    chunk_for = _chunk_chooser(example_loss, performance.chunk_size)
+
+    def local_sum(state, inputs, mask: torch.Tensor, key) -> LocalSum:
+        size = mask.shape[0]
+        micro = performance.microbatch_size or size
+        total, losses, norms, finite = None, [], [], []
+        pre_state = state.privacy_state[:split]
+        for index, start in enumerate(range(0, size, micro)):
+            rows = slice(start, start + micro)
+            part = tuple(x[rows] for x in inputs)
+            if ghost_sum is not None:
+                summed, loss, norm = ghost_sum(state, part, mask[rows])
+            else:
+                chunk = chunk_for(state, part)
+                grads, loss, norm = per_example(state.params, state.buffers, chunk, *part)
+            ok = (torch.isfinite(loss) & torch.isfinite(norm)) | ~mask[rows].to(loss.device)
+            if on_nonfinite != "zero" and not bool(ok.all()):
+                return LocalSum(None, pre_state, None, int((~ok).sum()))
+            if ghost_sum is None:
+                if on_nonfinite == "zero":
+                    grads = tree_map(lambda g, keep=ok: zero_rows(g, keep), grads)
+                summed, pre_state = through_sum.update(
+                    grads, pre_state, state.params, key=fdr.fold_in(key, index), mask=mask[rows]
+                )
+            total = summed if total is None else tree_add(total, summed)
+            losses.append(loss)
+            norms.append(norm)
+            finite.append(ok)
+        stats = _stats(torch.cat(losses), torch.cat(norms), mask, torch.cat(finite), clip_norm)
+        return LocalSum(total, pre_state, stats, 0)
+
+    return local_sum
+
+
+def _chunk_chooser(example_loss, chunk_size):
+    """`chunk_for(state, rows)`: the vmap chunk, measured once per shape for "auto"."""
+    chosen: dict[tuple, int] = {}
+
+    def chunk_for(state, rows):
+        if not is_auto(chunk_size):
+            return chunk_size
+        shapes = tuple((tuple(x.shape), x.dtype) for x in rows)
+        if shapes not in chosen:
+            probe = lambda params, *example: example_loss(params, state.buffers, *example)  # noqa: E731
+            chosen[shapes] = auto_chunk_size(probe, state.params, *rows, spec=chunk_size)
+        return chosen[shapes]
+
+    return chunk_for
+
+
+def _stats(losses, norms, mask, finite, clip_norm) -> torch.Tensor:
+    """Sums behind the metrics, [real, counted, loss, clipped, norm], summable across ranks."""
+    mask = mask.to(losses.device)
+    counted = mask & finite  # real rows with a finite loss and gradient
+    zero = torch.zeros((), dtype=losses.dtype, device=losses.device)
+    clipped = (norms > clip_norm) & counted if clip_norm is not None else torch.zeros_like(mask)
+    return torch.stack(
+        [
+            mask.sum().to(losses.dtype),
+            counted.sum().to(losses.dtype),
+            torch.where(counted, losses, zero).sum(),
+            clipped.sum().to(losses.dtype),
+            torch.where(counted, norms.to(losses.dtype), zero).sum(),
+        ]
+    )
 
 
 def autocast_loss(loss_fn: Callable[..., torch.Tensor], dtype: torch.dtype | None):
@@ -57,16 +159,14 @@ class _NormsInFloat32(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def ghost_rule(privatizer, mode) -> FactorRule | None:
-    """The clipping rule the ghost mode applies, or None for the vmap path.
+def ghost_rule(bound, mode) -> FactorRule | None:
+    """The clipping rule the ghost mode applies to the bound parts through `aggregate()`, or
+    None for the vmap path.
 
     "ghost" refuses what it can't do; "auto" takes ghost where it can and vmap otherwise.
     """
-    if mode not in ("auto", "vmap", "ghost"):
-        raise ValueError(f'mode must be "auto", "vmap" or "ghost", got {mode!r}')
     if mode == "vmap":
         return None
-    bound, _ = bind_parts(privatizer.parts or (privatizer,))
     head = [part for part in bound if part.stage != AGGREGATE]
     if len(head) != 2 or head[0].factor_rule is None or head[1].stage != REDUCE:
         if mode == "auto":

@@ -26,10 +26,16 @@ class IndexBatch(NamedTuple):
 
 
 class Batch(NamedTuple):
-    """A fixed-shape batch: a tuple of input tensors [B, ...] and a bool mask [B]."""
+    """A fixed-shape batch: a tuple of input tensors [B, ...] and a bool mask [B].
+
+    `shard` is (rank, world_size) when the batch is one rank's share of a logical batch
+    (`PoissonLoader(..., rank=, world_size=)`); None for a whole batch. A train step with a
+    process group refuses a batch that is not its rank's shard.
+    """
 
     inputs: tuple[torch.Tensor, ...]
     mask: torch.Tensor
+    shard: tuple[int, int] | None = None
 
 
 def default_bucket_size(num_examples: int, sample_rate: float) -> int:
@@ -258,7 +264,8 @@ class PoissonLoader:
         )
         for index_batch in batches:
             self.next_step += 1
-            yield Batch(_gather(self.data, index_batch.indices), index_batch.mask)
+            inputs = _gather(self.data, index_batch.indices)
+            yield Batch(inputs, index_batch.mask, (self.rank, self.world_size))
 
 
 def _num_examples(data: Any) -> int:

@@ -36,8 +36,15 @@ def functionalize(module: nn.Module) -> tuple[ApplyFn, Params, Params]:
     _refuse_example_mixing(module)
     params = {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
     buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    trainable = frozenset(params)
 
     def apply_fn(params: Params, buffers: Params, *args: Any, **kwargs: Any) -> Any:
+        missing = trainable.difference(params)
+        if missing:
+            raise ValueError(
+                f"params is missing the trainable parameter(s) {sorted(missing)}: the module would "
+                "silently use its own, untrained tensors for them"
+            )
         return functional_call(module, (params, buffers), args, kwargs, tie_weights=True)
 
     return apply_fn, params, buffers

@@ -16,7 +16,7 @@ The stacked result, [B, ...] per parameter, is not part of a chunk's cost: it is
 every chunk size. Bound it with the train step's `microbatch_size` or with
 `clipped_sum(mode="two_pass")`.
 
-`chunk_size="auto"` (in `per_sample_grads` and `make_train_step`) is `AutoChunk()`: a budget of
+`chunk_size="auto"` (in `per_sample_grads` and `funcdp.Performance`) is `AutoChunk()`: a budget of
 half the free CUDA memory of the device, or half the available RAM on the CPU. Pass
 `AutoChunk(budget_bytes=...)` or `AutoChunk(fraction=...)` for another budget.
 """

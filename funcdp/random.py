@@ -75,6 +75,13 @@ def generator(k: Key, device: torch.device | str = "cpu") -> torch.Generator:
 
 
 @torch.compiler.disable
+def seed(k: Key) -> int:
+    """A non-negative 63-bit integer determined by `k`, to seed torch's own generators."""
+    hi, lo = _words(k)
+    return _mix(lo ^ _mix(hi ^ 0x5EED5EED)) >> 1
+
+
+@torch.compiler.disable
 def normal(
     k: Key,
     shape: tuple[int, ...] | torch.Size,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -10,32 +11,16 @@ import torch
 
 from funcdp import random as fdr
 from funcdp._checks import check_mask
+from funcdp._engine import local_sum_fn
 from funcdp.accounting.ledger import Ledger
 from funcdp.data import Batch
 from funcdp.distributed import all_reduce_local_sum
-from funcdp.memory import ChunkSize, auto_chunk_size, check_chunk_option, is_auto
-from funcdp.microbatch import autocast_loss, ghost_rule, ghost_sum_fn, per_example_fn
 from funcdp.optim import apply_updates
+from funcdp.performance import Performance
 from funcdp.transforms.accounting import AccountState
-from funcdp.transforms.base import GradientTransformation, split_at_reduce
-from funcdp.tree import tree_add, tree_map, zero_rows
+from funcdp.transforms.base import GradientTransformation, bind_parts, split_at_reduce
 
 Metrics = dict[str, Any]
-
-
-class _LocalSum(NamedTuple):
-    """This process's share of a step: the sum through aggregate(), and what the metrics need.
-
-    `nonfinite` counts real examples refused in "raise"/"skip" mode; then total and stats are
-    None and the step is refused.
-    """
-
-    total: Any
-    pre_state: tuple
-    stats: torch.Tensor | None
-    nonfinite: int
-
-
 OnNonFinite = Literal["raise", "skip", "zero"]
 
 
@@ -103,154 +88,73 @@ def make_train_step(
     privatizer: GradientTransformation,
     optimizer: GradientTransformation,
     *,
-    chunk_size: ChunkSize = None,
-    microbatch_size: int | None = None,
     on_nonfinite: OnNonFinite = "raise",
     process_group: Any = None,
-    autocast_dtype: torch.dtype | None = None,
-    compile: bool | dict[str, Any] = False,
-    mode: Literal["auto", "vmap", "ghost"] = "auto",
+    performance: Performance = Performance(),
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds the pure DP-SGD step `step(state, batch) -> (state, metrics)`.
 
     Per micro-batch, the per-example gradients of `loss_fn` go through the privatizer up to and
     including `aggregate()`; the sums are added, and the rest of the privatizer (noise,
     normalization, accounting) runs once per logical batch. The optimizer then updates the
-    parameters. The input state is never modified.
+    parameters. The input state is never modified, and the same state and batch give the same
+    new state: the loss's own randomness (dropout) is drawn from the step's key.
 
     Args:
       loss_fn: `loss_fn(params, buffers, *example)`, the scalar loss of ONE example.
       privatizer: a `chain(clip(...), aggregate(), gaussian_noise(...), normalize(...),
         account(...))` or any chain with an `aggregate()`.
       optimizer: a transform from `funcdp.optim`.
-      chunk_size: vmap at most this many examples at once (bounds activation memory);
-        "auto" or a `funcdp.memory.AutoChunk` picks the largest chunk under a memory budget,
-        measured once per micro-batch shape.
-      microbatch_size: split the batch into micro-batches of this many rows, each clipped and
-        summed before the next is differentiated (bounds per-example gradient memory).
       on_nonfinite: what to do with a real example whose loss or gradient norm is not finite.
         "raise": raise `NonFiniteError`, state unchanged. "skip": return the state unchanged
         with `metrics["skipped"]` true; a skipped step is visible and depends on the data, which
         the DP guarantee does not cover. "zero": the example contributes a zero gradient and is
         counted in `metrics["nonfinite"]`; this stays within the clip's bound, so the guarantee
         holds.
-
       process_group: a `torch.distributed` group (or `torch.distributed.group.WORLD`) over
-        which one logical batch is sharded: see `funcdp.distributed`. None runs in-process.
-      autocast_dtype: None, torch.bfloat16 or torch.float16: run `loss_fn` (forward and
-        backward) under `torch.autocast` in that dtype. The loss and the per-example gradients
-        (in ghost mode: each op's input and output gradient) are cast to float32 before
-        clipping, so norms, noise and the optimizer are float32.
-      compile: `torch.compile` the step's tensor work, in both modes: the per-example
-        gradients (or the ghost pass), clipping and summation of each micro-batch, and the
-        optimizer's update. True for the defaults, or a dict of `torch.compile` keyword
-        arguments. Key derivation, the noise, accounting, the collective of `process_group` and
-        the chunk_size="auto" measurement stay eager: keys are hashed in Python (which inductor
-        cannot compile), the ledger is Python data, and a key's noise must not depend on
-        compilation, so the compiled step adds the eager step's noise. The first step of each
-        new batch shape pays the compile time. The compiled step gives the eager step's
-        parameters up to float rounding; random layers (dropout) draw from torch's compiled
-        RNG, so their masks differ from the eager ones.
-
-      mode: "vmap" forms every example's gradient (any module, any per-example transform);
-        "ghost" forms none for linear, conv, embedding and normalization parameters: their
-        norms and clipped sum come from one batched backward (`funcdp.ghost`), and the other
-        parameters' from vmap. It needs the privatizer to start with one stateless clipping
-        transform and `aggregate()`; in it, chunk_size="auto" sizes the chunks of the vmapped
-        parameters' gradients only. "auto" (the default) is "ghost" where those hold and "vmap"
-        otherwise; both give the same parameters up to float rounding.
+        which one logical batch is sharded: see `funcdp.distributed`. Each rank's batch must be
+        its shard (`PoissonLoader(..., rank=, world_size=)`). None runs in-process.
+      performance: speed and memory settings (`funcdp.Performance`), which never change the
+        result beyond float rounding.
 
     Returns:
-      `step(state, batch)`. Its metrics (loss, clipped_fraction, grad_norm, batch_size,
-      nonfinite, skipped) are computed from the private batch WITHOUT noise: use them for
-      monitoring, do not release them. One step function (and one model) per thread:
-      `functional_call` swaps the module's tensors while it runs, so threads sharing a module
-      read each other's parameters and buffers.
+      `step(state, batch)`, taking a `funcdp.data.Batch`. Its metrics (loss, clipped_fraction,
+      grad_norm, batch_size, nonfinite, skipped) are computed from the private batch WITHOUT
+      noise: use them for monitoring, do not release them. One step function (and one model)
+      per thread: `functional_call` swaps the module's tensors while it runs.
     """
     if on_nonfinite not in ("raise", "skip", "zero"):
         raise ValueError(f'on_nonfinite must be "raise", "skip" or "zero", got {on_nonfinite!r}')
-    if microbatch_size is not None and (
-        not isinstance(microbatch_size, int) or microbatch_size < 1
-    ):
-        raise ValueError(f"microbatch_size must be a positive int or None, got {microbatch_size!r}")
-    check_chunk_option(chunk_size)
-    if autocast_dtype not in (None, torch.bfloat16, torch.float16):
-        raise ValueError(
-            f"autocast_dtype must be None, torch.bfloat16 or torch.float16, got {autocast_dtype!r}"
-        )
-    if not isinstance(compile, (bool, dict)):
-        raise ValueError(
-            f"compile must be a bool or a dict of torch.compile options, got {compile!r}"
-        )
-    rule = ghost_rule(privatizer, mode)
-    example_loss = autocast_loss(loss_fn, autocast_dtype)
-    ghost_sum = None if rule is None else ghost_sum_fn(rule, example_loss, chunk_size, on_nonfinite)
-    per_example = per_example_fn(example_loss, autocast_dtype is not None)
-    chosen_chunks: dict[tuple, int] = {}  # chunk_size="auto": by micro-batch shapes
+    if not isinstance(performance, Performance):
+        raise TypeError(f"performance must be a funcdp.Performance, got {performance!r}")
+    performance.check()
     through_sum, after_sum, split = split_at_reduce(privatizer)
-    clip_norm = privatizer.sensitivity
+    _refuse_with_process_group(privatizer, through_sum, process_group)
+    local_sum = local_sum_fn(
+        loss_fn, through_sum, split, privatizer.sensitivity, performance, on_nonfinite
+    )
 
-    if process_group is not None and through_sum.finish is not None:
-        raise ValueError(
-            "a privatizer whose per-example part keeps batch statistics (adaptive clipping) is "
-            "not supported with process_group yet: its statistics would need their own all-reduce"
-        )
+    def optimize(private, opt_state, params):
+        updates, opt_state = optimizer.update(private, opt_state, params)
+        return apply_updates(params, updates), opt_state
 
-    def chunk_for(state: TrainState, rows: tuple[torch.Tensor, ...]) -> int | None:
-        if not is_auto(chunk_size):
-            return chunk_size
-        shapes = tuple((tuple(x.shape), x.dtype) for x in rows)
-        if shapes not in chosen_chunks:
-            probe = lambda params, *example: example_loss(params, state.buffers, *example)  # noqa: E731
-            chosen_chunks[shapes] = auto_chunk_size(probe, state.params, *rows, spec=chunk_size)
-        return chosen_chunks[shapes]
-
-    def local_sum(state: TrainState, inputs, mask: torch.Tensor, step_key) -> _LocalSum:
-        size = mask.shape[0]
-        micro = microbatch_size or size
-        total, losses, norms, finite = None, [], [], []
-        pre_state = state.privacy_state[:split]
-        for start in range(0, size, micro):
-            rows = slice(start, start + micro)
-            part = tuple(x[rows] for x in inputs)
-            if ghost_sum is not None:
-                summed, loss, norm = ghost_sum(state, part, mask[rows])
-            else:
-                grads, loss, norm = per_example(
-                    state.params, state.buffers, chunk_for(state, part), *part
-                )
-            ok = (torch.isfinite(loss) & torch.isfinite(norm)) | ~mask[rows].to(loss.device)
-            if on_nonfinite != "zero" and not bool(ok.all()):
-                return _LocalSum(None, pre_state, None, int((~ok).sum()))
-            if ghost_sum is None:
-                if on_nonfinite == "zero":
-                    grads = tree_map(lambda g, keep=ok: zero_rows(g, keep), grads)
-                summed, pre_state = through_sum.update(
-                    grads, pre_state, state.params, key=step_key, mask=mask[rows]
-                )
-            total = summed if total is None else tree_add(total, summed)
-            losses.append(loss)
-            norms.append(norm)
-            finite.append(ok)
-        stats = _stats(torch.cat(losses), torch.cat(norms), mask, torch.cat(finite), clip_norm)
-        return _LocalSum(total, pre_state, stats, 0)
+    # Compiled: the tensor work; keys, noise, the ledger and the collective stay eager.
+    if performance.compile is not False:
+        options = {} if performance.compile is True else performance.compile
+        local_sum, optimize = (torch.compile(f, **options) for f in (local_sum, optimize))
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        inputs, mask = _check_batch(batch)
-        step_key = fdr.fold_in(state.key, state.step)
-        if process_group is None:
-            local = local_sum(state, inputs, mask, step_key)
-        else:
-            local = all_reduce_local_sum(
-                lambda: local_sum(state, inputs, mask, step_key), state, process_group
-            )
+        inputs, mask = check_batch(batch, process_group)
+        step_key = fdr.fold_in(_checked_state(state).key, state.step)
+        example_key, loss_key = fdr.split(step_key, 2)
+        with _seeded(loss_key, state.params, process_group):
+            if process_group is None:
+                local = local_sum(state, inputs, mask, example_key)
+            else:
+                compute = lambda: local_sum(state, inputs, mask, example_key)  # noqa: E731
+                local = all_reduce_local_sum(compute, state, process_group)
         if local.nonfinite:
-            if on_nonfinite == "skip":
-                return state, _skipped_metrics(mask, found=local.nonfinite)
-            raise NonFiniteError(
-                f"step {state.step}: {local.nonfinite} real example(s) have a non-finite loss or "
-                "gradient; the state is unchanged (on_nonfinite='zero' drops them privately)"
-            )
+            return _refused(state, mask, local.nonfinite, on_nonfinite)
         pre_state = local.pre_state
         if through_sum.finish is not None:  # per-example statistics close once per batch
             pre_state = through_sum.finish(pre_state, key=step_key)
@@ -258,23 +162,68 @@ def make_train_step(
             local.total, state.privacy_state[split:], state.params, key=step_key
         )
         params, opt_state = optimize(private, state.opt_state, state.params)
+        privacy_state = (*pre_state, *post_state)
         new_state = state._replace(
-            params=params,
-            opt_state=opt_state,
-            privacy_state=(*pre_state, *post_state),
-            step=state.step + 1,
+            params=params, opt_state=opt_state, privacy_state=privacy_state, step=state.step + 1
         )
         return new_state, _metrics(local.stats)
 
-    def optimize(private, opt_state, params):
-        updates, opt_state = optimizer.update(private, opt_state, params)
-        return apply_updates(params, updates), opt_state
-
-    # Compiled: the tensor work (step calls these two by name); keys, noise and ledger stay eager.
-    if compile is not False:
-        options = {} if compile is True else compile
-        local_sum, optimize = (torch.compile(f, **options) for f in (local_sum, optimize))
     return step
+
+
+def _refuse_with_process_group(privatizer, through_sum, process_group) -> None:
+    """Raises for what a process group cannot run: per-batch statistics kept by the per-example
+    part (adaptive clipping), and noise from OS entropy (each rank would draw its own)."""
+    if process_group is None:
+        return
+    if through_sum.finish is not None:
+        raise ValueError(
+            "a privatizer whose per-example part keeps batch statistics (adaptive clipping) is "
+            "not supported with process_group yet: its statistics would need their own all-reduce"
+        )
+    if bind_parts(privatizer.parts or (privatizer,))[1].secure:
+        raise ValueError(
+            "gaussian_noise(secure=True) cannot run with process_group: each rank would draw its "
+            "own noise from the OS's entropy, so the ranks would add different noise and hold "
+            "different parameters; use secure=False (noise from the shared step key)"
+        )
+
+
+def _refused(state, mask, found: int, on_nonfinite: str) -> tuple[TrainState, Metrics]:
+    if on_nonfinite == "skip":
+        return state, _skipped_metrics(mask, found=found)
+    raise NonFiniteError(
+        f"step {state.step}: {found} real example(s) have a non-finite loss or "
+        "gradient; the state is unchanged (on_nonfinite='zero' drops them privately)"
+    )
+
+
+@contextlib.contextmanager
+def _seeded(key, params, process_group):
+    """torch's generators seeded from `key` (folded with the rank) while the block runs, and
+    restored after: random layers draw from the step key, and nothing else is disturbed."""
+    if process_group is not None:
+        key = fdr.fold_in(key, torch.distributed.get_rank(process_group))
+    seed = fdr.seed(key)
+    devices = sorted(
+        {p.device.index or 0 for p in optree.tree_leaves(params) if p.device.type == "cuda"}
+    )
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        for index in devices:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
+
+
+def _checked_state(state: TrainState) -> TrainState:
+    if not isinstance(state, TrainState):
+        raise TypeError(f"state must be a funcdp.TrainState, got {type(state).__name__}")
+    step = state.step
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(
+            f"state.step must be an int >= 0 (it selects the step's noise), got {step!r}"
+        )
+    return state
 
 
 def make_eval_step(
@@ -291,7 +240,7 @@ def make_eval_step(
         return values if isinstance(values, dict) else {"loss": values}
 
     def eval_step(state: TrainState, batch: Batch) -> dict[str, float]:
-        inputs, mask = _check_batch(batch)
+        inputs, mask = check_batch(batch)
         with torch.no_grad():
             in_dims = (None, None) + (0,) * len(inputs)
             values = torch.func.vmap(as_dict, in_dims=in_dims, chunk_size=chunk_size)(
@@ -306,10 +255,17 @@ def make_eval_step(
     return eval_step
 
 
-def _check_batch(batch: Batch) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-    if not isinstance(batch, (Batch, tuple)) or len(batch) != 2:
-        raise TypeError("batch must be a funcdp.data.Batch(inputs, mask)")
-    inputs, mask = batch
+def check_batch(
+    batch: Batch, process_group: Any = None
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """The inputs and mask of `batch`, checked: a `Batch` (never a bare tuple, whose second
+    entry could be read as a mask by mistake) of equal-length inputs, shaped for this process."""
+    if not isinstance(batch, Batch):
+        raise TypeError(
+            f"batch must be a funcdp.data.Batch(inputs, mask), got {type(batch).__name__}: wrap "
+            "a tuple of tensors as Batch((x, y), mask), with mask marking the real rows"
+        )
+    inputs, mask = batch.inputs, batch.mask
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
     if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
@@ -326,30 +282,29 @@ def _check_batch(batch: Batch) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         raise ValueError(
             "a batch needs at least one row (pad an empty Poisson batch with mask false)"
         )
+    _check_shard(batch.shard, process_group)
     return tuple(inputs), mask
 
 
-def _stats(
-    losses: torch.Tensor,
-    norms: torch.Tensor,
-    mask: torch.Tensor,
-    finite: torch.Tensor,
-    clip_norm: float | None,
-) -> torch.Tensor:
-    """Sums behind the metrics, [real, counted, loss, clipped, norm], summable across ranks."""
-    mask = mask.to(losses.device)
-    counted = mask & finite  # real rows with a finite loss and gradient
-    zero = torch.zeros((), dtype=losses.dtype, device=losses.device)
-    clipped = (norms > clip_norm) & counted if clip_norm is not None else torch.zeros_like(mask)
-    return torch.stack(
-        [
-            mask.sum().to(losses.dtype),
-            counted.sum().to(losses.dtype),
-            torch.where(counted, losses, zero).sum(),
-            clipped.sum().to(losses.dtype),
-            torch.where(counted, norms.to(losses.dtype), zero).sum(),
-        ]
-    )
+def _check_shard(shard, process_group) -> None:
+    """A process group's step needs each rank's own shard; a lone process the whole batch."""
+    if process_group is None:
+        if shard is not None and shard[1] != 1:
+            raise ValueError(
+                f"batch.shard is {shard}: it is one rank's share of a logical batch, but the step "
+                "has no process_group, so the shard would be treated as the whole batch"
+            )
+        return
+    rank = torch.distributed.get_rank(process_group)
+    world = torch.distributed.get_world_size(process_group)
+    if shard != (rank, world):
+        raise ValueError(
+            f"batch.shard is {shard}, but this process is rank {rank} of {world}: build the "
+            f"batches with PoissonLoader(..., rank={rank}, world_size={world}) (or "
+            "poisson_batches with rank and world_size), so that each sampled example lands on "
+            "exactly one rank; otherwise every rank sums the same examples and the sensitivity "
+            "is world_size times the clip norm"
+        )
 
 
 def _metrics(stats: torch.Tensor) -> Metrics:

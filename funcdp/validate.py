@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from funcdp._probes import _as_tuple, _run_findings
 from funcdp.findings import (
     _DROP_INS,
     BUFFERS_CHANGE,
@@ -30,7 +31,6 @@ from funcdp.findings import (
     UnsupportedModuleError,
     _label,
 )
-from funcdp.probes import _as_tuple, _run_findings
 
 logger = logging.getLogger(__name__)
 

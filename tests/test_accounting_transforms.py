@@ -88,15 +88,15 @@ def _max_epsilon_between(steps: int) -> float:
 
 def test_budget_allows_steps_under_and_refuses_the_step_over():
     max_epsilon = _max_epsilon_between(3)
-    privatizer = _privatizer(fdp.budget(max_epsilon, DELTA))
+    privatizer = _privatizer(fdp.budget(max_epsilon, delta=DELTA))
     state = privatizer.init(None)
-    assert state[4] == fdp.BudgetState(Ledger())
+    assert state[4] == ()  # no ledger of its own: it reads account's
     state = _steps(privatizer, state, 3)
-    assert state[3].ledger.steps == 3 and state[4].ledger.steps == 3
+    assert state[3].ledger.steps == 3
     with pytest.raises(fdp.BudgetExceededError, match=r"epsilon=.*over the budget max_epsilon="):
         privatizer.update(_per_example(), state, key=fdr.key(99))
     # Nothing was recorded: the state is the one after step 3, and the refusal repeats.
-    assert state[3].ledger.steps == 3 and state[4].ledger.steps == 3
+    assert state[3].ledger.steps == 3
     with pytest.raises(fdp.BudgetExceededError):
         privatizer.update(_per_example(), state, key=fdr.key(100))
 
@@ -105,7 +105,7 @@ def test_budget_refuses_the_first_step_if_it_is_already_over():
     privatizer = _privatizer(
         fdp.budget(
             0.5 * fdp.dpsgd_epsilon(noise_multiplier=SIGMA, sample_rate=RATE, steps=1, delta=DELTA),
-            DELTA,
+            delta=DELTA,
         )
     )
     with pytest.raises(fdp.BudgetExceededError):
@@ -117,21 +117,21 @@ def test_budget_with_pld_accounting():
     one_step = fdp.dpsgd_epsilon(
         noise_multiplier=SIGMA, sample_rate=RATE, steps=1, delta=DELTA, method="pld"
     )
-    privatizer = _privatizer(fdp.budget(1.01 * one_step, DELTA, method="pld"))
+    privatizer = _privatizer(fdp.budget(1.01 * one_step, delta=DELTA, method="pld"))
     state = _steps(privatizer, privatizer.init(None), 1)
-    assert state[4].ledger.steps == 1
+    assert state[3].ledger.steps == 1
     with pytest.raises(fdp.BudgetExceededError):
         privatizer.update(_per_example(), state, key=fdr.key(1))
 
 
 def test_budget_refuses_zero_noise():
-    privatizer = _privatizer(fdp.budget(100.0, DELTA), sigma=0.0)
+    privatizer = _privatizer(fdp.budget(100.0, delta=DELTA), sigma=0.0)
     with pytest.raises(fdp.BudgetExceededError, match="epsilon=inf"):
         privatizer.update(_per_example(), privatizer.init(None), key=fdr.key(0))
 
 
 def test_account_and_budget_refuse_to_run_outside_a_chain():
-    for transform in (fdp.account(RATE), fdp.budget(1.0, DELTA)):
+    for transform in (fdp.account(RATE), fdp.budget(1.0, delta=DELTA)):
         with pytest.raises(ValueError, match=r"inside chain"):
             transform.update({"a": torch.zeros(2)}, transform.init(None))
 
@@ -145,13 +145,13 @@ def test_bad_sample_rate_raises(rate):
 @pytest.mark.parametrize("max_epsilon", [0, -1.0, math.nan, math.inf, True, None])
 def test_bad_max_epsilon_raises(max_epsilon):
     with pytest.raises(ValueError, match=r"max_epsilon must be a finite number > 0, got"):
-        fdp.budget(max_epsilon, DELTA)
+        fdp.budget(max_epsilon, delta=DELTA)
 
 
 @pytest.mark.parametrize("delta", [0, 0.0, 1, 1.0, -1e-5, math.nan, True, None])
 def test_bad_delta_raises(delta):
     with pytest.raises(ValueError, match=r"delta must be in \(0, 1\), got"):
-        fdp.budget(1.0, delta)
+        fdp.budget(1.0, delta=delta)
 
 
 def test_sample_rate_one_is_allowed():

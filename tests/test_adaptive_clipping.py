@@ -208,7 +208,9 @@ def test_microbatched_and_whole_batch_steps_agree(per_layer):
     mask = torch.rand(13, generator=gen) < 0.8
     states = []
     for micro in (None, 4):
-        step = fdp.make_train_step(loss_fn, privatizer, optimizer, microbatch_size=micro)
+        step = fdp.make_train_step(
+            loss_fn, privatizer, optimizer, performance=fdp.Performance(microbatch_size=micro)
+        )
         state = fdp.TrainState.create(
             params,
             buffers=buffers,

@@ -1,4 +1,4 @@
-"""Tests for make_train_step(autocast_dtype=...): half-precision forward/backward, fp32 privacy."""
+"""Tests for Performance(autocast_dtype=...): half-precision forward/backward, fp32 privacy."""
 
 from __future__ import annotations
 
@@ -33,9 +33,11 @@ def _problem(clip: float, noise: float, scale: float = 1.0):
     return loss_fn, privatizer, params, buffers, x, y, seen_dtypes
 
 
-def _step(loss_fn, privatizer, params, buffers, batch, *, steps=1, lr=1.0, **options):
+def _step(
+    loss_fn, privatizer, params, buffers, batch, *, steps=1, lr=1.0, performance=fdp.Performance()
+):
     optimizer = fdp.optim.sgd(lr)
-    step = fdp.make_train_step(loss_fn, privatizer, optimizer, **options)
+    step = fdp.make_train_step(loss_fn, privatizer, optimizer, performance=performance)
     state = fdp.TrainState.create(
         params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(5)
     )
@@ -59,8 +61,7 @@ def test_each_clipped_contribution_stays_within_the_clip(dtype, mode):
             params,
             buffers,
             fdp.Batch((x, y), mask),
-            autocast_dtype=dtype,
-            mode=mode,
+            performance=fdp.Performance(autocast_dtype=dtype, mode=mode),
         )
         change = tree_map(torch.sub, params, state.params)
         assert all(v.dtype == torch.float32 for v in state.params.values())
@@ -88,8 +89,7 @@ def test_a_step_matches_float32_within_half_precision_error(dtype, mode):
         batch,
         steps=3,
         lr=0.2,
-        autocast_dtype=dtype,
-        mode=mode,
+        performance=fdp.Performance(autocast_dtype=dtype, mode=mode),
     )
     change_want = tree_map(torch.sub, want.params, params)
     change_got = tree_map(torch.sub, got.params, params)
@@ -110,7 +110,13 @@ def test_noise_is_drawn_in_float32(dtype, mode):
     empty = fdp.Batch((x, y), torch.zeros(24, dtype=torch.bool))
     want, _ = _step(loss_fn, privatizer, params, buffers, empty, steps=2)
     got, _ = _step(
-        loss_fn, privatizer, params, buffers, empty, steps=2, autocast_dtype=dtype, mode=mode
+        loss_fn,
+        privatizer,
+        params,
+        buffers,
+        empty,
+        steps=2,
+        performance=fdp.Performance(autocast_dtype=dtype, mode=mode),
     )
     assert_trees_equal(got.params, want.params)
     # and the noise is not a rounded half-precision value
@@ -120,7 +126,14 @@ def test_noise_is_drawn_in_float32(dtype, mode):
     # half-precision error of the (clipped, summed) gradients, far below the noise's scale
     batch = fdp.Batch((x, y), torch.ones(24, dtype=torch.bool))
     want, _ = _step(loss_fn, privatizer, params, buffers, batch)
-    got, _ = _step(loss_fn, privatizer, params, buffers, batch, autocast_dtype=dtype, mode=mode)
+    got, _ = _step(
+        loss_fn,
+        privatizer,
+        params,
+        buffers,
+        batch,
+        performance=fdp.Performance(autocast_dtype=dtype, mode=mode),
+    )
     gap = float(global_norm(tree_map(torch.sub, got.params, want.params)))
     assert 0 < gap < 0.05 * float(global_norm(tree_map(torch.sub, want.params, params)))
 
@@ -139,7 +152,12 @@ def test_per_example_gradients_reach_the_privatizer_in_float32():
     half_params = {k: v.to(torch.bfloat16) for k, v in params.items()}
     batch = fdp.Batch((x, y), torch.ones(24, dtype=torch.bool))
     state, metrics = _step(
-        loss_fn, privatizer, half_params, buffers, batch, autocast_dtype=torch.bfloat16
+        loss_fn,
+        privatizer,
+        half_params,
+        buffers,
+        batch,
+        performance=fdp.Performance(autocast_dtype=torch.bfloat16),
     )
     assert set(seen.values()) == {torch.float32}  # bf16 parameters, fp32 per-example gradients
     assert all(v.dtype == torch.bfloat16 for v in state.params.values())  # kept as given
@@ -153,7 +171,12 @@ def test_bad_autocast_dtype_raises(dtype):
         ValueError,
         match=r"autocast_dtype must be None, torch.bfloat16 or torch.float16, got",
     ):
-        fdp.make_train_step(loss_fn, privatizer, fdp.optim.sgd(0.1), autocast_dtype=dtype)
+        fdp.make_train_step(
+            loss_fn,
+            privatizer,
+            fdp.optim.sgd(0.1),
+            performance=fdp.Performance(autocast_dtype=dtype),
+        )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -177,8 +200,17 @@ def test_affine_layer_and_instance_norms_train_under_autocast(dtype, mode):
     privatizer = fdp.chain(fdp.clip(1.0), fdp.aggregate())
     x, y = torch.randn(12, 3, 6), torch.randint(0, 2, (12,))
     batch = fdp.Batch((x, y), torch.ones(12, dtype=torch.bool))
-    want, _ = _step(loss_fn, privatizer, params, buffers, batch, mode=mode)
-    got, _ = _step(loss_fn, privatizer, params, buffers, batch, mode=mode, autocast_dtype=dtype)
+    want, _ = _step(
+        loss_fn, privatizer, params, buffers, batch, performance=fdp.Performance(mode=mode)
+    )
+    got, _ = _step(
+        loss_fn,
+        privatizer,
+        params,
+        buffers,
+        batch,
+        performance=fdp.Performance(mode=mode, autocast_dtype=dtype),
+    )
     change = float(global_norm(tree_map(torch.sub, want.params, params)))
     error = float(global_norm(tree_map(torch.sub, got.params, want.params)))
     assert 0 < error <= 0.05 * change

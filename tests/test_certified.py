@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import funcdp as fdp
-from funcdp.testing.engines import check_engine_sensitivity, sequence_examples
+from funcdp.testing import check_engine_sensitivity, sequence_examples
 
 C = 1.0
 
@@ -60,7 +60,9 @@ def test_train_step_bounds_one_crafted_example(mode, scale):
         fdp.account(sample_rate=0.5),
     )
     optimizer = fdp.optim.sgd(1.0)
-    step = fdp.make_train_step(_linear_loss, privatizer, optimizer, mode=mode)
+    step = fdp.make_train_step(
+        _linear_loss, privatizer, optimizer, performance=fdp.Performance(mode=mode)
+    )
     state = fdp.TrainState.create(
         params, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(0)
     )

@@ -47,7 +47,7 @@ def _full_chain():
         ),
         (
             lambda: fdp.chain(
-                fdp.clip(1.0), fdp.aggregate(), fdp.gaussian_noise(1.0), fdp.budget(1.0, 1e-5)
+                fdp.clip(1.0), fdp.aggregate(), fdp.gaussian_noise(1.0), fdp.budget(1.0, delta=1e-5)
             ),
             "budget needs account",
         ),

@@ -1,4 +1,4 @@
-"""Tests for make_train_step(compile=...): the compiled step gives the eager step's parameters."""
+"""Tests for Performance(compile=...): the compiled step gives the eager step's parameters."""
 
 from __future__ import annotations
 
@@ -32,18 +32,21 @@ def _problem():
     return loss_fn, privatizer, optimizer, params, buffers, x, y
 
 
-def _start(key: int = 3, **options):
-    """The problem's step (built with `options`), its initial state and its data."""
+def _start(key: int = 3, on_nonfinite="raise", performance=fdp.Performance()):
+    """The problem's step (built with `on_nonfinite` and `performance`), its initial state and
+    its data."""
     loss_fn, privatizer, optimizer, params, buffers, x, y = _problem()
-    step = fdp.make_train_step(loss_fn, privatizer, optimizer, **options)
+    step = fdp.make_train_step(
+        loss_fn, privatizer, optimizer, on_nonfinite=on_nonfinite, performance=performance
+    )
     state = fdp.TrainState.create(
         params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(key)
     )
     return step, state, x, y
 
 
-def _run(steps: int, key: int = 3, **options):
-    step, state, x, y = _start(key, **options)
+def _run(steps: int, key: int = 3, performance=fdp.Performance()):
+    step, state, x, y = _start(key, performance=performance)
     metrics = []
     for t in range(steps):
         mask = torch.arange(16) < 9 + t  # a different number of real rows each step
@@ -55,8 +58,9 @@ def _run(steps: int, key: int = 3, **options):
 @pytest.mark.parametrize("mode", ["ghost", "vmap"])
 def test_compiled_step_gives_the_eager_parameters_after_five_noisy_steps(mode):
     torch._dynamo.reset()
-    eager, eager_metrics = _run(5, mode=mode)
-    compiled, compiled_metrics = _run(5, mode=mode, compile=True)  # inductor, the default
+    eager, eager_metrics = _run(5, performance=fdp.Performance(mode=mode))
+    inductor = fdp.Performance(mode=mode, compile=True)  # inductor, the default backend
+    compiled, compiled_metrics = _run(5, performance=inductor)
     assert compiled.step == eager.step == 5
     assert_trees_close(compiled.params, eager.params, rtol=1e-5, atol=1e-5)
     assert_trees_close(compiled.opt_state, eager.opt_state, rtol=1e-5, atol=1e-5)
@@ -66,7 +70,7 @@ def test_compiled_step_gives_the_eager_parameters_after_five_noisy_steps(mode):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
     # The noise is on and matters: another key moves the parameters far more than 1e-5.
-    other, _ = _run(5, key=4, mode=mode)
+    other, _ = _run(5, key=4, performance=fdp.Performance(mode=mode))
     gap = max((other.params[k] - eager.params[k]).abs().max().item() for k in eager.params)
     assert gap > 1e-2
 
@@ -74,14 +78,14 @@ def test_compiled_step_gives_the_eager_parameters_after_five_noisy_steps(mode):
 @pytest.mark.parametrize("mode", ["ghost", "vmap"])
 def test_compile_options_combine_with_autocast_auto_chunks_and_microbatches(mode):
     torch._dynamo.reset()
-    options = {
-        "chunk_size": AutoChunk(budget_bytes=1),
-        "microbatch_size": 5,
-        "autocast_dtype": torch.bfloat16,
-        "mode": mode,
-    }
-    eager, _ = _run(3, **options)
-    compiled, _ = _run(3, compile={"backend": "aot_eager"}, **options)
+    performance = fdp.Performance(
+        chunk_size=AutoChunk(budget_bytes=1),
+        microbatch_size=5,
+        autocast_dtype=torch.bfloat16,
+        mode=mode,
+    )
+    eager, _ = _run(3, performance=performance)
+    compiled, _ = _run(3, performance=performance._replace(compile={"backend": "aot_eager"}))
     assert_trees_close(compiled.params, eager.params, rtol=1e-5, atol=1e-5)
 
 
@@ -90,7 +94,9 @@ def test_a_warm_compiled_step_does_not_compile_again(mode):
     """Keys, noise and the ledger stay out of the graphs, and no graph holds on to a step's
     parameters: new parameters, keys, masks and ledger entries reuse the first compilations."""
     torch._dynamo.reset()
-    step, state, x, y = _start(mode=mode, compile={"backend": "aot_eager"})
+    step, state, x, y = _start(
+        performance=fdp.Performance(mode=mode, compile={"backend": "aot_eager"})
+    )
     for t in range(8):
         mask = torch.arange(16) < 9 + t % 5
         with torch._dynamo.config.patch(error_on_recompile=t >= 2):
@@ -100,7 +106,9 @@ def test_a_warm_compiled_step_does_not_compile_again(mode):
 
 def test_compiled_step_refuses_a_nonfinite_example_and_keeps_the_state():
     torch._dynamo.reset()
-    step, state, x, y = _start(on_nonfinite="skip", compile={"backend": "aot_eager"})
+    step, state, x, y = _start(
+        on_nonfinite="skip", performance=fdp.Performance(compile={"backend": "aot_eager"})
+    )
     params = dict(state.params)
     bad = x.clone()
     bad[2, 0] = float("nan")
@@ -114,4 +122,6 @@ def test_compiled_step_refuses_a_nonfinite_example_and_keeps_the_state():
 def test_bad_compile_option_raises(bad):
     loss_fn, privatizer, optimizer, *_ = _problem()
     with pytest.raises(ValueError, match="compile must be a bool or a dict of torch.compile"):
-        fdp.make_train_step(loss_fn, privatizer, optimizer, compile=bad)
+        fdp.make_train_step(
+            loss_fn, privatizer, optimizer, performance=fdp.Performance(compile=bad)
+        )

@@ -47,7 +47,13 @@ def _setup(group=None, fail_on=None, compile=False):
         fdp.account(Q),
     )
     optimizer = fdp.optim.sgd(0.5, momentum=0.9)
-    step = fdp.make_train_step(loss_fn, privatizer, optimizer, process_group=group, compile=compile)
+    step = fdp.make_train_step(
+        loss_fn,
+        privatizer,
+        optimizer,
+        process_group=group,
+        performance=fdp.Performance(compile=compile),
+    )
     state = fdp.TrainState.create(
         params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(7)
     )
@@ -79,7 +85,8 @@ def _zero_gradient_noise(group, coordinates=6000):
     state = fdp.TrainState.create(
         params, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(11)
     )
-    batch = fdp.Batch((torch.ones(4, 1),), torch.ones(4, dtype=torch.bool))
+    shard = (dist.get_rank(group), dist.get_world_size(group))  # each rank's own 4 rows
+    batch = fdp.Batch((torch.ones(4, 1),), torch.ones(4, dtype=torch.bool), shard=shard)
     new_state, _ = step(state, batch)
     return new_state.params["w"] - state.params["w"]
 
@@ -127,7 +134,7 @@ def _worker(rank, init_file, out_dir):
     if rank == 0:
         x[2, 0] = math.nan  # a real row on rank 0 only
     try:
-        step(state, fdp.Batch((x, y[:4]), torch.ones(4, dtype=torch.bool)))
+        step(state, fdp.Batch((x, y[:4]), torch.ones(4, dtype=torch.bool), shard=(rank, WORLD)))
         results["nonfinite"] = "no error"
     except fdp.NonFiniteError:
         results["nonfinite"] = "NonFiniteError"

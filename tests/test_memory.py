@@ -116,7 +116,7 @@ def test_bad_chunk_options_raise(spec, message):
             lambda p, b, x: x.sum(),
             fdp.chain(fdp.clip(1.0), fdp.aggregate()),
             fdp.optim.sgd(0.1),
-            chunk_size=spec,
+            performance=fdp.Performance(chunk_size=spec),
         )
 
 
@@ -180,9 +180,9 @@ def _train_problem():
     return train_loss, privatizer, optimizer, params, buffers, fdp.Batch((x, y), mask)
 
 
-def _run(steps: int, **options):
+def _run(steps: int, performance: fdp.Performance):
     loss_fn, privatizer, optimizer, params, buffers, batch = _train_problem()
-    step = fdp.make_train_step(loss_fn, privatizer, optimizer, **options)
+    step = fdp.make_train_step(loss_fn, privatizer, optimizer, performance=performance)
     state = fdp.TrainState.create(
         params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(7)
     )
@@ -195,16 +195,16 @@ def _run(steps: int, **options):
 
 @pytest.mark.parametrize("mode", ["vmap", "auto"])  # auto: ghost, nothing to chunk on an MLP
 @pytest.mark.parametrize(
-    "options",
+    "performance",
     [
-        {"chunk_size": "auto"},
-        {"chunk_size": AutoChunk(budget_bytes=1)},  # one example at a time
-        {"chunk_size": AutoChunk(budget_bytes=1), "microbatch_size": 5},
+        fdp.Performance(chunk_size="auto"),
+        fdp.Performance(chunk_size=AutoChunk(budget_bytes=1)),  # one example at a time
+        fdp.Performance(chunk_size=AutoChunk(budget_bytes=1), microbatch_size=5),
     ],
 )
-def test_auto_train_step_equals_the_unchunked_step(options, mode):
-    expected, expected_metrics = _run(3, mode="vmap")
-    state, metrics = _run(3, mode=mode, **options)
+def test_auto_train_step_equals_the_unchunked_step(performance, mode):
+    expected, expected_metrics = _run(3, fdp.Performance(mode="vmap"))
+    state, metrics = _run(3, performance._replace(mode=mode))
     assert_trees_close(state.params, expected.params, rtol=1e-6, atol=1e-6)
     assert state.step == 3
     assert fdp.epsilon(state.ledger, delta=1e-5) == fdp.epsilon(expected.ledger, delta=1e-5)
@@ -221,9 +221,11 @@ def test_auto_train_step_measures_once_and_keeps_the_state_pure(monkeypatch):
         calls.append(kwargs["spec"])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr("funcdp.train.auto_chunk_size", counting)
+    monkeypatch.setattr("funcdp._engine.auto_chunk_size", counting)
     loss_fn, privatizer, optimizer, params, buffers, batch = _train_problem()
-    step = fdp.make_train_step(loss_fn, privatizer, optimizer, chunk_size="auto", mode="vmap")
+    step = fdp.make_train_step(
+        loss_fn, privatizer, optimizer, performance=fdp.Performance(chunk_size="auto", mode="vmap")
+    )
     state = fdp.TrainState.create(
         params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(7)
     )

@@ -26,7 +26,14 @@ def _model() -> nn.Module:
     return model.eval()  # BatchNorm in eval mode reads its buffers and mixes no examples
 
 
-def _setup(noise=1.0, max_norm=1.0, optimizer=None, extra=(), **step_kwargs):
+def _setup(
+    noise=1.0,
+    max_norm=1.0,
+    optimizer=None,
+    extra=(),
+    on_nonfinite="raise",
+    performance=fdp.Performance(),
+):
     model = _model()
     apply_fn, params, buffers = fdp.functionalize(model)
 
@@ -42,7 +49,9 @@ def _setup(noise=1.0, max_norm=1.0, optimizer=None, extra=(), **step_kwargs):
         *extra,
     )
     optimizer = optimizer or optim.sgd(0.5)
-    step = fdp.make_train_step(loss_fn, privatizer, optimizer, **step_kwargs)
+    step = fdp.make_train_step(
+        loss_fn, privatizer, optimizer, on_nonfinite=on_nonfinite, performance=performance
+    )
     state = fdp.TrainState.create(
         params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(0)
     )
@@ -126,11 +135,16 @@ def test_metrics_on_a_hand_made_example():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"microbatch_size": 3}, {"chunk_size": 4}, {"microbatch_size": 4, "chunk_size": 2}]
+    "performance",
+    [
+        fdp.Performance(microbatch_size=3),
+        fdp.Performance(chunk_size=4),
+        fdp.Performance(microbatch_size=4, chunk_size=2),
+    ],
 )
-def test_microbatches_and_chunks_match_the_plain_step_with_noise(kwargs):
+def test_microbatches_and_chunks_match_the_plain_step_with_noise(performance):
     *_, state, plain = _setup(noise=1.0)
-    *_, _, split = _setup(noise=1.0, **kwargs)
+    *_, _, split = _setup(noise=1.0, performance=performance)
     a = b = state
     for seed in range(3):
         batch = _batch(rows=10, real=8, seed=seed)
@@ -201,8 +215,9 @@ def test_bad_batch_raises_and_changes_nothing(make_batch, match):
 def test_nonfinite_real_row_raises_or_skips(microbatch_size):
     batch = _batch(rows=6, real=4)
     batch.inputs[0][3, 1] = math.nan  # a real row, in the last micro-batch when split by 2
-    *_, state, raising = _setup(microbatch_size=microbatch_size)
-    *_, _, skipping = _setup(microbatch_size=microbatch_size, on_nonfinite="skip")
+    performance = fdp.Performance(microbatch_size=microbatch_size)
+    *_, state, raising = _setup(performance=performance)
+    *_, _, skipping = _setup(performance=performance, on_nonfinite="skip")
     state, _ = raising(state, _batch(seed=5))  # a step taken, so the state holds a ledger record
     snapshot = tree_clone(state)
     with pytest.raises(fdp.NonFiniteError):
@@ -217,7 +232,8 @@ def test_nonfinite_real_row_raises_or_skips(microbatch_size):
 
 @pytest.mark.parametrize("microbatch_size", [None, 2])
 def test_nonfinite_real_row_contributes_zero_in_zero_mode(microbatch_size):
-    *_, state, step = _setup(noise=1.0, microbatch_size=microbatch_size, on_nonfinite="zero")
+    performance = fdp.Performance(microbatch_size=microbatch_size)
+    *_, state, step = _setup(noise=1.0, performance=performance, on_nonfinite="zero")
     dirty = _batch(rows=6, real=4)
     dirty.inputs[0][1, 0] = math.nan
     # The same batch with that row dropped from the mask: noise and normalization are the same.
@@ -315,7 +331,9 @@ def test_make_train_step_rejects_bad_configuration():
     with pytest.raises(ValueError, match="on_nonfinite"):
         fdp.make_train_step(loss_fn, privatizer, optim.sgd(0.1), on_nonfinite="ignore")
     with pytest.raises(ValueError, match="microbatch_size"):
-        fdp.make_train_step(loss_fn, privatizer, optim.sgd(0.1), microbatch_size=0)
+        fdp.make_train_step(
+            loss_fn, privatizer, optim.sgd(0.1), performance=fdp.Performance(microbatch_size=0)
+        )
     with pytest.raises(ValueError, match="aggregate"):
         fdp.make_train_step(loss_fn, fdp.chain(fdp.clip(1.0)), optim.sgd(0.1))
 
@@ -371,7 +389,7 @@ def test_to_module_round_trip():
 # ---------------------------------------------------------------- ghost mode
 
 
-def _ghost_pair(clip, on_nonfinite="raise", **options):
+def _ghost_pair(clip, on_nonfinite="raise", performance=fdp.Performance()):
     """The same DP step built in vmap and in ghost mode, with a fresh state for each."""
     model = nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 2))
     apply_fn, params, buffers = fdp.functionalize(model)
@@ -388,7 +406,11 @@ def _ghost_pair(clip, on_nonfinite="raise", **options):
     )
     steps = {
         mode: fdp.make_train_step(
-            loss_fn, privatizer, optimizer, mode=mode, on_nonfinite=on_nonfinite, **options
+            loss_fn,
+            privatizer,
+            optimizer,
+            on_nonfinite=on_nonfinite,
+            performance=performance._replace(mode=mode),
         )
         for mode in ("vmap", "ghost", "auto")
     }
@@ -460,9 +482,11 @@ def test_ghost_mode_drops_a_nonfinite_example_like_vmap_mode():
     ids=["nan_safe", "adaptive", "unknown_mode"],
 )
 def test_ghost_mode_refuses_what_it_cannot_do_when_built(privatizer, kwargs):
-    kwargs = {"mode": "ghost", **kwargs}
+    performance = fdp.Performance(**{"mode": "ghost", **kwargs})
     with pytest.raises(ValueError, match="ghost|mode"):
-        fdp.make_train_step(lambda p, b, x: x.sum(), privatizer, optim.sgd(0.1), **kwargs)
+        fdp.make_train_step(
+            lambda p, b, x: x.sum(), privatizer, optim.sgd(0.1), performance=performance
+        )
 
 
 def test_default_mode_takes_ghost_where_it_can_and_probes_once_per_batch_shape(monkeypatch):
@@ -488,7 +512,9 @@ def test_default_mode_takes_ghost_with_auto_chunks(monkeypatch):
 
     probes, original = [], capture.plan
     monkeypatch.setattr(capture, "plan", lambda *a, **k: probes.append(1) or original(*a, **k))
-    state, steps = _ghost_pair(fdp.clip(0.5), chunk_size=fdp.AutoChunk(budget_bytes=1))
+    state, steps = _ghost_pair(
+        fdp.clip(0.5), performance=fdp.Performance(chunk_size=fdp.AutoChunk(budget_bytes=1))
+    )
     batch = _batch(rows=8, real=6)
     auto_state, _ = steps["auto"](state, batch)
     vmap_state, _ = steps["vmap"](state, batch)  # chunks of one example
@@ -502,7 +528,9 @@ def test_default_mode_takes_ghost_under_autocast(monkeypatch):
 
     probes, original = [], capture.plan
     monkeypatch.setattr(capture, "plan", lambda *a, **k: probes.append(1) or original(*a, **k))
-    state, half_steps = _ghost_pair(fdp.clip(0.5), autocast_dtype=torch.bfloat16)
+    state, half_steps = _ghost_pair(
+        fdp.clip(0.5), performance=fdp.Performance(autocast_dtype=torch.bfloat16)
+    )
     _, float_steps = _ghost_pair(fdp.clip(0.5))
     batch = _batch(rows=8, real=6)
     half_state, _ = half_steps["auto"](state, batch)

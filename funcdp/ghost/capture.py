@@ -220,7 +220,9 @@ def plan(
     }
     spy = _Spy({id(p): name for name, p in copies.items()})
     first = tuple(x[:1] for x in batch)
-    with torch.enable_grad(), spy:
+    cuda = sorted({p.device.index or 0 for p in copies.values() if p.device.type == "cuda"})
+    # The probe's random draws (dropout) must not move torch's generators: fork them.
+    with torch.random.fork_rng(devices=cuda), torch.enable_grad(), spy:
         vmap(lambda *example: loss_fn(copies, *example), randomness="different")(*first)
     ghost = {name for name, uses in spy.uses.items() if uses == ["captured"]}
     if conv_explicit == "vmap":

@@ -3,7 +3,6 @@
 from funcdp.transforms.accounting import (
     AccountState,
     BudgetExceededError,
-    BudgetState,
     account,
     budget,
 )
@@ -37,7 +36,6 @@ __all__ = [
     "AccountState",
     "AdaptiveClipState",
     "BudgetExceededError",
-    "BudgetState",
     "FactorRule",
     "GradientTransformation",
     "NonFiniteState",

@@ -17,12 +17,6 @@ class AccountState(NamedTuple):
     ledger: Ledger
 
 
-class BudgetState(NamedTuple):
-    """The ledger of the steps this budget has allowed."""
-
-    ledger: Ledger
-
-
 class BudgetExceededError(RuntimeError):
     """A step would spend more privacy than the budget allows; nothing was released."""
 
@@ -43,7 +37,7 @@ def account(sample_rate: float, *, poisson: bool = True) -> GradientTransformati
 
     def bind(context: PrivacyContext) -> tuple[GradientTransformation, PrivacyContext]:
         noise_multiplier = _noise_multiplier_of(context, "account")
-        recorder = _recorder(AccountState, noise_multiplier, sample_rate, poisson)
+        recorder = _recorder(noise_multiplier, sample_rate, poisson)
         return recorder, context._replace(sample_rate=sample_rate)
 
     return GradientTransformation(
@@ -51,12 +45,13 @@ def account(sample_rate: float, *, poisson: bool = True) -> GradientTransformati
     )
 
 
-def budget(max_epsilon: float, delta: float, method: Method = "rdp") -> GradientTransformation:
+def budget(max_epsilon: float, *, delta: float, method: Method = "rdp") -> GradientTransformation:
     """Refuses a step that would take epsilon above `max_epsilon`, before anything is released.
 
-    Place it after `account(sample_rate)`; it reads sigma and q from the chain. The check raises
-    `BudgetExceededError` inside the step, so the train step returns no noisy gradient and the
-    state stays as it was.
+    Place it after `account(sample_rate)`: it reads the ledger that `account` keeps (no ledger of
+    its own), so a budget added to a resumed run sees the epsilon already spent. The chain runs
+    the check on its new state and raises `BudgetExceededError`, so the train step returns no
+    noisy gradient and the state stays as it was.
 
     Raises:
       ValueError: max_epsilon is not > 0, delta outside (0, 1), or no `account` upstream.
@@ -66,38 +61,37 @@ def budget(max_epsilon: float, delta: float, method: Method = "rdp") -> Gradient
     if method not in ("rdp", "pld"):
         raise ValueError(f'method must be "rdp" or "pld", got {method!r}')
 
+    def check(state: tuple) -> None:
+        (ledger,) = [part.ledger for part in state if isinstance(part, AccountState)]
+        spent = epsilon(ledger, delta=delta, method=method)
+        if spent > max_epsilon or math.isnan(spent):
+            raise BudgetExceededError(
+                f"this step would spend epsilon={spent:.4g} at delta={delta:g}, over the "
+                f"budget max_epsilon={max_epsilon:g}; the step was refused"
+            )
+
     def bind(context: PrivacyContext) -> tuple[GradientTransformation, PrivacyContext]:
-        noise_multiplier = _noise_multiplier_of(context, "budget")
+        _noise_multiplier_of(context, "budget")
         if context.sample_rate is None:
             raise ValueError("budget needs account(sample_rate) upstream in the chain")
-        record = _recorder(BudgetState, noise_multiplier, context.sample_rate)
+        passthrough = GradientTransformation(lambda params: (), _passthrough, AGGREGATE)
+        return passthrough, context._replace(checks=(*context.checks, check))
 
-        def update(updates, state, params=None, *, key=None, mask=None):
-            updates, new_state = record.update(updates, state, params, key=key, mask=mask)
-            spent = epsilon(new_state.ledger, delta=delta, method=method)
-            if spent > max_epsilon or math.isnan(spent):
-                raise BudgetExceededError(
-                    f"this step would spend epsilon={spent:.4g} at delta={delta:g}, over the "
-                    f"budget max_epsilon={max_epsilon:g}; the step was refused"
-                )
-            return updates, new_state
-
-        return record._replace(update=update), context
-
-    return GradientTransformation(
-        lambda params: BudgetState(Ledger()), _unbound, AGGREGATE, bind=bind
-    )
+    return GradientTransformation(lambda params: (), _unbound, AGGREGATE, bind=bind)
 
 
-def _recorder(
-    state_type, noise_multiplier: float, sample_rate: float, poisson: bool = True
-) -> GradientTransformation:
+def _passthrough(updates, state, params=None, *, key=None, mask=None):
+    del params, key, mask
+    return updates, state
+
+
+def _recorder(noise_multiplier: float, sample_rate: float, poisson: bool) -> GradientTransformation:
     def update(updates, state, params=None, *, key=None, mask=None):
         del params, key, mask
         ledger = state.ledger.record(noise_multiplier, sample_rate, poisson=poisson)
-        return updates, state_type(ledger)
+        return updates, AccountState(ledger)
 
-    return GradientTransformation(lambda params: state_type(Ledger()), update, AGGREGATE)
+    return GradientTransformation(lambda params: AccountState(Ledger()), update, AGGREGATE)
 
 
 def _noise_multiplier_of(context: PrivacyContext, name: str) -> float:

@@ -44,6 +44,10 @@ class PrivacyContext(NamedTuple):
       count_noise_multiplier: sigma_b of a privatized count released beside the gradient
         (adaptive clipping); `gaussian_noise` then raises the gradient's noise multiplier so
         that both releases together spend what the accountant records.
+      secure: whether the noise is drawn from the operating system's entropy (it then differs
+        between processes, which a process group must refuse).
+      checks: functions of a chain's new state that refuse an update before it is returned
+        (`budget` reads the ledger that `account` keeps); they raise.
     """
 
     sensitivity: float | None = None
@@ -52,6 +56,8 @@ class PrivacyContext(NamedTuple):
     sample_rate: float | None = None
     reduced: bool = False
     count_noise_multiplier: float | None = None
+    secure: bool = False
+    checks: tuple[Callable[[tuple], None], ...] = ()
 
 
 Bind = Callable[[PrivacyContext], tuple["GradientTransformation", PrivacyContext]]
@@ -80,7 +86,8 @@ class GradientTransformation(NamedTuple):
       stage: "per_example", "reduce" or "aggregate" (see the module docstring).
       sensitivity: for clipping transforms, the per-example L2 bound of the contribution.
       bind: resolves the transform against the context upstream; None if it needs none.
-      parts: for a chain, the transforms it is made of (unbound, in order).
+      parts: for a chain, the transforms it is made of (unbound, in order); for the first half
+        of `split_at_reduce`, its bound parts.
       finish: `finish(state, *, key) -> state`, closing one logical batch for a transform whose
         `update` only accumulates statistics; None for transforms that need no such step.
       factor_rule: for a stateless clipping transform, its rule as a `FactorRule`; None when it
@@ -120,7 +127,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """
     parts = _flatten(transforms)
     bound, context = bind_parts(parts)
-    init, update, _ = _compose(bound, offset=0, finish_in_update=True)
+    init, update, _ = _compose(bound, 0, True, context.checks)
     stage = _stage_of(bound)
     return GradientTransformation(init, update, stage, context.sensitivity, None, parts)
 
@@ -175,22 +182,27 @@ def split_at_reduce(
     after the last micro-batch.
     """
     parts = chain_transform.parts or (chain_transform,)
-    bound, _ = bind_parts(parts)
+    bound, context = bind_parts(parts)
     reducers = [i for i, part in enumerate(bound) if part.stage == REDUCE]
     if not reducers:
         raise ValueError(
             "the privatizer has no aggregate() step; build it with chain(clip(...), aggregate(), ...)"
         )
     index = reducers[0] + 1
-    init, update, finish = _compose(bound[:index], offset=0, finish_in_update=False)
-    first = GradientTransformation(init, update, REDUCE, finish=finish)
+    init, update, finish = _compose(bound[:index], 0, False)
+    first = GradientTransformation(init, update, REDUCE, parts=bound[:index], finish=finish)
     second = GradientTransformation(
-        *_compose(bound[index:], offset=index, finish_in_update=True)[:2], AGGREGATE
+        *_compose(bound[index:], index, True, context.checks)[:2], AGGREGATE
     )
     return first, second, index
 
 
-def _compose(bound: tuple[GradientTransformation, ...], offset: int, finish_in_update: bool):
+def _compose(
+    bound: tuple[GradientTransformation, ...],
+    offset: int,
+    finish_in_update: bool,
+    checks: tuple[Callable[[tuple], None], ...] = (),
+):
     def init(params):
         return tuple(part.init(params) for part in bound)
 
@@ -204,6 +216,8 @@ def _compose(bound: tuple[GradientTransformation, ...], offset: int, finish_in_u
             new_state.append(part_state)
         if finish_in_update:
             new_state = finish(tuple(new_state), key=key)
+        for check in checks:
+            check(tuple(new_state))
         return updates, tuple(new_state)
 
     def finish(state, *, key=None):

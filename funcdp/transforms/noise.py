@@ -48,7 +48,7 @@ def gaussian_noise(noise_multiplier: float, *, secure: bool = False) -> Gradient
             )
         std = gradient_multiplier * context.sensitivity * context.scale
         bound = GradientTransformation(lambda params: (), _noise_update(std, secure), AGGREGATE)
-        return bound, context._replace(noise_multiplier=noise_multiplier)
+        return bound, context._replace(noise_multiplier=noise_multiplier, secure=secure)
 
     return GradientTransformation(lambda params: (), _unbound_update, AGGREGATE, bind=bind)
 
@@ -87,12 +87,20 @@ def add_noise(tree, std: float, key, *, secure: bool = False):
             noisy.append(leaf + std * draw)
         else:
             if leaf.device not in generators:
-                generators[leaf.device] = fdr.generator(key, leaf.device)
+                generators[leaf.device] = fdr.generator(device_key(key, leaf.device), leaf.device)
             # std * N(0, 1) drawn into a fresh tensor and the leaf added in place: one pass
             # over memory fewer than leaf + std * randn, and the same values.
             fresh = torch.empty(leaf.shape, dtype=leaf.dtype, device=leaf.device)
             noisy.append(fresh.normal_(0.0, std, generator=generators[leaf.device]).add_(leaf))
     return tree_unflatten(spec, noisy)
+
+
+def device_key(key, device: torch.device):
+    """The key of the noise drawn on `device`: the key itself on the CPU (and the first device
+    of a type), folded with the device's index elsewhere, so that leaves on cuda:0 and cuda:1
+    get independent noise rather than two copies of one stream."""
+    index = torch.device(device).index
+    return key if not index else fdr.fold_in(key, index)
 
 
 def _noise_update(std: float, secure: bool):

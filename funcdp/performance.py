@@ -1,0 +1,72 @@
+"""`Performance`: how a train step computes, never what it releases.
+
+Every option here changes speed and memory only: the step gives the same parameters, up to float
+rounding, whatever they are set to (tests compare each setting with the default). What changes
+the privacy guarantee (the privatizer, `on_nonfinite`, `process_group`) is an argument of
+`make_train_step` of its own, so the two cannot be confused (as jax_privacy's `PerformanceFlags`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple
+
+import torch
+
+from funcdp.memory import ChunkSize, check_chunk_option
+
+Mode = Literal["auto", "vmap", "ghost"]
+
+
+class Performance(NamedTuple):
+    """Speed and memory settings of a train step.
+
+    Attributes:
+      mode: "vmap" forms every example's gradient (any module, any per-example transform);
+        "ghost" forms none for linear, conv, embedding and normalization parameters: their
+        norms and clipped sum come from one batched backward (`funcdp.ghost`), and the other
+        parameters' from vmap. It needs the privatizer to start with one stateless clipping
+        transform and `aggregate()`. "auto" (the default) is "ghost" where that holds and
+        "vmap" otherwise.
+      chunk_size: vmap at most this many examples at once (bounds activation memory); "auto"
+        or a `funcdp.memory.AutoChunk` picks the largest chunk under a memory budget, measured
+        once per micro-batch shape (in ghost mode: for the vmapped parameters only).
+      microbatch_size: split the batch into micro-batches of this many rows, each clipped and
+        summed before the next is differentiated (bounds per-example gradient memory).
+      autocast_dtype: None, torch.bfloat16 or torch.float16: run the loss (forward and
+        backward) under `torch.autocast` in that dtype. Losses, gradients (in ghost mode each
+        op's input and output gradient) are widened to float32 before clipping, so norms, noise
+        and the optimizer are float32.
+      compile: `torch.compile` the step's tensor work: the per-example gradients (or the ghost
+        pass), clipping and summation of each micro-batch, and the optimizer's update. True for
+        the defaults, or a dict of `torch.compile` keyword arguments. Keys, noise, accounting,
+        the collective of a process group and the chunk measurement stay eager, so a key's noise
+        does not depend on compilation. The first step of each new batch shape compiles. Inside
+        a compiled graph the rare exact paths of certified clipping (examples whose float32
+        norm cannot be certified tightly) are not taken: such an example keeps its looser
+        certified bound, so it is clipped harder than in eager mode.
+    """
+
+    mode: Mode = "auto"
+    chunk_size: ChunkSize = None
+    microbatch_size: int | None = None
+    autocast_dtype: torch.dtype | None = None
+    compile: bool | dict[str, Any] = False
+
+    def check(self) -> Performance:
+        """Returns self, or raises ValueError naming the first bad field."""
+        if self.mode not in ("auto", "vmap", "ghost"):
+            raise ValueError(f'mode must be "auto", "vmap" or "ghost", got {self.mode!r}')
+        check_chunk_option(self.chunk_size)
+        size = self.microbatch_size
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+            raise ValueError(f"microbatch_size must be a positive int or None, got {size!r}")
+        if self.autocast_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(
+                "autocast_dtype must be None, torch.bfloat16 or torch.float16, got "
+                f"{self.autocast_dtype!r}"
+            )
+        if not isinstance(self.compile, (bool, dict)):
+            raise ValueError(
+                f"compile must be a bool or a dict of torch.compile options, got {self.compile!r}"
+            )
+        return self
