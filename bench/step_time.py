@@ -14,11 +14,12 @@ On a shared machine one run's figures can be off by tens of percent; with --roun
 of a model take turns, each row gives the median over rounds, the ratio is the median of each
 round's ratio to that round's non-private step, and the rounds' own figures are listed.
 
-`funcdp` is `make_train_step` with its defaults (mode "auto", which is ghost clipping here: no
-per-example gradients for linear, conv, embedding and normalization layers); `funcdp-vmap` is
-`mode="vmap"` (every example's gradient formed). `funcdp-compiled` and `funcdp-vmap-compiled`
-are the same two steps with `compile=True`; the first step compiles, and the time of that step
-less the median step is printed as the compile time.
+`funcdp` is `make_train_step` with its defaults (`fdp.Performance()`: mode "auto", which is
+ghost clipping here: no per-example gradients for linear, conv, embedding and normalization
+layers); `funcdp-vmap` is `performance=fdp.Performance(mode="vmap")` (every example's gradient
+formed). `funcdp-compiled` and `funcdp-vmap-compiled` are the same two steps with
+`compile=True` in their `Performance`; the first step compiles, and the time of that step less
+the median step is printed as the compile time.
 """
 
 from __future__ import annotations
@@ -199,7 +200,8 @@ def _funcdp_step(model, inputs, targets, compile=False, mode="auto"):
         fdp.account(0.01),
     )
     optimizer = fdp.optim.sgd(0.1)
-    train_step = fdp.make_train_step(loss_fn, privatizer, optimizer, compile=compile, mode=mode)
+    performance = fdp.Performance(mode=mode, compile=compile)
+    train_step = fdp.make_train_step(loss_fn, privatizer, optimizer, performance=performance)
     holder = [
         fdp.TrainState.create(
             params,
