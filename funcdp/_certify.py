@@ -108,8 +108,8 @@ def round_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == x.dtype:
         return x
     cast = x.to(dtype)
-    below = cast.to(x.dtype) < x
-    return torch.where(below, torch.nextafter(cast, torch.full_like(cast, float("inf"))), cast)
+    # For positive values, c (1 + eps) is at least the next representable value above c.
+    return torch.where(cast.to(x.dtype) < x, cast * (1.0 + torch.finfo(dtype).eps), cast)
 
 
 def with_margin(factors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

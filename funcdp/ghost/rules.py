@@ -23,10 +23,10 @@ G, plus the rounding that the example's own terms bring into the book-keeping su
 its output gradients nearly cancel (a float32 estimate can then be 0, negative or NaN); its error
 is bounded a priori from the per-position norms (Higham 2002, section 3.1) and, where that bound
 is more than `TOLERANCE` of the estimate, the example's gradient of that op is formed (as the
-vmap engine would) and its formed gradient, whose norm is read directly, is summed apart from
-the book-keeping ("certify or fall back"). In a
-compiled step, which takes no data-dependent branch, such an example keeps its certified bound
-instead: still an upper bound, only looser, so it is clipped harder.
+vmap engine would), and the formed gradient, whose norm is read directly, is summed apart from
+the book-keeping ("certify or fall back"). In a compiled step, which takes no data-dependent
+branch, such an example keeps its certified bound instead: still an upper bound, only looser,
+so it is clipped harder.
 """
 
 from __future__ import annotations
@@ -143,36 +143,37 @@ def _embedding(spec, inputs, grads, shapes, real):
     padding = spec.config["padding_idx"]
     if padding is not None:
         g = torch.where((ids != padding)[..., None], g, torch.zeros((), dtype=g.dtype))
-    same = (ids[:, :, None] == ids[:, None, :]).double()
-    norms = sqrt_upper(squares_upper(g))  # [B, T], each position's output gradient
+    same = (ids[:, :, None] == ids[:, None, :]).to(g.dtype)
+    norms = _position_norms(g)  # [B, T], each position's output gradient
     u, positions = unit_roundoff(g.dtype), ids.shape[1]
-    gram = torch.bmm(g, g.transpose(1, 2)).double()
-    estimate = (gram * same).sum((1, 2))
+    gram = torch.bmm(g, g.transpose(1, 2))
+    estimate = (gram.double() * same.double()).sum((1, 2))
     # Each Gram entry is off by at most gamma_p |G_t| |G_s|; the float64 sum adds gamma_(T^2).
     error = (gamma(g.shape[-1], u) + gamma(positions**2 + 1, _U64)) * _quadratic(norms, same)
-    reach = norms.sum(1) * (1.0 + gamma(positions, _U64))
+    reach = norms.sum(1).double() * (1.0 + 2.0 * gamma(positions + 1, u))
     bound = _certified(estimate, error, reach, positions, u)
     shape = shapes[spec.weight]
     flagged = _flagged(bound, estimate, real)
-    exact = None if torch.compiler.is_compiling() else _ExactRows(ids, g, flagged, padding)
+    formed = None if torch.compiler.is_compiling() else _FormedRows(ids, g, flagged, padding)
 
     def book(factors):
-        kept = factors if exact is None else torch.where(flagged, 0.0, factors)
+        kept = factors if formed is None else torch.where(flagged, 0.0, factors)
         rows = (g * kept.to(g.dtype)[:, None, None]).reshape(-1, g.shape[-1])
         total = g.new_zeros(shape).index_add(0, ids.reshape(-1), rows)
-        return total if exact is None else exact.add_to(total, factors)
+        return total if formed is None else formed.add_to(total, factors)
 
-    squared = bound.square() * (1.0 + 2.0 * _U64) if exact is None else exact.squared(bound)
+    squared = bound.square() * (1.0 + 2.0 * _U64) if formed is None else formed.squared(bound)
     return [Piece(spec.weight, squared, book)]
 
 
-class _ExactRows:
+class _FormedRows:
     """The embedding gradients of the flagged examples, formed: one row per distinct token of
     the example; the formed rows are what these examples add to the sum."""
 
     def __init__(self, ids, g, flagged, padding):
         self.rows = []
-        for i in torch.nonzero(flagged).flatten().tolist():
+        chosen = torch.nonzero(flagged).flatten().tolist() if bool(flagged.any()) else []
+        for i in chosen:
             keep = (
                 ids[i] != padding
                 if padding is not None
@@ -239,18 +240,18 @@ def _matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real) -> P
     if positions == 1:  # one position: the gradient is an outer product, ||g||^2 ||a||^2
         squared = (squares_upper(a) * squares_upper(g)).sum((1, 2)) * (1.0 + 4.0 * _U64)
         return Piece(name, squared, _book(a, g, shape, p, d, groups, None))
-    norms_a = sqrt_upper(squares_upper(a))  # [B, T, groups]
-    norms_g = sqrt_upper(squares_upper(g))
-    # reach: sum over positions of |A_t| |G_t|, the size of the terms that can cancel
-    reach = (norms_a * norms_g).sum(1).square().sum(1).sqrt() * (1.0 + gamma(positions + 2, _U64))
     a_rows = a.transpose(1, 2).reshape(size * groups, positions, d)
     g_rows = g.transpose(1, 2).reshape(size * groups, positions, p)
     if 2 * positions * positions >= p * d:  # the gradient is no larger than the Grams: form it
         explicit = torch.bmm(g_rows.transpose(1, 2), a_rows)  # [B * groups, p, d]
         return _explicit_piece(name, explicit.reshape(size, -1), shape)
-    gram_a = torch.bmm(a_rows, a_rows.transpose(1, 2)).double()
-    gram_g = torch.bmm(g_rows, g_rows.transpose(1, 2)).double()
-    estimate = (gram_a * gram_g).reshape(size, -1).sum(1)
+    norms_a, norms_g = _position_norms(a), _position_norms(g)  # [B, T, groups]
+    # reach: sum over positions of |A_t| |G_t|, the size of the terms that can cancel
+    reach = (norms_a * norms_g).sum(1).double().square().sum(1).sqrt()
+    reach = reach * (1.0 + 2.0 * gamma(positions + 3, u))
+    gram_a = torch.bmm(a_rows, a_rows.transpose(1, 2))
+    gram_g = torch.bmm(g_rows, g_rows.transpose(1, 2))
+    estimate = (gram_a.double() * gram_g.double()).reshape(size, -1).sum(1)
     na = norms_a.transpose(1, 2).reshape(size * groups, positions)
     ng = norms_g.transpose(1, 2).reshape(size * groups, positions)
     # |error of a Gram entry| <= gamma_d |A_t| |A_s| (gamma_p for G); then the float64 sum
@@ -259,16 +260,32 @@ def _matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real) -> P
     error = error.reshape(size, groups).sum(1) + cross * 2.0 * reach.square()
     bound = _certified(estimate, error, reach, positions, u)
     flagged = _flagged(bound, estimate, real)
-    exact = None if torch.compiler.is_compiling() else _explicit_matmul(a, g, flagged)
-    if exact is not None:
-        bound = bound.index_put((exact[0],), exact[2])
+    formed = None if torch.compiler.is_compiling() else _formed_matmul(a, g, flagged)
+    if formed is not None:
+        bound = bound.index_put((formed[0],), formed[2])
     squared = bound.square() * (1.0 + 2.0 * _U64)
-    return Piece(name, squared, _book(a, g, shape, p, d, groups, exact))
+    return Piece(name, squared, _book(a, g, shape, p, d, groups, formed))
+
+
+def _position_norms(x: torch.Tensor) -> torch.Tensor:
+    """Upper bounds on the norm of each position's row (last dimension), in x's dtype.
+
+    They only size error terms, so one float32 reduction, inflated by its own error bound and by
+    what underflowed squares can lose (n 2^-126, under sqrt(n) 2^-63), serves; a row whose
+    squares overflow gets inf, which sends its example to the formed path.
+    """
+    n = x.shape[-1]
+    norms = torch.linalg.vector_norm(x, dim=-1)
+    return norms * (1.0 + 2.0 * gamma(n + 3, unit_roundoff(x.dtype))) + n**0.5 * 2.0**-63
 
 
 def _quadratic(norms: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """n^T M n per row: [N, T] and [N, T, T] -> [N], in float64."""
-    return (matrix * (norms[:, :, None] * norms[:, None, :])).sum((1, 2))
+    """An upper bound on n^T M n per row, for n >= 0 and M >= 0: [N, T], [N, T, T] -> [N]
+    (float64 out). Computed in M's dtype: nonnegative terms, so the relative error of the two
+    sums of T terms is at most gamma_(2T+2)."""
+    n = norms.to(matrix.dtype)
+    value = (torch.bmm(matrix, n[:, :, None])[..., 0] * n).sum(-1).double()
+    return value * (1.0 + 2.0 * gamma(2 * n.shape[-1] + 2, unit_roundoff(matrix.dtype)))
 
 
 def _certified(estimate, error, reach, positions: int, u: float) -> torch.Tensor:
@@ -284,7 +301,7 @@ def _flagged(bound, estimate, real) -> torch.Tensor:
     return real & ~tight
 
 
-def _explicit_matmul(a, g, flagged):
+def _formed_matmul(a, g, flagged):
     """The flagged examples' gradients, formed: (indices, [F, groups, p, d], norm bounds [F]).
 
     The formed gradient is what these examples add to the sum, so its own (certified) norm
@@ -298,11 +315,11 @@ def _explicit_matmul(a, g, flagged):
     return index, explicit, sqrt_upper(squares_upper(explicit.flatten(1)))
 
 
-def _book(a, g, shape, p: int, d: int, groups: int, exact):
+def _book(a, g, shape, p: int, d: int, groups: int, formed):
     """sum_i c_i G_i^T A_i in float32 (the flagged examples' formed gradients added apart)."""
 
     def book(factors):
-        kept = factors if exact is None else factors.index_fill(0, exact[0], 0.0)
+        kept = factors if formed is None else factors.index_fill(0, formed[0], 0.0)
         # Scale the smaller of G and A by the factors.
         column = kept.to(g.dtype)[:, None, None, None]
         left, right = (g * column, a) if p <= d else (g, a * column)
@@ -311,9 +328,9 @@ def _book(a, g, shape, p: int, d: int, groups: int, exact):
         else:
             total = torch.einsum("nkp,nkd->kpd", left.flatten(0, 1), right.flatten(0, 1))
             total = total.reshape(shape)
-        if exact is None:
+        if formed is None:
             return total
-        index, gradients, _ = exact
+        index, gradients, _ = formed
         scaled = (factors[index].to(gradients.dtype)[:, None, None, None] * gradients).sum(0)
         return total + scaled.reshape(shape)
 

@@ -47,11 +47,16 @@ def check_engine_sensitivity(
     problems: st.SearchStrategy[Problem],
     *,
     max_norm: float = 1.0,
+    factor_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     engines: Sequence[str] = ENGINES,
     tolerance: float = 1e-6,
     max_examples: int = 50,
 ) -> None:
     """Checks each engine's clipped sum: every example's share is at most `max_norm`.
+
+    With `factor_fn` (a rule from norms [B] to factors [B], as `clipped_sum` takes it), the
+    engines apply that rule and `max_norm` is the sensitivity it claims; without, flat clipping
+    at `max_norm`.
 
     For each drawn problem and engine: (1) each real example alone (the other rows padded, mask
     false) gives a finite sum of norm at most max_norm (1 + tolerance), with a finite reported
@@ -72,7 +77,8 @@ def check_engine_sensitivity(
     def run(problem: Problem) -> None:
         size = problem.batch[0].shape[0]
         for mode in engines:
-            fn = clipped_sum(problem.loss_fn, max_norm=max_norm, mode=mode)
+            rule = {"factor_fn": factor_fn} if factor_fn is not None else {"max_norm": max_norm}
+            fn = clipped_sum(problem.loss_fn, mode=mode, **rule)
             full, _ = fn(problem.params, *problem.batch, mask=torch.ones(size, dtype=torch.bool))
             for i in range(size):
                 alone = torch.zeros(size, dtype=torch.bool)
