@@ -51,6 +51,17 @@ def _linear_loss(params, buffers, x, g):
 @pytest.mark.parametrize("scale", [1e2, 1e4, 1e7])
 def test_train_step_bounds_one_crafted_example(mode, scale):
     """With sigma 0, lr 1 and no normalization, params - new params is the clipped sum."""
+    _check_train_step(fdp.Performance(mode=mode), scale)
+
+
+@pytest.mark.parametrize("mode", ["vmap", "ghost"])
+def test_compiled_step_bounds_one_crafted_example(mode):
+    """A compiled graph takes no data-dependent branch (no formed gradients, no rescaled
+    rows): the certified bounds alone must hold the line."""
+    _check_train_step(fdp.Performance(mode=mode, compile={"backend": "aot_eager"}), 1e7)
+
+
+def _check_train_step(performance, scale):
     params, x, g = _crafted_linear(scale)
     privatizer = fdp.chain(
         fdp.clip(C),
@@ -60,9 +71,7 @@ def test_train_step_bounds_one_crafted_example(mode, scale):
         fdp.account(sample_rate=0.5),
     )
     optimizer = fdp.optim.sgd(1.0)
-    step = fdp.make_train_step(
-        _linear_loss, privatizer, optimizer, performance=fdp.Performance(mode=mode)
-    )
+    step = fdp.make_train_step(_linear_loss, privatizer, optimizer, performance=performance)
     state = fdp.TrainState.create(
         params, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(0)
     )

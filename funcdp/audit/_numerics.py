@@ -53,3 +53,8 @@ def largest_true(rejected: Callable[[float], bool]) -> float:
         else:
             high = mid
     return low
+
+
+def check_confidence(confidence: float) -> None:
+    if not isinstance(confidence, (int, float)) or not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")

@@ -15,8 +15,11 @@ import numpy as np
 import torch
 
 from funcdp import random as fdr
-from funcdp.audit.bounds import many_run_epsilon_lower_bound, many_run_gdp_epsilon_lower_bound
 from funcdp.audit.canaries import canary_batches, check_canary_norm, dirac_canary_grads, flatten
+from funcdp.audit.many_run_bounds import (
+    many_run_epsilon_lower_bound,
+    many_run_gdp_epsilon_lower_bound,
+)
 
 
 class ManyRunResult(NamedTuple):

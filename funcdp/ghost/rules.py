@@ -81,11 +81,14 @@ def _linear(spec, inputs, grads, shapes, real):
     size = grads.shape[0]
     a = inputs.reshape(size, -1, 1, inputs.shape[-1])
     g = grads.reshape(size, -1, 1, grads.shape[-1])
+    # One position (an MLP): the bias gradient is G itself, whose squares the weight needs too.
+    g_squares = squares_upper(g).sum((1, 2)) if a.shape[1] == 1 else None
     out = []
     if spec.weight is not None:
-        out.append(_matmul_piece(spec.weight, a, g, shapes[spec.weight], real))
+        out.append(_matmul_piece(spec.weight, a, g, shapes[spec.weight], real, g_squares))
     if spec.bias is not None:
-        out.append(_explicit_piece(spec.bias, g.sum(1).flatten(1), shapes[spec.bias]))
+        bias = g.sum(1).flatten(1)
+        out.append(_explicit_piece(spec.bias, bias, shapes[spec.bias], g_squares))
     return out
 
 
@@ -221,10 +224,11 @@ def _affine(spec, x_hat, grads, positions, shapes):
     return out
 
 
-def _explicit_piece(name: str, per_example: torch.Tensor, shape) -> Piece:
-    """A parameter whose per-example gradient [B, ...] is small enough to form."""
+def _explicit_piece(name: str, per_example: torch.Tensor, shape, squared=None) -> Piece:
+    """A parameter whose per-example gradient [B, ...] is small enough to form (`squared`: its
+    squared norms' bounds, when already known)."""
     flat = per_example.reshape(per_example.shape[0], -1)
-    squared = squares_upper(flat)
+    squared = squares_upper(flat) if squared is None else squared
 
     def book(factors):
         return (factors.to(flat.dtype) @ flat).reshape(shape)
@@ -232,13 +236,19 @@ def _explicit_piece(name: str, per_example: torch.Tensor, shape) -> Piece:
     return Piece(name, squared, book)
 
 
-def _matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real) -> Piece:
-    """g_i = sum_t G[i, t]^T A[i, t] per group; a: [B, T, groups, d], g: [B, T, groups, p]."""
+def _matmul_piece(
+    name: str, a: torch.Tensor, g: torch.Tensor, shape, real, g_squares=None
+) -> Piece:
+    """g_i = sum_t G[i, t]^T A[i, t] per group; a: [B, T, groups, d], g: [B, T, groups, p]
+    (`g_squares`: the bounds on ||G_i||^2 when T = 1 and groups = 1, when already known)."""
     size, positions, groups, d = a.shape
     p = g.shape[-1]
     u = unit_roundoff(a.dtype)
     if positions == 1:  # one position: the gradient is an outer product, ||g||^2 ||a||^2
-        squared = (squares_upper(a) * squares_upper(g)).sum((1, 2)) * (1.0 + 4.0 * _U64)
+        if g_squares is not None and groups == 1:
+            squared = squares_upper(a)[:, 0, 0] * g_squares * (1.0 + 4.0 * _U64)
+        else:
+            squared = (squares_upper(a) * squares_upper(g)).sum((1, 2)) * (1.0 + 4.0 * _U64)
         return Piece(name, squared, _book(a, g, shape, p, d, groups, None))
     a_rows = a.transpose(1, 2).reshape(size * groups, positions, d)
     g_rows = g.transpose(1, 2).reshape(size * groups, positions, p)
