@@ -7,9 +7,10 @@ quantities, from a priori error bounds of floating-point sums (Higham, "Accuracy
 of Numerical Algorithms", 2002, section 3.1): a sum of n terms computed in any order has
 |error| <= gamma_n * sum |terms|, gamma_n = n u / (1 - n u), u the unit roundoff.
 
-- `squares_upper`: sums of squares over the last dimension, summed by float32 blocks of
-  `BLOCK` elements (relative error <= gamma_(BLOCK+3)) whose results are added in float64, so a
-  million-element leaf costs one float32 pass and still has a relative error near 4e-6.
+- `squares_upper`: sums of squares over the last dimension: in float64 for small tensors (exact
+  squares, so no underflow or overflow), else by float32 blocks of `BLOCK` elements (relative
+  error <= gamma_(BLOCK+3)) whose results are added in float64, so a million-element leaf costs
+  one float32 pass and still has a relative error near 4e-6.
 - `round_up`: a float64 bound cast to a narrower dtype without rounding it down.
 - `with_margin`: clip factors shrunk by the rounding of the float multiplications that apply
   them, so that factor * gradient, as computed, stays within the bound the rule promises.
@@ -20,6 +21,8 @@ from __future__ import annotations
 import torch
 
 BLOCK = 64
+# Up to this many elements, widening to float64 costs less than the checks of the float32 path.
+SMALL_TENSOR = 1 << 16
 _U64 = 2.0**-53
 # Below n * _SMALL a float32 sum of n squares may have lost underflowed terms (2^-100 is far
 # above float32's smallest normal, 2^-126, so the terms lost are negligible above it).
@@ -47,10 +50,12 @@ def squares_upper(x: torch.Tensor) -> torch.Tensor:
     takes no data-dependent branch, a tiny row's bound is the threshold n 2^-100 instead, and a
     row whose squares overflow float32 (values above about 1e19) gets an infinite bound.
     """
+    if x.dtype == torch.float64 or x.numel() <= SMALL_TENSOR:
+        # Exact squares (float32 squares fit float64, denormals included), summed in float64.
+        squares = torch.linalg.vector_norm(x.double(), dim=-1).square()
+        return squares * (1.0 + 2.0 * gamma(x.shape[-1] + 3, _U64))
     x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     bound = _blocked_squares(x)
-    if x.dtype == torch.float64:
-        return bound
     n = max(x.shape[-1], 1)
     if torch.compiler.is_compiling():  # no data-dependent branch in a compiled graph
         return torch.where(bound < n * _SMALL, n * _SMALL * (1.0 + 2.0**-20), bound)

@@ -52,6 +52,9 @@ class Piece(NamedTuple):
 
 # The largest relative excess of a certified norm over its estimate before the formed path.
 TOLERANCE = 2.0**-10
+# Up to this many multiply-adds, an op's Gram matrices are computed in float64 (their error
+# bound then nearly vanishes); above it in the working dtype, whose bound costs up to TOLERANCE.
+SMALL_GRAMS = 1 << 22
 _U64 = 2.0**-53
 
 
@@ -81,15 +84,38 @@ def _linear(spec, inputs, grads, shapes, real):
     size = grads.shape[0]
     a = inputs.reshape(size, -1, 1, inputs.shape[-1])
     g = grads.reshape(size, -1, 1, grads.shape[-1])
-    # One position (an MLP): the bias gradient is G itself, whose squares the weight needs too.
-    g_squares = squares_upper(g).sum((1, 2)) if a.shape[1] == 1 else None
+    if a.shape[1] == 1:  # one position (an MLP): outer products, no cancellation
+        return _one_position(spec, a[:, 0, 0], g[:, 0, 0], shapes)
     out = []
     if spec.weight is not None:
-        out.append(_matmul_piece(spec.weight, a, g, shapes[spec.weight], real, g_squares))
+        out.append(_matmul_piece(spec.weight, a, g, shapes[spec.weight], real))
     if spec.bias is not None:
-        bias = g.sum(1).flatten(1)
-        out.append(_explicit_piece(spec.bias, bias, shapes[spec.bias], g_squares))
+        out.append(_explicit_piece(spec.bias, g.sum(1).flatten(1), shapes[spec.bias]))
     return out
+
+
+def _one_position(spec, a: torch.Tensor, g: torch.Tensor, shapes) -> list[Piece]:
+    """A linear op at one position: per example g a^T, of squared norm |a|^2 |g|^2 (no
+    cancellation), and the bias gradient g, whose squares the weight needs too."""
+    a_squares, g_squares = squares_upper(a), squares_upper(g)
+    out = []
+    if spec.weight is not None:
+        squared = a_squares * g_squares * (1.0 + 4.0 * _U64)
+        out.append(Piece(spec.weight, squared, _outer_book(a, g, shapes[spec.weight])))
+    if spec.bias is not None:
+        out.append(_explicit_piece(spec.bias, g, shapes[spec.bias], g_squares))
+    return out
+
+
+def _outer_book(a: torch.Tensor, g: torch.Tensor, shape):
+    """sum_i c_i g_i a_i^T, scaling the smaller of g and a by the factors."""
+
+    def book(factors):
+        column = factors.to(g.dtype)[:, None]
+        left, right = (g * column, a) if g.shape[1] <= a.shape[1] else (g, a * column)
+        return (left.T @ right).reshape(shape)
+
+    return book
 
 
 def _conv(spec, inputs, grads, shapes, real):
@@ -236,19 +262,13 @@ def _explicit_piece(name: str, per_example: torch.Tensor, shape, squared=None) -
     return Piece(name, squared, book)
 
 
-def _matmul_piece(
-    name: str, a: torch.Tensor, g: torch.Tensor, shape, real, g_squares=None
-) -> Piece:
-    """g_i = sum_t G[i, t]^T A[i, t] per group; a: [B, T, groups, d], g: [B, T, groups, p]
-    (`g_squares`: the bounds on ||G_i||^2 when T = 1 and groups = 1, when already known)."""
+def _matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real) -> Piece:
+    """g_i = sum_t G[i, t]^T A[i, t] per group; a: [B, T, groups, d], g: [B, T, groups, p]."""
     size, positions, groups, d = a.shape
     p = g.shape[-1]
     u = unit_roundoff(a.dtype)
     if positions == 1:  # one position: the gradient is an outer product, ||g||^2 ||a||^2
-        if g_squares is not None and groups == 1:
-            squared = squares_upper(a)[:, 0, 0] * g_squares * (1.0 + 4.0 * _U64)
-        else:
-            squared = (squares_upper(a) * squares_upper(g)).sum((1, 2)) * (1.0 + 4.0 * _U64)
+        squared = (squares_upper(a) * squares_upper(g)).sum((1, 2)) * (1.0 + 4.0 * _U64)
         return Piece(name, squared, _book(a, g, shape, p, d, groups, None))
     a_rows = a.transpose(1, 2).reshape(size * groups, positions, d)
     g_rows = g.transpose(1, 2).reshape(size * groups, positions, p)
@@ -259,14 +279,17 @@ def _matmul_piece(
     # reach: sum over positions of |A_t| |G_t|, the size of the terms that can cancel
     reach = (norms_a * norms_g).sum(1).double().square().sum(1).sqrt()
     reach = reach * (1.0 + 2.0 * gamma(positions + 3, u))
+    if size * groups * positions**2 * (d + p) <= SMALL_GRAMS:  # cheap in float64: near exact
+        a_rows, g_rows = a_rows.double(), g_rows.double()
     gram_a = torch.bmm(a_rows, a_rows.transpose(1, 2))
     gram_g = torch.bmm(g_rows, g_rows.transpose(1, 2))
     estimate = (gram_a.double() * gram_g.double()).reshape(size, -1).sum(1)
     na = norms_a.transpose(1, 2).reshape(size * groups, positions)
     ng = norms_g.transpose(1, 2).reshape(size * groups, positions)
     # |error of a Gram entry| <= gamma_d |A_t| |A_s| (gamma_p for G); then the float64 sum
-    error = gamma(d, u) * _quadratic(na, gram_g.abs()) + gamma(p, u) * _quadratic(ng, gram_a.abs())
-    cross = 3.0 * gamma(d, u) * gamma(p, u) + gamma(positions**2 + 1, _U64)
+    v = unit_roundoff(gram_a.dtype)
+    error = gamma(d, v) * _quadratic(na, gram_g.abs()) + gamma(p, v) * _quadratic(ng, gram_a.abs())
+    cross = 3.0 * gamma(d, v) * gamma(p, v) + gamma(positions**2 + 1, _U64)
     error = error.reshape(size, groups).sum(1) + cross * 2.0 * reach.square()
     bound = _certified(estimate, error, reach, positions, u)
     flagged = _flagged(bound, estimate, real)
@@ -291,11 +314,11 @@ def _position_norms(x: torch.Tensor) -> torch.Tensor:
 
 def _quadratic(norms: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """An upper bound on n^T M n per row, for n >= 0 and M >= 0: [N, T], [N, T, T] -> [N]
-    (float64 out). Computed in M's dtype: nonnegative terms, so the relative error of the two
-    sums of T terms is at most gamma_(2T+2)."""
+    (float64 out). Computed in M's dtype: T^2 nonnegative terms, each of three factors, so
+    the relative error is at most gamma_(T^2 + 3)."""
     n = norms.to(matrix.dtype)
-    value = (torch.bmm(matrix, n[:, :, None])[..., 0] * n).sum(-1).double()
-    return value * (1.0 + 2.0 * gamma(2 * n.shape[-1] + 2, unit_roundoff(matrix.dtype)))
+    value = (matrix * (n[:, :, None] * n[:, None, :])).sum((1, 2)).double()
+    return value * (1.0 + 2.0 * gamma(n.shape[-1] ** 2 + 3, unit_roundoff(matrix.dtype)))
 
 
 def _certified(estimate, error, reach, positions: int, u: float) -> torch.Tensor:
