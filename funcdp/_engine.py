@@ -24,6 +24,7 @@ from funcdp.memory import auto_chunk_size, is_auto
 from funcdp.per_sample import per_sample_grads_and_losses
 from funcdp.performance import Performance
 from funcdp.transforms.base import AGGREGATE, REDUCE, FactorRule
+from funcdp.transforms.clipping import grouped_norms
 from funcdp.tree import per_example_norms, tree_add, tree_map, upcast_half, zero_rows
 
 
@@ -57,20 +58,22 @@ def local_sum_fn(
     )
     per_example = per_example_fn(example_loss, performance.autocast_dtype is not None)
     chunk_for = _chunk_chooser(example_loss, performance.chunk_size)
+    clipped_by = _clipped_fn(clip_rule(through_sum.parts), clip_norm)
 
     def local_sum(state, inputs, mask: torch.Tensor, key) -> LocalSum:
         size = mask.shape[0]
         micro = performance.microbatch_size or size
-        total, losses, norms, finite = None, [], [], []
+        total, losses, norms, finite, clipped = None, [], [], [], []
         pre_state = state.privacy_state[:split]
         for index, start in enumerate(range(0, size, micro)):
             rows = slice(start, start + micro)
             part = tuple(x[rows] for x in inputs)
             if ghost_sum is not None:
-                summed, loss, norm = ghost_sum(state, part, mask[rows])
+                summed, loss, norm, cut = ghost_sum(state, part, mask[rows])
             else:
                 chunk = chunk_for(state, part)
                 grads, loss, norm = per_example(state.params, state.buffers, chunk, *part)
+                cut = clipped_by(grads, norm)
             ok = (torch.isfinite(loss) & torch.isfinite(norm)) | ~mask[rows].to(loss.device)
             if on_nonfinite != "zero" and not bool(ok.all()):
                 return LocalSum(None, pre_state, None, int((~ok).sum()))
@@ -84,7 +87,10 @@ def local_sum_fn(
             losses.append(loss)
             norms.append(norm)
             finite.append(ok)
-        stats = _stats(torch.cat(losses), torch.cat(norms), mask, torch.cat(finite), clip_norm)
+            clipped.append(cut)
+        stats = _stats(
+            torch.cat(losses), torch.cat(norms), mask, torch.cat(finite), torch.cat(clipped)
+        )
         return LocalSum(total, pre_state, stats, 0)
 
     return local_sum
@@ -106,12 +112,28 @@ def _chunk_chooser(example_loss, chunk_size):
     return chunk_for
 
 
-def _stats(losses, norms, mask, finite, clip_norm) -> torch.Tensor:
+def _clipped_fn(rule: FactorRule | None, clip_norm):
+    """`clipped(grads, norms) -> [B] bool`: the examples the clip scales down. From the factor
+    rule where the privatizer has one (any group's factor below 1, as the rule computes it);
+    else, as an estimate, the examples whose norm exceeds the sensitivity."""
+    if rule is None:
+        return lambda grads, norms: norms > clip_norm if clip_norm is not None else norms < 0
+    names = rule.group_names
+
+    def clipped(grads, norms):
+        del norms
+        group_norms, _ = grouped_norms(grads, rule.groups, names)
+        return (rule.factor_fn(group_norms) < 1).any(1)
+
+    return clipped
+
+
+def _stats(losses, norms, mask, finite, clipped) -> torch.Tensor:
     """Sums behind the metrics, [real, counted, loss, clipped, norm], summable across ranks."""
     mask = mask.to(losses.device)
     counted = mask & finite  # real rows with a finite loss and gradient
     zero = torch.zeros((), dtype=losses.dtype, device=losses.device)
-    clipped = (norms > clip_norm) & counted if clip_norm is not None else torch.zeros_like(mask)
+    clipped = clipped.to(mask.device) & counted
     return torch.stack(
         [
             mask.sum().to(losses.dtype),
@@ -159,31 +181,37 @@ class _NormsInFloat32(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def ghost_rule(bound, mode) -> FactorRule | None:
-    """The clipping rule the ghost mode applies to the bound parts through `aggregate()`, or
-    None for the vmap path.
-
-    "ghost" refuses what it can't do; "auto" takes ghost where it can and vmap otherwise.
-    """
-    if mode == "vmap":
-        return None
+def clip_rule(bound) -> FactorRule | None:
+    """The factor rule of bound parts that are ONE stateless clipping transform and
+    `aggregate()`, with one group named "all" for flat rules; None for any other privatizer."""
     head = [part for part in bound if part.stage != AGGREGATE]
     if len(head) != 2 or head[0].factor_rule is None or head[1].stage != REDUCE:
-        if mode == "auto":
-            return None
-        raise ValueError(
-            'mode="ghost" needs a privatizer that starts with ONE stateless clipping transform '
-            "(clip, clip_by, clip_per_layer, normalize_per_example, without nan_safe) and "
-            "aggregate(); use on_nonfinite='zero' instead of nan_safe"
-        )
+        return None
     rule = head[0].factor_rule
     if rule.groups is None:  # one group: the rule sees norms [B, 1], as inside clip_by
         return FactorRule(rule.factor_fn, lambda path: "all", ("all",))
     return rule
 
 
+def ghost_rule(bound, mode) -> FactorRule | None:
+    """The clipping rule the ghost mode applies to the bound parts through `aggregate()`, or
+    None for the vmap path.
+
+    "ghost" refuses what it can't do; "auto" takes ghost where it can and vmap otherwise.
+    """
+    rule = None if mode == "vmap" else clip_rule(bound)
+    if rule is None and mode == "ghost":
+        raise ValueError(
+            'mode="ghost" needs a privatizer that starts with ONE stateless clipping transform '
+            "(clip, clip_by, clip_per_layer, normalize_per_example, without nan_safe) and "
+            "aggregate(); use on_nonfinite='zero' instead of nan_safe"
+        )
+    return rule
+
+
 def ghost_sum_fn(rule: FactorRule, example_loss, chunk_size, on_nonfinite):
-    """`fn(state, rows, mask) -> (clipped masked sum, losses [B], norms [B])` by ghost clipping.
+    """`fn(state, rows, mask) -> (clipped masked sum, losses [B], norms [B], clipped [B])` by
+    ghost clipping.
 
     Built once per train step so that the ghost probe runs once per batch signature; the
     state's buffers reach the loss through `current`, set at each call.
@@ -201,7 +229,7 @@ def ghost_sum_fn(rule: FactorRule, example_loss, chunk_size, on_nonfinite):
     def fn(state, rows, mask):
         current["buffers"] = state.buffers
         result = ghost_fn(state.params, *rows, mask=mask)
-        return result.grads, result.losses.detach(), result.norms.detach()
+        return result.grads, result.losses.detach(), result.norms.detach(), result.clipped
 
     return fn
 

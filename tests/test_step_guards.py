@@ -204,3 +204,32 @@ def test_poisson_loader_marks_its_shard():
     loader = fdp.PoissonLoader((x,), 0.2, key=fdp.random.key(0), steps=1, rank=1, world_size=2)
     (batch,) = list(loader)
     assert batch.shard == (1, 2)
+
+
+@pytest.mark.parametrize("mode", ["vmap", "ghost"])
+def test_clipped_fraction_counts_factors_below_one(mode):
+    """Per-layer clipping: an example can have one layer cut while its whole norm stays below
+    the sensitivity sqrt(sum C_g^2); the metric counts the factors, not the total norm."""
+    model = nn.Linear(4, 1)
+    apply_fn, params, buffers = fdp.functionalize(model)
+    with torch.no_grad():
+        params["weight"].zero_()
+        params["bias"].zero_()
+
+    def loss_fn(params, buffers, x, y):  # gradient: weight x * y, bias y
+        return (apply_fn(params, buffers, x[None]) * y).sum()
+
+    clip = fdp.clip_per_layer({"weight": 1.0, "bias": 10.0})  # sensitivity sqrt(101)
+    privatizer = fdp.chain(clip, fdp.aggregate(), fdp.gaussian_noise(0.0), fdp.normalize(2.0))
+    optimizer = fdp.optim.sgd(0.1)
+    step = fdp.make_train_step(
+        loss_fn, privatizer, optimizer, performance=fdp.Performance(mode=mode)
+    )
+    state = fdp.TrainState.create(
+        params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(0)
+    )
+    x = torch.tensor([[3.0, 0.0, 0.0, 0.0], [0.1, 0.0, 0.0, 0.0]])  # weight norms 3 and 0.1
+    y = torch.ones(2)
+    _, metrics = step(state, fdp.Batch((x, y), torch.ones(2, dtype=torch.bool)))
+    assert metrics["grad_norm"] < clip.sensitivity  # no total norm is above the sensitivity
+    assert metrics["clipped_fraction"] == 0.5  # but the first example's weight was cut

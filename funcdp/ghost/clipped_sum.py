@@ -28,12 +28,14 @@ class GhostResult(NamedTuple):
       group_norms: [B, G], the norm of each example's gradient in each group (G = 1 when
         clipping is flat); 0 on padded rows.
       losses: [B], each example's loss, as computed (padded rows may hold anything).
+      clipped: [B] bool, the real examples the rule scaled down (some group's factor below 1).
     """
 
     grads: dict[str, torch.Tensor]
     norms: torch.Tensor
     group_norms: torch.Tensor
     losses: torch.Tensor
+    clipped: torch.Tensor
 
 
 def ghost_clipped_sum(
@@ -163,6 +165,7 @@ def ghost_clipped_sum(
             norms=torch.where(keep, _norms(grouped.sum(1), params), zero),
             group_norms=torch.where(keep[:, None], group_norms, zero),
             losses=passed.losses,
+            clipped=(factors < 1).any(1) & real,
         )
 
     return fn
