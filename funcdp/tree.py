@@ -8,7 +8,7 @@ from typing import Any
 import optree
 import torch
 
-from funcdp._certify import round_up, sqrt_upper, squares_upper
+from funcdp._certify import gamma, round_up, sqrt_upper, squares_upper
 
 PyTree = Any
 
@@ -72,6 +72,7 @@ def per_example_norms(tree: PyTree) -> torch.Tensor:
     if not leaves:
         raise ValueError("per_example_norms needs a tree with at least one leaf")
     squares = torch.stack([squares_upper(_rows(x)) for x in leaves]).sum(0)
+    squares = squares * (1.0 + 2.0 * gamma(len(leaves) + 1, 2.0**-53))  # the float64 sum
     return round_up(sqrt_upper(squares), _norm_dtype(leaves))
 
 

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import optree
 import torch
 
-from funcdp._certify import round_up, sqrt_upper, squares_upper, with_margin
+from funcdp._certify import gamma, round_up, sqrt_upper, squares_upper, with_margin
 from funcdp._checks import check_positive
 from funcdp._rules import flat_factors
 from funcdp.transforms.base import PER_EXAMPLE, FactorRule, GradientTransformation
@@ -218,7 +218,7 @@ def scale_examples(updates, factors: torch.Tensor):
 
     `factors` come from upper bounds on the norms; the margin (`funcdp._certify.with_margin`)
     covers the rounding of the products, so a scaled example stays within its bound. Half-
-    precision leaves are scaled (and later summed) in float32.
+    precision leaves are scaled in float32 and rounded back; `aggregate` sums them in float32.
     """
     return tree_map(lambda leaf: _scale_leaf(leaf, factors, None), updates)
 
@@ -264,6 +264,7 @@ def _grouped(updates, groups, group_names, nan_safe):
         if finite is not None:
             flat = torch.where(finite[:, None], flat, torch.zeros((), dtype=flat.dtype))
         squares[:, column] += squares_upper(flat)
+    squares = squares * (1.0 + 2.0 * gamma(len(leaves) + 1, 2.0**-53))  # the float64 sums
     return leaves, spec, columns, round_up(sqrt_upper(squares), _norm_dtype(leaves)), finite
 
 
