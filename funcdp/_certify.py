@@ -34,6 +34,20 @@ def unit_roundoff(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2.0
 
 
+def matmul_roundoff(dtype: torch.dtype, device: torch.device) -> float:
+    """The unit roundoff of a matrix product in `dtype` on `device`, as torch is set to compute
+    it: float32 products may run in TF32 (u = 2^-11: `torch.set_float32_matmul_precision("high")`
+    or, on CUDA, `torch.backends.cuda.matmul.allow_tf32`) or bfloat16 ("medium", u = 2^-8)."""
+    u = unit_roundoff(dtype)
+    if dtype != torch.float32:
+        return u
+    precision = torch.get_float32_matmul_precision()
+    if precision == "medium":
+        return 2.0**-8
+    tf32 = torch.device(device).type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    return 2.0**-11 if precision == "high" or tf32 else u
+
+
 def gamma(n: int, u: float) -> float:
     """gamma_n = n u / (1 - n u): bounds the relative error of a sum or dot product of n terms."""
     nu = n * u

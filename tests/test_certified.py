@@ -137,3 +137,24 @@ def test_bf16_sums_are_float32():
     assert full["w"].dtype == torch.float32
     moved = math.sqrt(float((full["w"].double() - rest["w"].double()).square().sum()))
     assert moved <= C * (1 + 2 * 64 * 64 * 2.0**-24)
+
+
+def test_matmul_roundoff_follows_torchs_precision_setting():
+    """TF32 or bf16 products (a GPU default for some users) round far more than float32: the
+    ghost bounds must use the precision torch actually computes with."""
+    from funcdp._certify import matmul_roundoff
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert matmul_roundoff(torch.float32, torch.device("cpu")) == 2.0**-24
+        torch.set_float32_matmul_precision("high")
+        assert matmul_roundoff(torch.float32, torch.device("cpu")) == 2.0**-11
+        torch.set_float32_matmul_precision("medium")
+        assert matmul_roundoff(torch.float32, torch.device("cpu")) == 2.0**-8
+        assert matmul_roundoff(torch.float64, torch.device("cpu")) == 2.0**-53
+        check_engine_sensitivity(
+            sequence_examples(layers=("linear",)), engines=("ghost",), max_examples=15
+        )
+    finally:
+        torch.set_float32_matmul_precision(before)

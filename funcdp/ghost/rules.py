@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from funcdp._certify import gamma, sqrt_upper, squares_upper, unit_roundoff
+from funcdp._certify import gamma, matmul_roundoff, sqrt_upper, squares_upper, unit_roundoff
 from funcdp.ghost.capture import CONV, EMBEDDING, GROUP_NORM, LAYER_NORM, LINEAR, OpSpec
 
 
@@ -178,7 +178,8 @@ def _embedding(spec, inputs, grads, shapes, real):
     gram = torch.bmm(g, g.transpose(1, 2))
     estimate = (gram.double() * same.double()).sum((1, 2))
     # Each Gram entry is off by at most gamma_p |G_t| |G_s|; the float64 sum adds gamma_(T^2).
-    error = (gamma(g.shape[-1], u) + gamma(positions**2 + 1, _U64)) * _quadratic(norms, same)
+    v = matmul_roundoff(g.dtype, g.device)
+    error = (gamma(g.shape[-1], v) + gamma(positions**2 + 1, _U64)) * _quadratic(norms, same)
     reach = norms.sum(1).double() * (1.0 + 2.0 * gamma(positions + 1, u))
     bound = _certified(estimate, error, reach, positions, u)
     shape = shapes[spec.weight]
@@ -287,11 +288,12 @@ def _matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real) -> P
     na = norms_a.transpose(1, 2).reshape(size * groups, positions)
     ng = norms_g.transpose(1, 2).reshape(size * groups, positions)
     # |error of a Gram entry| <= gamma_d |A_t| |A_s| (gamma_p for G); then the float64 sum
-    v = unit_roundoff(gram_a.dtype)
+    v = matmul_roundoff(gram_a.dtype, gram_a.device)
     error = gamma(d, v) * _quadratic(na, gram_g.abs()) + gamma(p, v) * _quadratic(ng, gram_a.abs())
     cross = 3.0 * gamma(d, v) * gamma(p, v) + gamma(positions**2 + 1, _U64)
     error = error.reshape(size, groups).sum(1) + cross * 2.0 * reach.square()
-    bound = _certified(estimate, error, reach, positions, u)
+    # the book-keeping product's rounding, at the precision torch runs it with
+    bound = _certified(estimate, error, reach, positions, matmul_roundoff(a.dtype, a.device))
     flagged = _flagged(bound, estimate, real)
     formed = None if torch.compiler.is_compiling() else _formed_matmul(a, g, flagged)
     if formed is not None:
