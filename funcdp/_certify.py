@@ -131,13 +131,13 @@ def round_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(cast.to(x.dtype) < x, cast * (1.0 + torch.finfo(dtype).eps), cast)
 
 
-def with_margin(factors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Factors other than exactly 1 shrunk by 4 units of roundoff of `dtype`, the dtype in which
-    they scale the gradient.
+def with_margin(factors: torch.Tensor, u: float) -> torch.Tensor:
+    """Factors other than exactly 1 shrunk by 4 units of roundoff `u`, the roundoff of the
+    operations that apply them (`unit_roundoff` of the dtype that scales the gradient, or
+    `matmul_roundoff` where a matrix product applies them, as ghost clipping's does).
 
-    The factor's own rounding (computing it, casting it to `dtype`) and the rounding of each
-    product factor * g_j add at most about 2 u to the scaled example's norm; a factor of 1
-    leaves the gradient as it is, so it needs no margin.
+    The factor's own rounding (computing it, casting it) and the rounding of each product
+    factor * g_j add at most about 2 u to the scaled example's norm; a factor of 1 leaves the
+    gradient as it is, so it needs no margin.
     """
-    shrink = 1.0 - 4.0 * unit_roundoff(dtype)
-    return torch.where(factors == 1, factors, factors * shrink)
+    return torch.where(factors == 1, factors, factors * (1.0 - 4.0 * u))

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.func import grad, grad_and_value, vmap
 
-from funcdp._certify import with_margin
+from funcdp._certify import unit_roundoff, with_margin
 from funcdp._checks import check_positive
 from funcdp._rules import flat_factors
 from funcdp.ghost import ghost_clipped_sum
@@ -151,7 +151,7 @@ def _scaled_sum(grads: Any, factors: torch.Tensor, keep: torch.Tensor) -> Any:
 
     def weighted_sum(g: torch.Tensor) -> torch.Tensor:
         g = upcast_half(g)
-        scale = with_margin(factors, g.dtype).to(g.dtype)
+        scale = with_margin(factors, unit_roundoff(g.dtype)).to(g.dtype)
         return zero_rows(g * scale.reshape((-1,) + (1,) * (g.dim() - 1)), keep).sum(0)
 
     return tree_map(weighted_sum, grads)

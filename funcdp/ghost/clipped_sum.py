@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.func import grad, vmap
 
-from funcdp._certify import round_up, sqrt_upper, squares_upper, with_margin
+from funcdp._certify import matmul_roundoff, round_up, sqrt_upper, squares_upper, with_margin
 from funcdp._checks import check_mask, check_positive
 from funcdp._rules import flat_factors
 from funcdp.ghost import capture, rules
@@ -336,4 +336,5 @@ def _factors(factor_fn, group_norms: torch.Tensor, groups) -> torch.Tensor:
             f"got {getattr(factors, 'shape', type(factors).__name__)}"
         )
     factors = factors.to(group_norms.dtype).reshape(group_norms.shape[0], -1)
-    return with_margin(factors, group_norms.dtype)
+    # The book-keeping applies them in matrix products: TF32 or bf16 ones round more.
+    return with_margin(factors, matmul_roundoff(group_norms.dtype, group_norms.device))

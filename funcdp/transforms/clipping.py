@@ -16,7 +16,14 @@ from typing import NamedTuple
 import optree
 import torch
 
-from funcdp._certify import gamma, round_up, sqrt_upper, squares_upper, with_margin
+from funcdp._certify import (
+    gamma,
+    round_up,
+    sqrt_upper,
+    squares_upper,
+    unit_roundoff,
+    with_margin,
+)
 from funcdp._checks import check_positive
 from funcdp._rules import flat_factors
 from funcdp.transforms.base import PER_EXAMPLE, FactorRule, GradientTransformation
@@ -280,7 +287,7 @@ def _scale_leaf(leaf: torch.Tensor, factors: torch.Tensor, finite: torch.Tensor 
     """The scaled leaf in its own dtype; half precision is scaled in float32 and rounded back,
     which the margin (in units of the leaf's own roundoff) covers."""
     wide = upcast_half(leaf)
-    factors = with_margin(factors, leaf.dtype).to(wide.dtype)
+    factors = with_margin(factors, unit_roundoff(leaf.dtype)).to(wide.dtype)
     shaped = factors.reshape((-1,) + (1,) * (leaf.dim() - 1))
     if finite is not None:
         wide = zero_rows(wide, finite)
