@@ -173,12 +173,12 @@ def _embedding(spec, inputs, grads, shapes, real):
     if padding is not None:
         g = torch.where((ids != padding)[..., None], g, torch.zeros((), dtype=g.dtype))
     same = (ids[:, :, None] == ids[:, None, :]).to(g.dtype)
-    norms = _position_norms(g)  # [B, T], each position's output gradient
     u, positions = unit_roundoff(g.dtype), ids.shape[1]
     gram = torch.bmm(g, g.transpose(1, 2))
     estimate = (gram.double() * same.double()).sum((1, 2))
     # Each Gram entry is off by at most gamma_p |G_t| |G_s|; the float64 sum adds gamma_(T^2).
     v = matmul_roundoff(g.dtype, g.device)
+    norms = _diagonal_norms(gram, g.shape[-1], v)  # [B, T], each position's output gradient
     error = (gamma(g.shape[-1], v) + gamma(positions**2 + 1, _U64)) * _quadratic(norms, same)
     reach = norms.sum(1).double() * (1.0 + 2.0 * gamma(positions + 1, u))
     bound = _certified(estimate, error, reach, positions, u)
@@ -267,7 +267,6 @@ def _matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real) -> P
     """g_i = sum_t G[i, t]^T A[i, t] per group; a: [B, T, groups, d], g: [B, T, groups, p]."""
     size, positions, groups, d = a.shape
     p = g.shape[-1]
-    u = unit_roundoff(a.dtype)
     if positions == 1:  # one position: the gradient is an outer product, ||g||^2 ||a||^2
         squared = (squares_upper(a) * squares_upper(g)).sum((1, 2)) * (1.0 + 4.0 * _U64)
         return Piece(name, squared, _book(a, g, shape, p, d, groups, None))
@@ -276,19 +275,17 @@ def _matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real) -> P
     if 2 * positions * positions >= p * d:  # the gradient is no larger than the Grams: form it
         explicit = torch.bmm(g_rows.transpose(1, 2), a_rows)  # [B * groups, p, d]
         return _explicit_piece(name, explicit.reshape(size, -1), shape)
-    norms_a, norms_g = _position_norms(a), _position_norms(g)  # [B, T, groups]
-    # reach: sum over positions of |A_t| |G_t|, the size of the terms that can cancel
-    reach = (norms_a * norms_g).sum(1).double().square().sum(1).sqrt()
-    reach = reach * (1.0 + 2.0 * gamma(positions + 3, u))
     if size * groups * positions**2 * (d + p) <= SMALL_GRAMS:  # cheap in float64: near exact
         a_rows, g_rows = a_rows.double(), g_rows.double()
     gram_a = torch.bmm(a_rows, a_rows.transpose(1, 2))
     gram_g = torch.bmm(g_rows, g_rows.transpose(1, 2))
     estimate = (gram_a.double() * gram_g.double()).reshape(size, -1).sum(1)
-    na = norms_a.transpose(1, 2).reshape(size * groups, positions)
-    ng = norms_g.transpose(1, 2).reshape(size * groups, positions)
-    # |error of a Gram entry| <= gamma_d |A_t| |A_s| (gamma_p for G); then the float64 sum
     v = matmul_roundoff(gram_a.dtype, gram_a.device)
+    na, ng = _diagonal_norms(gram_a, d, v), _diagonal_norms(gram_g, p, v)  # [B * groups, T]
+    # reach: sum over positions of |A_t| |G_t|, the size of the terms that can cancel
+    reach = (na * ng).sum(1).double().reshape(size, groups).square().sum(1).sqrt()
+    reach = reach * (1.0 + 2.0 * gamma(positions + 3, unit_roundoff(na.dtype)))
+    # |error of a Gram entry| <= gamma_d |A_t| |A_s| (gamma_p for G); then the float64 sum
     error = gamma(d, v) * _quadratic(na, gram_g.abs()) + gamma(p, v) * _quadratic(ng, gram_a.abs())
     cross = 3.0 * gamma(d, v) * gamma(p, v) + gamma(positions**2 + 1, _U64)
     error = error.reshape(size, groups).sum(1) + cross * 2.0 * reach.square()
@@ -302,16 +299,15 @@ def _matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real) -> P
     return Piece(name, squared, _book(a, g, shape, p, d, groups, formed))
 
 
-def _position_norms(x: torch.Tensor) -> torch.Tensor:
-    """Upper bounds on the norm of each position's row (last dimension), in x's dtype.
+def _diagonal_norms(gram: torch.Tensor, n: int, u: float) -> torch.Tensor:
+    """Upper bounds on each position's norm from a Gram matrix's diagonal [N, T, T] -> [N, T].
 
-    They only size error terms, so one float32 reduction, inflated by its own error bound and by
-    what underflowed squares can lose (n 2^-126, under sqrt(n) 2^-63), serves; a row whose
-    squares overflow gets inf, which sends its example to the formed path.
+    They only size error terms: a diagonal entry is |x_t|^2 up to gamma_n (u: the product's
+    roundoff), plus what underflowed squares can lose (n 2^-126, under sqrt(n) 2^-63); an
+    overflowed one is inf, which sends its example to the formed path.
     """
-    n = x.shape[-1]
-    norms = torch.linalg.vector_norm(x, dim=-1)
-    return norms * (1.0 + 2.0 * gamma(n + 3, unit_roundoff(x.dtype))) + n**0.5 * 2.0**-63
+    squares = gram.diagonal(dim1=1, dim2=2).clamp(min=0.0)
+    return (squares * (1.0 + 2.0 * gamma(n + 1, u))).sqrt() * (1.0 + u) + n**0.5 * 2.0**-63
 
 
 def _quadratic(norms: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
