@@ -380,3 +380,9 @@ def test_epsilon_warns_when_the_ledger_holds_non_poisson_steps():
     assert spent == epsilon(poisson, delta=1e-5)
     merged = shuffled.record(1.0, 0.1, 5, poisson=False).record(1.0, 0.1, 1)
     assert [(r.steps, r.poisson) for r in merged.records] == [(15, False), (1, True)]
+
+
+@pytest.mark.parametrize("steps", [True, 0, -3, 2.0])
+def test_calibrate_noise_refuses_steps_that_are_not_a_positive_int(steps):
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        calibrate_noise(target_epsilon=1.0, delta=1e-5, sample_rate=0.01, steps=steps)

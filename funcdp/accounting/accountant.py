@@ -114,7 +114,7 @@ def calibrate_noise(
     check_positive("target_epsilon", target_epsilon)
     check_delta(delta)
     check_sample_rate(sample_rate)
-    if not isinstance(steps, int) or steps < 1:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     _check_method(method)
 
