@@ -26,7 +26,8 @@ class Performance(NamedTuple):
         norms and clipped sum come from one batched backward (`funcdp.ghost`), and the other
         parameters' from vmap. It needs the privatizer to start with one stateless clipping
         transform and `aggregate()`. "auto" (the default) is "ghost" where that holds and
-        "vmap" otherwise.
+        "vmap" otherwise. Ghost mode's certified norms may exceed vmap's by up to 2^-10
+        (relative, on large ops), the bound on the rounding of its Gram form.
       chunk_size: vmap at most this many examples at once (bounds activation memory); "auto"
         or a `funcdp.memory.AutoChunk` picks the largest chunk under a memory budget, measured
         once per micro-batch shape (in ghost mode: for the vmapped parameters only).
