@@ -118,7 +118,7 @@ def sequence_examples(
     layer = draw(st.sampled_from(tuple(layers)))
     size = draw(st.integers(1, max_batch))
     positions = draw(st.integers(2, max_positions))
-    width, out = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    width, out = draw(st.integers(1, 8)), draw(st.integers(1, 8))
     scale = draw(st.sampled_from(tuple(scales)))
     gradient_scale = draw(st.sampled_from(tuple(scales)))
     spread = draw(st.sampled_from((0.0, 1e-3, 1.0, 10.0)))
@@ -145,8 +145,13 @@ def sequence_examples(
     }
     if layer == "linear":
         return Problem(_linear_loss, params, (inputs, grads))
-    conv = {"weight": params["weight"][..., None], "bias": params["bias"]}
-    return Problem(_conv_loss, conv, (inputs.transpose(1, 2), grads.transpose(1, 2)))
+    # A conv of kernel k: its output positions are the first T - k + 1; windows overlap, and
+    # with enough channels ghost clipping takes the Gram form rather than forming the gradient.
+    kernel = draw(st.integers(1, min(3, positions)))
+    weight = torch.randn(out, width, kernel, generator=gen)
+    conv = {"weight": weight, "bias": params["bias"]}
+    kept = grads[:, : positions - kernel + 1]
+    return Problem(_conv_loss, conv, (inputs.transpose(1, 2), kept.transpose(1, 2)))
 
 
 def _cancelling(positions: int, width: int, scale: float, gen) -> torch.Tensor:
