@@ -23,7 +23,7 @@ from funcdp.ghost import ghost_clipped_sum
 from funcdp.memory import auto_chunk_size, is_auto
 from funcdp.per_sample import per_sample_grads_and_losses
 from funcdp.performance import Performance
-from funcdp.transforms.base import AGGREGATE, REDUCE, FactorRule
+from funcdp.transforms.base import AGGREGATE, REDUCE, FactorRule, Split
 from funcdp.transforms.clipping import grouped_norms
 from funcdp.tree import per_example_norms, tree_add, tree_map, upcast_half, zero_rows
 
@@ -41,14 +41,13 @@ class LocalSum(NamedTuple):
     nonfinite: int
 
 
-def local_sum_fn(
-    loss_fn, through_sum, split: int, clip_norm, performance: Performance, on_nonfinite: str
-):
+def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: str):
     """`local_sum(state, inputs, mask, key) -> LocalSum` over micro-batches.
 
     Micro-batch k hands the privatizer's per-example part the key `fold_in(key, k)`, so a
     transform that draws randomness draws anew in each micro-batch.
     """
+    through_sum = split.through_sum
     rule = ghost_rule(through_sum.parts, performance.mode)
     example_loss = autocast_loss(loss_fn, performance.autocast_dtype)
     ghost_sum = (
@@ -58,13 +57,13 @@ def local_sum_fn(
     )
     per_example = per_example_fn(example_loss, performance.autocast_dtype is not None)
     chunk_for = _chunk_chooser(example_loss, performance.chunk_size)
-    clipped_by = _clipped_fn(clip_rule(through_sum.parts), clip_norm)
+    clipped_by = _clipped_fn(clip_rule(through_sum.parts), split.context.sensitivity)
 
     def local_sum(state, inputs, mask: torch.Tensor, key) -> LocalSum:
         size = mask.shape[0]
         micro = performance.microbatch_size or size
         total, losses, norms, finite, clipped = None, [], [], [], []
-        pre_state = state.privacy_state[:split]
+        pre_state, _ = split.halves(state.privacy_state)
         for index, start in enumerate(range(0, size, micro)):
             rows = slice(start, start + micro)
             part = tuple(x[rows] for x in inputs)

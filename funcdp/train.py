@@ -18,7 +18,7 @@ from funcdp.distributed import all_reduce_local_sum
 from funcdp.optim import apply_updates
 from funcdp.performance import Performance
 from funcdp.transforms.accounting import AccountState
-from funcdp.transforms.base import GradientTransformation, bind_parts, split_at_reduce
+from funcdp.transforms.base import GradientTransformation, split_at_reduce
 
 Metrics = dict[str, Any]
 OnNonFinite = Literal["raise", "skip", "zero"]
@@ -128,11 +128,9 @@ def make_train_step(
     if not isinstance(performance, Performance):
         raise TypeError(f"performance must be a funcdp.Performance, got {performance!r}")
     performance.check()
-    through_sum, after_sum, split = split_at_reduce(privatizer)
-    _refuse_with_process_group(privatizer, through_sum, process_group)
-    local_sum = local_sum_fn(
-        loss_fn, through_sum, split, privatizer.sensitivity, performance, on_nonfinite
-    )
+    split = split_at_reduce(privatizer)  # binds the chain once
+    _refuse_with_process_group(split, process_group)
+    local_sum = local_sum_fn(loss_fn, split, performance, on_nonfinite)
 
     def optimize(private, opt_state, params):
         updates, opt_state = optimizer.update(private, opt_state, params)
@@ -156,10 +154,11 @@ def make_train_step(
         if local.nonfinite:
             return _refused(state, mask, local.nonfinite, on_nonfinite)
         pre_state = local.pre_state
-        if through_sum.finish is not None:  # per-example statistics close once per batch
-            pre_state = through_sum.finish(pre_state, key=step_key)
-        private, post_state = after_sum.update(
-            local.total, state.privacy_state[split:], state.params, key=step_key
+        if split.through_sum.finish is not None:  # per-example statistics close once per batch
+            pre_state = split.through_sum.finish(pre_state, key=step_key)
+        _, post_state = split.halves(state.privacy_state)
+        private, post_state = split.after_sum.update(
+            local.total, post_state, state.params, key=step_key
         )
         params, opt_state = optimize(private, state.opt_state, state.params)
         privacy_state = (*pre_state, *post_state)
@@ -171,17 +170,17 @@ def make_train_step(
     return step
 
 
-def _refuse_with_process_group(privatizer, through_sum, process_group) -> None:
+def _refuse_with_process_group(split, process_group) -> None:
     """Raises for what a process group cannot run: per-batch statistics kept by the per-example
     part (adaptive clipping), and noise from OS entropy (each rank would draw its own)."""
     if process_group is None:
         return
-    if through_sum.finish is not None:
+    if split.through_sum.finish is not None:
         raise ValueError(
             "a privatizer whose per-example part keeps batch statistics (adaptive clipping) is "
             "not supported with process_group yet: its statistics would need their own all-reduce"
         )
-    if bind_parts(privatizer.parts or (privatizer,))[1].secure:
+    if split.context.secure:
         raise ValueError(
             "gaussian_noise(secure=True) cannot run with process_group: each rank would draw its "
             "own noise from the OS's entropy, so the ranks would add different noise and hold "

@@ -158,7 +158,7 @@ def test_identity_changes_nothing():
 @pytest.mark.parametrize("masked", [False, True])
 def test_split_at_reduce_matches_the_whole_chain(masked, trees_equal):
     privatizer = _full_chain()
-    first, second, index = split_at_reduce(privatizer)
+    first, second, index, _ = split_at_reduce(privatizer)
     assert index == 2 and first.stage == REDUCE and second.stage == AGGREGATE
     key = fdr.key(11)
     mask = torch.tensor([True, False, True, True, False, True]) if masked else None
@@ -173,7 +173,7 @@ def test_split_at_reduce_matches_the_whole_chain(masked, trees_equal):
 def test_split_at_reduce_over_micro_batches(trees_close):
     # The train step runs the first half per micro-batch and sums: same result up to rounding.
     privatizer = _full_chain()
-    first, second, index = split_at_reduce(privatizer)
+    first, second, index, _ = split_at_reduce(privatizer)
     key, per_example = fdr.key(3), _per_example(batch=8)
     state = privatizer.init(None)
     whole, _ = privatizer.update(per_example, state, key=key)

@@ -170,16 +170,35 @@ def bind_parts(
     return tuple(bound), context
 
 
-def split_at_reduce(
-    chain_transform: GradientTransformation,
-) -> tuple[GradientTransformation, GradientTransformation, int]:
-    """Splits a chain into (through `aggregate()`, after it, index of the first part after).
+class Split(NamedTuple):
+    """A privatizer bound once and split at `aggregate()`: what a train step runs.
+
+    Attributes:
+      through_sum: the parts through `aggregate()`, run on each micro-batch; its `parts` are the
+        bound parts, and its `finish` (when not None) closes one logical batch.
+      after_sum: the parts after it, run once per logical batch, with the chain's checks.
+      index: where the second half's state starts in the chain's state.
+      context: what the whole chain resolves to (sensitivity, noise, sample rate, secure, ...).
+    """
+
+    through_sum: GradientTransformation
+    after_sum: GradientTransformation
+    index: int
+    context: PrivacyContext
+
+    def halves(self, state: tuple) -> tuple[tuple, tuple]:
+        """The chain's state as (the first half's, the second half's)."""
+        return tuple(state[: self.index]), tuple(state[self.index :])
+
+
+def split_at_reduce(chain_transform: GradientTransformation) -> Split:
+    """Binds a chain once and splits it at `aggregate()` (see `Split`).
 
     The train step runs the first half on each micro-batch and sums the results, then the second
     half once per logical batch, so noise and accounting happen once. States and keys of both
-    halves match those of the whole chain: `state[:index]` and `state[index:]`. The first half's
-    `update` does not close the batch: call its `finish` (when not None) once per logical batch,
-    after the last micro-batch.
+    halves match those of the whole chain (`Split.halves`). The first half's `update` does not
+    close the batch: call its `finish` (when not None) once per logical batch, after the last
+    micro-batch. The second half runs the chain's checks (`budget`) on its new state.
     """
     parts = chain_transform.parts or (chain_transform,)
     bound, context = bind_parts(parts)
@@ -194,7 +213,7 @@ def split_at_reduce(
     second = GradientTransformation(
         *_compose(bound[index:], index, True, context.checks)[:2], AGGREGATE
     )
-    return first, second, index
+    return Split(first, second, index, context)
 
 
 def _compose(
