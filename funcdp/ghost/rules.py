@@ -52,6 +52,9 @@ class Piece(NamedTuple):
 
 # The largest relative excess of a certified norm over its estimate before the formed path.
 TOLERANCE = 2.0**-10
+# The largest ratio of an example's terms, sum_t |A_t| |G_t|, to its gradient's norm outside the
+# formed path; ordinary data sits near sqrt(T) (8 on the benchmark transformer).
+AMPLIFICATION = 64.0
 # Up to this many multiply-adds, an op's Gram matrices are computed in float64 (their error
 # bound then nearly vanishes); above it in the working dtype, whose bound costs up to TOLERANCE.
 SMALL_GRAMS = 1 << 22
@@ -183,7 +186,7 @@ def _embedding(spec, inputs, grads, shapes, real):
     reach = norms.sum(1).double() * (1.0 + 2.0 * gamma(positions + 1, u))
     bound = _certified(estimate, error, reach, positions, u)
     shape = shapes[spec.weight]
-    flagged = _flagged(bound, estimate, real)
+    flagged = _flagged(bound, estimate, real, reach)
     formed = None if torch.compiler.is_compiling() else _FormedRows(ids, g, flagged, padding)
 
     def book(factors):
@@ -291,7 +294,7 @@ def _matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real) -> P
     error = error.reshape(size, groups).sum(1) + cross * 2.0 * reach.square()
     # the book-keeping product's rounding, at the precision torch runs it with
     bound = _certified(estimate, error, reach, positions, matmul_roundoff(a.dtype, a.device))
-    flagged = _flagged(bound, estimate, real)
+    flagged = _flagged(bound, estimate, real, reach)
     formed = None if torch.compiler.is_compiling() else _formed_matmul(a, g, flagged)
     if formed is not None:
         bound = bound.index_put((formed[0],), formed[2])
@@ -325,10 +328,13 @@ def _certified(estimate, error, reach, positions: int, u: float) -> torch.Tensor
     return sqrt_upper((estimate + error).clamp(min=0.0)) + gamma(positions, u) * reach
 
 
-def _flagged(bound, estimate, real) -> torch.Tensor:
+def _flagged(bound, estimate, real, reach) -> torch.Tensor:
     """Real rows whose bound exceeds sqrt(estimate) by more than TOLERANCE (or whose estimate
-    is not a finite, non-negative number)."""
-    tight = bound <= (1.0 + TOLERANCE) * estimate.clamp(min=0.0).sqrt()
+    is not a finite, non-negative number), or whose terms are more than AMPLIFICATION times
+    their sum's norm: such terms, in the float32 book-keeping sum, would round the OTHER
+    examples' shares by up to u times their size."""
+    norm = estimate.clamp(min=0.0).sqrt()
+    tight = (bound <= (1.0 + TOLERANCE) * norm) & (reach <= AMPLIFICATION * norm)
     return real & ~tight
 
 
