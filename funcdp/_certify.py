@@ -121,6 +121,18 @@ def sqrt_upper(squares: torch.Tensor) -> torch.Tensor:
     return squares.sqrt() * (1.0 + 2.0 * _U64)
 
 
+def norm_dtype(tensors) -> torch.dtype:
+    """The dtype norms of these tensors are reported in: float64 if one is, else float32."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
+
+
+def norms_upper(squares: torch.Tensor, terms: int, like) -> torch.Tensor:
+    """Upper bounds on the norms whose squares are float64 sums of `terms` upper bounds (the
+    sums' own rounding included), rounded up to the norm dtype of the tensors `like`."""
+    squares = squares * (1.0 + 2.0 * gamma(terms + 1, _U64))
+    return round_up(sqrt_upper(squares), norm_dtype(like))
+
+
 def round_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`x` (float64) cast to `dtype`, stepping to the next value up wherever the cast rounded
     down, so that an upper bound stays one."""

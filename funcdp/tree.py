@@ -8,7 +8,7 @@ from typing import Any
 import optree
 import torch
 
-from funcdp._certify import gamma, round_up, sqrt_upper, squares_upper
+from funcdp._certify import norms_upper, squares_upper
 
 PyTree = Any
 
@@ -72,8 +72,7 @@ def per_example_norms(tree: PyTree) -> torch.Tensor:
     if not leaves:
         raise ValueError("per_example_norms needs a tree with at least one leaf")
     squares = torch.stack([squares_upper(_rows(x)) for x in leaves]).sum(0)
-    squares = squares * (1.0 + 2.0 * gamma(len(leaves) + 1, 2.0**-53))  # the float64 sum
-    return round_up(sqrt_upper(squares), _norm_dtype(leaves))
+    return norms_upper(squares, len(leaves), leaves)
 
 
 def zero_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -98,10 +97,6 @@ def batch_size_of(tree: PyTree) -> int:
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """[B, ...] as [B, n], also for B = 0."""
     return x.flatten(1) if x.dim() > 1 else x[:, None]
-
-
-def _norm_dtype(leaves) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in leaves) else torch.float32
 
 
 def upcast_half(x: torch.Tensor) -> torch.Tensor:

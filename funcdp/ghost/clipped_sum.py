@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.func import grad, vmap
 
-from funcdp._certify import matmul_roundoff, round_up, sqrt_upper, squares_upper, with_margin
+from funcdp._certify import matmul_roundoff, norms_upper, squares_upper, with_margin
 from funcdp._checks import check_mask, check_positive
 from funcdp._rules import flat_factors
 from funcdp.ghost import capture, rules
@@ -150,9 +150,10 @@ def ghost_clipped_sum(
                 real, masked = keep & finite, True
                 squares, books = _shares(params, plan, real, passed, real)
                 clean = _grouped_squares(params, squares, column, len(names), real)
-        group_norms = _norms(grouped, params)
+        terms, tensors = len(squares), params.values()
+        group_norms = norms_upper(grouped, terms, tensors)
         zero = torch.zeros((), dtype=group_norms.dtype, device=keep.device)
-        clean_norms = group_norms if clean is grouped else _norms(clean, params)
+        clean_norms = group_norms if clean is grouped else norms_upper(clean, terms, tensors)
         factors = _factors(factor_fn, torch.where(real[:, None], clean_norms, zero), groups)
         factors = torch.where(real[:, None], factors, zero)
         summed = {name: books[name](factors[:, column[name]]) for name in params}
@@ -162,7 +163,7 @@ def ghost_clipped_sum(
             summed = {name: books[name](factors[:, column[name]]) for name in params}
         return GhostResult(
             grads=summed,
-            norms=torch.where(keep, _norms(grouped.sum(1), params), zero),
+            norms=torch.where(keep, norms_upper(grouped.sum(1), terms, tensors), zero),
             group_norms=torch.where(keep[:, None], group_norms, zero),
             losses=passed.losses,
             clipped=(factors < 1).any(1) & real,
@@ -283,17 +284,12 @@ def _shares(params, plan, keep, passed: _Pass, real):
 
 
 def _grouped_squares(params, squares, column, count: int, keep) -> torch.Tensor:
-    """Squared norms [B, G] (float64 upper bounds) of each example's gradient in each group."""
+    """Squared norms [B, G] of each example's gradient in each group: float64 sums of upper
+    bounds (`norms_upper` adds the sums' own rounding)."""
     grouped = torch.zeros(keep.shape[0], count, dtype=torch.float64, device=keep.device)
     for name, squared in squares.items():
         grouped[:, column[name]] += squared
-    return grouped * (1.0 + 2.0 * len(squares) * 2.0**-53)
-
-
-def _norms(squares: torch.Tensor, params) -> torch.Tensor:
-    """Upper bounds on the norms from float64 squares, in the parameters' (float32) dtype."""
-    wide = any(p.dtype == torch.float64 for p in params.values())
-    return round_up(sqrt_upper(squares), torch.float64 if wide else torch.float32)
+    return grouped
 
 
 def _finite(tree: dict[str, torch.Tensor]) -> bool:

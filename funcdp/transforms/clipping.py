@@ -16,14 +16,7 @@ from typing import NamedTuple
 import optree
 import torch
 
-from funcdp._certify import (
-    gamma,
-    round_up,
-    sqrt_upper,
-    squares_upper,
-    unit_roundoff,
-    with_margin,
-)
+from funcdp._certify import norms_upper, squares_upper, unit_roundoff, with_margin
 from funcdp._checks import check_positive
 from funcdp._rules import flat_factors
 from funcdp.transforms.base import PER_EXAMPLE, FactorRule, GradientTransformation
@@ -271,8 +264,7 @@ def _grouped(updates, groups, group_names, nan_safe):
         if finite is not None:
             flat = torch.where(finite[:, None], flat, torch.zeros((), dtype=flat.dtype))
         squares[:, column] += squares_upper(flat)
-    squares = squares * (1.0 + 2.0 * gamma(len(leaves) + 1, 2.0**-53))  # the float64 sums
-    return leaves, spec, columns, round_up(sqrt_upper(squares), _norm_dtype(leaves)), finite
+    return leaves, spec, columns, norms_upper(squares, len(leaves), leaves), finite
 
 
 def _column_names(updates, groups, group_names) -> tuple[str, ...]:
@@ -292,10 +284,6 @@ def _scale_leaf(leaf: torch.Tensor, factors: torch.Tensor, finite: torch.Tensor 
     if finite is not None:
         wide = zero_rows(wide, finite)
     return (wide * shaped).to(leaf.dtype)
-
-
-def _norm_dtype(leaves) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in leaves) else torch.float32
 
 
 def _by_path(path: str) -> str:
