@@ -25,7 +25,7 @@ from funcdp.per_sample import per_sample_grads_and_losses
 from funcdp.performance import Performance
 from funcdp.transforms.base import AGGREGATE, REDUCE, FactorRule, Split
 from funcdp.transforms.clipping import grouped_norms
-from funcdp.tree import per_example_norms, tree_add, tree_map, upcast_half, zero_rows
+from funcdp.tree import per_example_norms, tree_add, tree_map, upcast_half
 
 
 class LocalSum(NamedTuple):
@@ -76,11 +76,10 @@ def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: 
             ok = (torch.isfinite(loss) & torch.isfinite(norm)) | ~mask[rows].to(loss.device)
             if on_nonfinite != "zero" and not bool(ok.all()):
                 return LocalSum(None, pre_state, None, int((~ok).sum()))
-            if ghost_sum is None:
-                if on_nonfinite == "zero":
-                    grads = tree_map(lambda g, keep=ok: zero_rows(g, keep), grads)
+            if ghost_sum is None:  # a non-finite example ("zero") is left out like padding
+                real = mask[rows] & ok.to(mask.device)
                 summed, pre_state = through_sum.update(
-                    grads, pre_state, state.params, key=fdr.fold_in(key, index), mask=mask[rows]
+                    grads, pre_state, state.params, key=fdr.fold_in(key, index), mask=real
                 )
             total = summed if total is None else tree_add(total, summed)
             losses.append(loss)
@@ -202,8 +201,7 @@ def ghost_rule(bound, mode) -> FactorRule | None:
     if rule is None and mode == "ghost":
         raise ValueError(
             'mode="ghost" needs a privatizer that starts with ONE stateless clipping transform '
-            "(clip, clip_by, clip_per_layer, normalize_per_example, without nan_safe) and "
-            "aggregate(); use on_nonfinite='zero' instead of nan_safe"
+            "(clip, clip_by, clip_per_layer, normalize_per_example) and aggregate()"
         )
     return rule
 

@@ -165,16 +165,6 @@ def test_argument_errors_name_the_argument():
         T.chain(_adaptive(), _adaptive(), T.aggregate())
 
 
-def test_nan_safe_counts_nonfinite_examples_as_clipped():
-    transform = _adaptive(1.0, nan_safe=True)
-    grads = {"w": torch.full((4, 2), 0.1, dtype=torch.float64)}
-    grads["w"][1, 0] = float("nan")
-    out, state = transform.update(grads, transform.init(None))
-    assert torch.isfinite(out["w"]).all() and torch.equal(out["w"][1], torch.zeros(2))
-    assert int(state.nonfinite) == 1
-    assert state.pending.tolist() == [3 - 2.0]  # three unclipped of four
-
-
 class _Net(nn.Module):
     def __init__(self):
         super().__init__()
@@ -239,7 +229,7 @@ KIT_PARAMS = {
 KIT_TRANSFORMS = {
     "flat": (_adaptive(1.0, count_noise_multiplier=1.0, expected_batch_size=4), None),
     "per_layer": (
-        _adaptive({"fc1": 0.5, "fc2": 2.0}, groups=lambda p: p.split(".")[0], nan_safe=True),
+        _adaptive({"fc1": 0.5, "fc2": 2.0}, groups=lambda p: p.split(".")[0]),
         KIT_PARAMS,
     ),
 }
@@ -248,16 +238,15 @@ KIT_TRANSFORMS = {
 @pytest.mark.parametrize("name", sorted(KIT_TRANSFORMS))
 def test_adaptive_clip_passes_the_kit(name):
     transform, params = KIT_TRANSFORMS[name]
-    nan_safe = name == "per_layer"
-    check_sensitivity(transform, params=params, nan_safe=nan_safe, max_examples=200)
-    check_pure(transform, params=params, nan_safe=nan_safe, max_examples=200)
+    check_sensitivity(transform, params=params, max_examples=200)
+    check_pure(transform, params=params, max_examples=200)
 
 
 @pytest.mark.parametrize("factor", [0.01, 30.0])
 def test_adaptive_clip_keeps_its_sensitivity_after_the_norm_moved(factor):
     transform, _ = KIT_TRANSFORMS["flat"]
     state = transform.init(None)
-    moved = AdaptiveClipState(state.norms * factor, state.pending, state.nonfinite)
+    moved = AdaptiveClipState(state.norms * factor, state.pending)
     check_sensitivity(transform, state=moved, max_examples=100)
 
 
@@ -276,3 +265,32 @@ def test_split_chain_leaves_closing_the_batch_to_finish():
     # the same as one whole-chain update, which closes the batch itself
     _, whole = privatizer.update(grads, privatizer.init(None), key=key)
     assert torch.equal(closed[0].norms, whole[0].norms) and closed[0].pending.tolist() == [0.0]
+
+
+def test_a_nonfinite_example_left_out_by_the_step_is_left_out_of_the_count():
+    """on_nonfinite="zero" treats a non-finite example as padding: the gradient, the count and
+    the tracked norm are those of the batch without it."""
+    model = nn.Linear(2, 1).double()
+    apply_fn, params, buffers = fdp.functionalize(model)
+
+    def loss_fn(params, buffers, x):
+        return apply_fn(params, buffers, x[None]).sum()
+
+    privatizer = T.chain(_adaptive(0.5), T.aggregate(), T.gaussian_noise(1.0))
+    optimizer = fdp.optim.sgd(1.0)
+    step = fdp.make_train_step(loss_fn, privatizer, optimizer, on_nonfinite="zero")
+    state = fdp.TrainState.create(
+        params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(2)
+    )
+    x = torch.tensor(
+        [[1.0, 2.0], [float("nan"), 0.0], [0.1, 0.1], [3.0, -1.0]], dtype=torch.float64
+    )
+    mask = torch.tensor([True, True, True, False])
+    new, metrics = step(state, fdp.Batch((x,), mask))
+    without = torch.tensor([True, False, True, False])
+    reference, _ = step(state, fdp.Batch((torch.nan_to_num(x),), without))
+    assert metrics["nonfinite"] == 1
+    assert torch.equal(new.privacy_state[0].norms, reference.privacy_state[0].norms)
+    for name, value in new.params.items():
+        assert torch.isfinite(value).all()
+        torch.testing.assert_close(value, reference.params[name])

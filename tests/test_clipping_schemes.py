@@ -1,7 +1,7 @@
 """Tests for the clipping schemes of funcdp/transforms/clipping.py beyond flat `clip`.
 
 `clip_by` (user factor rules, grouped norms), `clip_per_layer`, `normalize_per_example`
-(automatic clipping) and the NaN-safe mode; and the testing kit run over every shipped clipping
+(automatic clipping), the step's non-finite policy across them; and the testing kit run over every shipped clipping
 transform (check_sensitivity and check_pure, 200 hypothesis examples each).
 """
 
@@ -141,33 +141,48 @@ def test_per_layer_automatic_clipping():
 @pytest.mark.parametrize(
     "transform",
     [
-        fdp.clip(1.0, nan_safe=True),
-        T.clip_per_layer({"fc1.weight": 1.0, "fc1.bias": 1.0, "fc2.weight": 1.0}, nan_safe=True),
-        T.normalize_per_example(1.0, nan_safe=True),
+        fdp.clip(1.0),
+        T.clip_per_layer({"fc1.weight": 1.0, "fc1.bias": 1.0, "fc2.weight": 1.0}),
+        T.normalize_per_example(1.0),
     ],
     ids=["flat", "per_layer", "automatic"],
 )
-def test_nan_safe_zeroes_and_counts_nonfinite_real_examples(transform):
-    grads = _grads(batch=6)
-    grads["fc1.bias"][1, 0] = float("nan")
-    grads["fc2.weight"][3, 2] = float("inf")
-    grads["fc1.weight"][5, 0, 0] = float("-inf")  # padded: ignored, not counted
+@pytest.mark.parametrize("mode", ["vmap", "ghost"])
+def test_on_nonfinite_zero_leaves_nonfinite_examples_out_for_every_scheme(transform, mode):
+    """The one non-finite policy is the step's: with on_nonfinite="zero", a real example whose
+    gradient is not finite contributes exactly what a padded row does (nothing), in both
+    engines, for every clipping scheme."""
+    model = torch.nn.Sequential()
+    model.add_module("fc1", torch.nn.Linear(2, 3))
+    model.add_module("fc2", torch.nn.Linear(3, 1, bias=False))
+    apply_fn, params, buffers = fdp.functionalize(model.double())
+
+    def loss_fn(params, buffers, x):
+        return apply_fn(params, buffers, x[None]).sum() * 3.0
+
+    x = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x[1, 0], x[3, 1] = float("nan"), float("inf")
     mask = torch.tensor([True, True, True, True, True, False])
-    summed = T.chain(transform, T.aggregate())
-    out, state = summed.update(grads, summed.init(None), mask=mask)
-    assert int(state[0].nonfinite) == 2
     finite_only = mask.clone()
     finite_only[[1, 3]] = False
-    clean = {k: torch.where(torch.isfinite(v), v, 0.0) for k, v in grads.items()}
-    reference, _ = summed.update(clean, summed.init(None), mask=finite_only)
-    for name in grads:
-        assert torch.isfinite(out[name]).all()
-        torch.testing.assert_close(out[name], reference[name])
-    _, state = summed.update(grads, state, mask=mask)
-    assert int(state[0].nonfinite) == 4  # a running count
+    privatizer = T.chain(transform, T.aggregate())
+    optimizer = fdp.optim.sgd(1.0)
+    step = fdp.make_train_step(
+        loss_fn, privatizer, optimizer, on_nonfinite="zero", performance=fdp.Performance(mode=mode)
+    )
+    state = fdp.TrainState.create(
+        params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(0)
+    )
+    new, metrics = step(state, fdp.Batch((x,), mask))
+    clean = torch.where(finite_only[:, None], x, 0.0)
+    reference, _ = step(state, fdp.Batch((clean,), finite_only))
+    assert metrics["nonfinite"] == 2
+    for name, value in new.params.items():
+        assert torch.isfinite(value).all()
+        torch.testing.assert_close(value, reference.params[name])
 
 
-def test_without_nan_safe_a_nonfinite_example_poisons_the_sum():
+def test_called_directly_a_nonfinite_example_poisons_the_sum():
     grads = _grads()
     grads["fc1.bias"][1, 0] = float("nan")
     summed = T.chain(fdp.clip(1.0), T.aggregate())
@@ -184,43 +199,39 @@ KIT_PARAMS = {
 }
 _PER_LEAF = {"fc1.weight": 0.5, "fc1.bias": 0.3, "fc2.weight": 2.0}
 SHIPPED = {
-    "clip": (fdp.clip(1.0), None, False),
-    "clip_nan_safe": (fdp.clip(0.5, nan_safe=True), None, True),
-    "clip_per_layer": (T.clip_per_layer(_PER_LEAF), KIT_PARAMS, False),
+    "clip": (fdp.clip(1.0), None),
+    "clip_per_layer": (T.clip_per_layer(_PER_LEAF), KIT_PARAMS),
     "clip_per_group": (
         T.clip_per_layer({"fc1": 1.0, "fc2": 0.1}, groups=lambda p: p.split(".")[0]),
         KIT_PARAMS,
-        False,
     ),
-    "normalize_per_example": (T.normalize_per_example(2.0, 0.01), None, False),
+    "normalize_per_example": (T.normalize_per_example(2.0, 0.01), None),
     "normalize_per_layer": (
-        T.normalize_per_example(None, 0.1, group_norms=_PER_LEAF, nan_safe=True),
+        T.normalize_per_example(None, 0.1, group_norms=_PER_LEAF),
         KIT_PARAMS,
-        True,
     ),
     "clip_by_soft": (
         T.clip_by(lambda n: torch.tanh(n) / n.clamp_min(1e-30), 1.0),
         param_trees(dtypes=(torch.float32, torch.float64)),
-        False,
     ),
 }
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_clipping_passes_check_sensitivity(name):
-    transform, params, nan_safe = SHIPPED[name]
-    check_sensitivity(transform, params=params, nan_safe=nan_safe, max_examples=200)
+    transform, params = SHIPPED[name]
+    check_sensitivity(transform, params=params, max_examples=200)
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_clipping_passes_check_pure(name):
-    transform, params, nan_safe = SHIPPED[name]
-    check_pure(transform, params=params, nan_safe=nan_safe, max_examples=200)
+    transform, params = SHIPPED[name]
+    check_pure(transform, params=params, max_examples=200)
 
 
 @pytest.mark.parametrize("name", ["clip", "clip_per_layer", "normalize_per_example"])
 def test_shipped_clipping_passes_replace_one(name):
-    transform, params, nan_safe = SHIPPED[name]
+    transform, params = SHIPPED[name]
     check_sensitivity(transform, params=params, relation="replace", max_examples=50)
 
 

@@ -18,7 +18,6 @@ from funcdp import random as fdr
 from funcdp.testing.strategies import (
     FINITE_ROW_KINDS,
     RELATIONS,
-    ROW_KINDS,
     masks,
     neighbouring_batches,
     param_trees,
@@ -37,7 +36,6 @@ def check_sensitivity(
     params: Any = None,
     state: Any = None,
     relation: str = "add_remove",
-    nan_safe: bool = False,
     max_batch: int = 6,
     max_examples: int = 200,
 ) -> None:
@@ -58,8 +56,6 @@ def check_sensitivity(
         `param_trees()`; a hypothesis strategy is drawn from.
       state: the transform state to start from; None uses `transform.init(params)`.
       relation: "add_remove" or "replace".
-      nan_safe: the transform claims to zero non-finite examples: real rows may then be NaN
-        or inf too.
       max_batch: largest batch drawn.
       max_examples: number of hypothesis examples.
 
@@ -76,7 +72,6 @@ def check_sensitivity(
         raise ValueError(f"relation must be one of {RELATIONS}, got {relation!r}")
     summed = chain(transform, aggregate())
     bound = transform.sensitivity * (2.0 if relation == "replace" else 1.0)
-    real_kinds = ROW_KINDS if nan_safe else FINITE_ROW_KINDS
 
     @settings(**_settings(max_examples))
     @given(data=st.data())
@@ -84,7 +79,7 @@ def check_sensitivity(
         tree = _draw_params(data, params)
         pair = data.draw(
             neighbouring_batches(
-                tree, max_batch=max_batch, relation=relation, real_kinds=real_kinds
+                tree, max_batch=max_batch, relation=relation, real_kinds=FINITE_ROW_KINDS
             )
         )
         start = _start_state(summed, transform, tree, state)
@@ -119,7 +114,6 @@ def check_pure(
     *,
     params: Any = None,
     state: Any = None,
-    nan_safe: bool = False,
     max_batch: int = 6,
     max_examples: int = 200,
 ) -> None:
@@ -134,13 +128,11 @@ def check_pure(
     Args:
       transform: the transform (or chain) to check.
       params, state, max_batch, max_examples: as in `check_sensitivity`.
-      nan_safe: real rows may be non-finite too.
 
     Raises:
       AssertionError: the transform is not pure (the message holds the example).
     """
     bound = chain(transform) if (transform.bind is not None or transform.finish) else transform
-    kinds = ROW_KINDS if nan_safe else FINITE_ROW_KINDS
 
     @settings(**_settings(max_examples))
     @given(data=st.data())
@@ -152,7 +144,7 @@ def check_pure(
         else:
             size = data.draw(st.integers(1, max_batch), label="batch size")
             mask = data.draw(masks(size))
-            grads = data.draw(per_example_trees(tree, size, kinds=kinds))
+            grads = data.draw(per_example_trees(tree, size, kinds=FINITE_ROW_KINDS))
         start = (
             _start_state(bound, transform, tree, state)
             if bound is not transform

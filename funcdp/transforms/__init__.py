@@ -19,7 +19,6 @@ from funcdp.transforms.base import (
     identity,
 )
 from funcdp.transforms.clipping import (
-    NonFiniteState,
     clip,
     clip_by,
     clip_per_layer,
@@ -38,7 +37,6 @@ __all__ = [
     "BudgetExceededError",
     "FactorRule",
     "GradientTransformation",
-    "NonFiniteState",
     "PrivacyContext",
     "account",
     "adaptive_clip",

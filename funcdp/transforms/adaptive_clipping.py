@@ -20,7 +20,6 @@ from funcdp import random as fdr
 from funcdp._checks import _is_real, check_positive
 from funcdp.transforms.base import PER_EXAMPLE, GradientTransformation, PrivacyContext
 from funcdp.transforms.clipping import GroupFn, _by_path, _thresholds, clip_by
-from funcdp.tree import tree_leaves
 
 
 class AdaptiveClipState(NamedTuple):
@@ -30,12 +29,10 @@ class AdaptiveClipState(NamedTuple):
       norms: the current clipping norm of each group, float64 [G].
       pending: sum over the real examples seen since the last `finish` of
         (1[norm <= C] - 1/2), float64 [G].
-      nonfinite: running count of real examples replaced by zero (nan_safe), int64.
     """
 
     norms: torch.Tensor
     pending: torch.Tensor
-    nonfinite: torch.Tensor
 
 
 def adaptive_clip(
@@ -46,7 +43,6 @@ def adaptive_clip(
     count_noise_multiplier: float,
     expected_batch_size: float,
     groups: GroupFn | None = None,
-    nan_safe: bool = False,
 ) -> GradientTransformation:
     """Clips at a norm C_t that tracks the `target_quantile` of the per-example gradient norms.
 
@@ -80,8 +76,6 @@ def adaptive_clip(
       count_noise_multiplier: sigma_b > 0 (Andrew et al. suggest B / 20).
       expected_batch_size: B > 0, the expected (Poisson) batch size the count is divided by.
       groups: as in `clip_per_layer` (default: each leaf its own group) with a mapping.
-      nan_safe: an example whose gradient is not finite contributes zero, counts as clipped,
-        and is counted in `state.nonfinite`.
 
     Raises:
       ValueError: an argument outside its range (each message names it), or `groups` with a
@@ -110,7 +104,7 @@ def adaptive_clip(
     def init(params):
         del params
         zero = torch.zeros(len(initial), dtype=torch.float64)
-        return AdaptiveClipState(initial_norms.clone(), zero, torch.zeros((), dtype=torch.int64))
+        return AdaptiveClipState(initial_norms.clone(), zero)
 
     def update(updates, state, params=None, *, key=None, mask=None):
         def factor_fn(norms):
@@ -120,23 +114,14 @@ def adaptive_clip(
             return start / torch.maximum(norms, current)
 
         unclipped: list[torch.Tensor] = []
-        clipper = clip_by(
-            factor_fn, sensitivity, groups=group_fn, group_names=names, nan_safe=nan_safe
-        )
-        inner = clipper.init(None)
-        if nan_safe:
-            rows = [torch.isfinite(x.reshape(x.shape[0], -1)).all(1) for x in tree_leaves(updates)]
-            finite = torch.stack(rows).all(0)
-        updates, inner = clipper.update(updates, inner, params, key=key, mask=mask)
+        clipper = clip_by(factor_fn, sensitivity, groups=group_fn, group_names=names)
+        updates, _ = clipper.update(updates, clipper.init(None), params, key=key, mask=mask)
         below = unclipped[0]
-        if nan_safe:
-            below = below & finite[:, None]
         if mask is not None:
             below = below & mask.to(below.device)[:, None]
         real = below.shape[0] if mask is None else int(mask.sum())
         pending = state.pending + below.sum(0).to("cpu", torch.float64) - 0.5 * real
-        nonfinite = state.nonfinite + (inner.nonfinite if nan_safe else 0)
-        return updates, AdaptiveClipState(state.norms, pending, nonfinite)
+        return updates, AdaptiveClipState(state.norms, pending)
 
     def finish(state, *, key=None):
         if key is None:
@@ -144,7 +129,7 @@ def adaptive_clip(
         noise = count_std * fdr.normal(fdr.fold_in(key, 1), (len(initial),), dtype=torch.float64)
         fraction = (state.pending + noise) / batch + 0.5
         norms = state.norms * torch.exp(-learning_rate * (fraction - target_quantile))
-        return AdaptiveClipState(norms, torch.zeros_like(state.pending), state.nonfinite)
+        return AdaptiveClipState(norms, torch.zeros_like(state.pending))
 
     def bind(context: PrivacyContext) -> tuple[GradientTransformation, PrivacyContext]:
         if context.count_noise_multiplier is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
 
 import optree
 import torch
@@ -20,33 +19,24 @@ from funcdp._certify import norms_upper, squares_upper, unit_roundoff, with_marg
 from funcdp._checks import check_positive
 from funcdp._rules import flat_factors
 from funcdp.transforms.base import PER_EXAMPLE, FactorRule, GradientTransformation
-from funcdp.tree import per_example_norms, tree_map, upcast_half, zero_rows
+from funcdp.tree import per_example_norms, tree_map, upcast_half
 
 FactorFn = Callable[[torch.Tensor], torch.Tensor]
 GroupFn = Callable[[str], str]
 
 
-class NonFiniteState(NamedTuple):
-    """State of a NaN-safe clipping transform.
-
-    Attributes:
-      nonfinite: running count of real examples whose gradient was not finite and was replaced
-        by zero (an int64 tensor; the difference between two steps is that step's count).
-    """
-
-    nonfinite: torch.Tensor
-
-
-def clip(max_norm: float, *, nan_safe: bool = False) -> GradientTransformation:
+def clip(max_norm: float) -> GradientTransformation:
     """Scales each example's gradient to L2 norm at most `max_norm` (flat clipping).
 
     Example i is multiplied by min(1, C / ||g_i||), so ||clipped g_i|| <= C and adding or
     removing one example moves the sum by at most C: the declared sensitivity is C.
 
+    Non-finite examples are the train step's to handle (`make_train_step(on_nonfinite=...)`,
+    the one policy): called directly, a NaN example stays NaN, and `aggregate()` with a mask
+    drops it only where the mask says so.
+
     Args:
       max_norm: the clipping norm C.
-      nan_safe: replace an example whose gradient is not finite by zero and count it in the
-        state (`NonFiniteState`) instead of letting it poison the sum.
 
     Raises:
       ValueError: max_norm is not a finite number > 0.
@@ -54,8 +44,6 @@ def clip(max_norm: float, *, nan_safe: bool = False) -> GradientTransformation:
     check_positive("max_norm", max_norm)
     max_norm = float(max_norm)
     rule = flat_factors(max_norm)
-    if nan_safe:
-        return clip_by(rule, max_norm, nan_safe=True)
 
     def update(updates, state, params=None, *, key=None, mask=None):
         del params, key, mask
@@ -77,7 +65,6 @@ def clip_by(
     *,
     groups: GroupFn | None = None,
     group_names: tuple[str, ...] | None = None,
-    nan_safe: bool = False,
 ) -> GradientTransformation:
     """A clipping transform from a user's factor rule and the sensitivity it claims.
 
@@ -96,8 +83,6 @@ def clip_by(
         to its group's name; None puts every leaf in one group (G = 1).
       group_names: the groups' names in column order; default the sorted names `groups` gives.
         A leaf whose group is not listed is an error.
-      nan_safe: an example whose gradient is not finite gets factor 0 and zero rows instead of
-        NaN, and is counted in the state (`NonFiniteState`).
 
     Raises:
       ValueError: sensitivity is not a finite number > 0 (when built); a leaf in no listed
@@ -107,33 +92,24 @@ def clip_by(
     if not callable(factor_fn):
         raise TypeError(f"factor_fn must be callable, got {type(factor_fn).__name__}")
 
-    def init(params):
-        del params
-        return NonFiniteState(torch.zeros((), dtype=torch.int64)) if nan_safe else ()
-
     def update(updates, state, params=None, *, key=None, mask=None):
-        del params, key
-        leaves, spec, columns, norms, finite = _grouped(updates, groups, group_names, nan_safe)
+        del params, key, mask
+        leaves, spec, columns, norms = _grouped(updates, groups, group_names)
         factors = factor_fn(norms)
         if not isinstance(factors, torch.Tensor) or tuple(factors.shape) != tuple(norms.shape):
             raise ValueError(
                 f"factor_fn must return a tensor of shape {tuple(norms.shape)} (examples, groups), "
                 f"got {getattr(factors, 'shape', type(factors).__name__)}"
             )
-        if finite is not None:
-            factors = torch.where(finite[:, None], factors, torch.zeros((), dtype=factors.dtype))
         scaled = [
-            _scale_leaf(leaf, factors[:, column], finite)
+            _scale_leaf(leaf, factors[:, column])
             for leaf, column in zip(leaves, columns, strict=True)
         ]
-        if nan_safe:
-            bad = ~finite if mask is None else (~finite & mask.to(finite.device))
-            state = NonFiniteState(state.nonfinite + bad.sum().cpu())
         return optree.tree_unflatten(spec, scaled), state
 
-    rule = None if nan_safe else FactorRule(factor_fn, groups, group_names)
+    rule = FactorRule(factor_fn, groups, group_names)
     return GradientTransformation(
-        init, update, PER_EXAMPLE, sensitivity=float(sensitivity), factor_rule=rule
+        lambda params: (), update, PER_EXAMPLE, sensitivity=float(sensitivity), factor_rule=rule
     )
 
 
@@ -141,7 +117,6 @@ def clip_per_layer(
     max_norms: Mapping[str, float],
     *,
     groups: GroupFn | None = None,
-    nan_safe: bool = False,
 ) -> GradientTransformation:
     """Clips each group of leaves (by default each leaf: per-layer clipping) to its own norm.
 
@@ -153,7 +128,6 @@ def clip_per_layer(
         the leaves' paths, so for a params dict they are the parameter names.
       groups: maps a leaf's path to its group's name (e.g. `lambda p: p.split(".")[0]` for one
         group per top-level module); None makes each leaf its own group.
-      nan_safe: as in `clip_by`.
 
     Raises:
       ValueError: max_norms is empty or holds a value that is not a finite number > 0.
@@ -166,9 +140,7 @@ def clip_per_layer(
         c = limits.to(norms.device, norms.dtype)
         return c / torch.maximum(norms, c)
 
-    return clip_by(
-        factor_fn, sensitivity, groups=groups or _by_path, group_names=names, nan_safe=nan_safe
-    )
+    return clip_by(factor_fn, sensitivity, groups=groups or _by_path, group_names=names)
 
 
 def normalize_per_example(
@@ -177,7 +149,6 @@ def normalize_per_example(
     *,
     groups: GroupFn | None = None,
     group_norms: Mapping[str, float] | None = None,
-    nan_safe: bool = False,
 ) -> GradientTransformation:
     """Automatic clipping (Bu et al. 2023): example i is multiplied by R / (||g_i|| + gamma).
 
@@ -190,7 +161,6 @@ def normalize_per_example(
       gamma: the stability constant, > 0; it keeps small gradients from being blown up.
       groups: as in `clip_per_layer`, used with `group_norms`.
       group_norms: per-group bounds R_g by name, for the per-layer variant.
-      nan_safe: as in `clip_by`.
 
     Raises:
       ValueError: max_norm, gamma or a group norm is not a finite number > 0.
@@ -200,7 +170,7 @@ def normalize_per_example(
     if group_norms is None:
         check_positive("max_norm", max_norm)
         radius = float(max_norm)
-        return clip_by(lambda n: radius / (n + gamma), radius, nan_safe=nan_safe)
+        return clip_by(lambda n: radius / (n + gamma), radius)
     names, radii = _thresholds("group_norms", group_norms)
     limits = torch.tensor(radii, dtype=torch.float64)
 
@@ -208,9 +178,7 @@ def normalize_per_example(
         return limits.to(norms.device, norms.dtype) / (norms + gamma)
 
     sensitivity = math.sqrt(sum(r * r for r in radii))
-    return clip_by(
-        factor_fn, sensitivity, groups=groups or _by_path, group_names=names, nan_safe=nan_safe
-    )
+    return clip_by(factor_fn, sensitivity, groups=groups or _by_path, group_names=names)
 
 
 def scale_examples(updates, factors: torch.Tensor):
@@ -220,7 +188,7 @@ def scale_examples(updates, factors: torch.Tensor):
     covers the rounding of the products, so a scaled example stays within its bound. Half-
     precision leaves are scaled in float32 and rounded back; `aggregate` sums them in float32.
     """
-    return tree_map(lambda leaf: _scale_leaf(leaf, factors, None), updates)
+    return tree_map(lambda leaf: _scale_leaf(leaf, factors), updates)
 
 
 def leaf_paths(tree) -> list[str]:
@@ -233,11 +201,11 @@ def grouped_norms(
     updates, groups: GroupFn | None = None, group_names: tuple[str, ...] | None = None
 ) -> tuple[torch.Tensor, tuple[str, ...]]:
     """The norms [B, G] that `clip_by` hands its rule, and the group names of the columns."""
-    norms = _grouped(updates, groups, group_names, nan_safe=False)[3]
+    norms = _grouped(updates, groups, group_names)[3]
     return norms, _column_names(updates, groups, group_names)
 
 
-def _grouped(updates, groups, group_names, nan_safe):
+def _grouped(updates, groups, group_names):
     leaves, spec = optree.tree_flatten(updates)
     if not leaves:
         raise ValueError("clipping needs a tree with at least one leaf")
@@ -252,19 +220,12 @@ def _grouped(updates, groups, group_names, nan_safe):
             if name not in index:
                 raise ValueError(f"leaf {path!r} is in group {name!r}, which is not one of {names}")
             columns.append(index[name])
-    finite = None
-    if nan_safe:
-        rows = [torch.isfinite(x.reshape(x.shape[0], -1)).all(1) for x in leaves]
-        finite = torch.stack(rows).all(0)
     squares = torch.zeros(
         (leaves[0].shape[0], len(names)), dtype=torch.float64, device=leaves[0].device
     )
     for leaf, column in zip(leaves, columns, strict=True):
-        flat = leaf.reshape(leaf.shape[0], -1)
-        if finite is not None:
-            flat = torch.where(finite[:, None], flat, torch.zeros((), dtype=flat.dtype))
-        squares[:, column] += squares_upper(flat)
-    return leaves, spec, columns, norms_upper(squares, len(leaves), leaves), finite
+        squares[:, column] += squares_upper(leaf.reshape(leaf.shape[0], -1))
+    return leaves, spec, columns, norms_upper(squares, len(leaves), leaves)
 
 
 def _column_names(updates, groups, group_names) -> tuple[str, ...]:
@@ -275,14 +236,12 @@ def _column_names(updates, groups, group_names) -> tuple[str, ...]:
     return tuple(sorted({groups(path) for path in leaf_paths(updates)}))
 
 
-def _scale_leaf(leaf: torch.Tensor, factors: torch.Tensor, finite: torch.Tensor | None):
+def _scale_leaf(leaf: torch.Tensor, factors: torch.Tensor):
     """The scaled leaf in its own dtype; half precision is scaled in float32 and rounded back,
     which the margin (in units of the leaf's own roundoff) covers."""
     wide = upcast_half(leaf)
     factors = with_margin(factors, unit_roundoff(leaf.dtype)).to(wide.dtype)
     shaped = factors.reshape((-1,) + (1,) * (leaf.dim() - 1))
-    if finite is not None:
-        wide = zero_rows(wide, finite)
     return (wide * shaped).to(leaf.dtype)
 
 
