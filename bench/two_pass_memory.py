@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import funcdp as fdp
-from funcdp.per_sample import clipped_sum
+from funcdp import clipped_sum
 
 
 def _model() -> nn.Module:
@@ -36,8 +36,8 @@ def _measure(mode: str, device: str, batch: int, chunk: int) -> dict:
     module = _model().to(device)
     apply_fn, params, buffers = fdp.functionalize(module)
 
-    def loss_fn(p, x, y):
-        return F.cross_entropy(apply_fn(p, buffers, x[None]), y[None])
+    def loss_fn(p, b, x, y):
+        return F.cross_entropy(apply_fn(p, b, x[None]), y[None])
 
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 784, generator=gen).to(device)
@@ -45,14 +45,14 @@ def _measure(mode: str, device: str, batch: int, chunk: int) -> dict:
     fn = clipped_sum(
         loss_fn, max_norm=1.0, mode=mode, chunk_size=chunk if mode == "two_pass" else None
     )
-    fn(params, x[:2], y[:2])  # warm-up: kernels, allocator
+    fn(params, buffers, x[:2], y[:2])  # warm-up: kernels, allocator
     if device == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    summed, _ = fn(params, x, y)
+    summed = fn(params, buffers, x, y).grads
     if device == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before

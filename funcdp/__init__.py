@@ -8,13 +8,12 @@ transforms (`chain`); a train step is a pure function of one state pytree.
 import torch as _torch
 
 from funcdp import accounting, data, memory, nn, optim, random, transforms, tree
+from funcdp._engines import ClippedSum, clipped_sum
 from funcdp.accounting import Ledger, LedgerRecord, calibrate_noise, dpsgd_epsilon, epsilon
 from funcdp.data import Batch, IndexBatch, PoissonLoader, poisson_batches, shuffled_batches
 from funcdp.functional import functionalize, to_module
-from funcdp.ghost import ghost_clipped_sum
 from funcdp.memory import AutoChunk
 from funcdp.per_sample import (
-    clipped_sum,
     per_sample_grads,
     per_sample_grads_and_losses,
     per_sample_norms,
@@ -82,6 +81,7 @@ __all__ = [
     "Batch",
     "BudgetExceededError",
     "Change",
+    "ClippedSum",
     "Finding",
     "GradientTransformation",
     "IndexBatch",
@@ -111,7 +111,6 @@ __all__ = [
     "fix",
     "functionalize",
     "gaussian_noise",
-    "ghost_clipped_sum",
     "gradient_noise_multiplier",
     "identity",
     "make_eval_step",

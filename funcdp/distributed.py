@@ -31,7 +31,7 @@ class RankFailedError(RuntimeError):
 
 
 def all_reduce_local_sum(compute: Callable[[], Any], state: Any, group: Any) -> Any:
-    """Runs `compute()` (this rank's `funcdp._engine.LocalSum`) and sums its total, stats and flags over `group`.
+    """Runs `compute()` (this rank's `funcdp._local_sum.LocalSum`) and sums its total, stats and flags over `group`.
 
     Returns this rank's local result with `total`, `stats` and `nonfinite` replaced by the sums
     over all ranks. Raises this rank's own exception, or `RankFailedError` if another rank

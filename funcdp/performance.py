@@ -14,7 +14,7 @@ import torch
 
 from funcdp.memory import ChunkSize, check_chunk_option
 
-Mode = Literal["auto", "vmap", "ghost"]
+Mode = Literal["auto", "vmap", "ghost", "two_pass"]
 
 
 class Performance(NamedTuple):
@@ -27,7 +27,10 @@ class Performance(NamedTuple):
         parameters' from vmap. It needs the privatizer to start with one stateless clipping
         transform and `aggregate()`. "auto" (the default) is "ghost" where that holds and
         "vmap" otherwise. Ghost mode's certified norms may exceed vmap's by up to 2^-10
-        (relative, on large ops), the bound on the rounding of its Gram form.
+        (relative, on large ops), the bound on the rounding of its Gram form. "two_pass" (same
+        privatizers as "ghost") computes the per-example gradients chunk by chunk twice, norms
+        first and then the scaled sums, so memory holds one chunk's gradients (`chunk_size`,
+        default 32); the loss must be deterministic (random layers raise).
       chunk_size: vmap at most this many examples at once (bounds activation memory); "auto"
         or a `funcdp.memory.AutoChunk` picks the largest chunk under a memory budget, measured
         once per micro-batch shape (in ghost mode: for the vmapped parameters only).
@@ -55,8 +58,10 @@ class Performance(NamedTuple):
 
     def check(self) -> Performance:
         """Returns self, or raises ValueError naming the first bad field."""
-        if self.mode not in ("auto", "vmap", "ghost"):
-            raise ValueError(f'mode must be "auto", "vmap" or "ghost", got {self.mode!r}')
+        if self.mode not in ("auto", "vmap", "ghost", "two_pass"):
+            raise ValueError(
+                f'mode must be "auto", "vmap", "ghost" or "two_pass", got {self.mode!r}'
+            )
         check_chunk_option(self.chunk_size)
         size = self.microbatch_size
         if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):

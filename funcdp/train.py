@@ -11,7 +11,7 @@ import torch
 
 from funcdp import random as fdr
 from funcdp._checks import check_mask
-from funcdp._engine import local_sum_fn
+from funcdp._local_sum import local_sum_fn
 from funcdp.accounting.ledger import Ledger
 from funcdp.data import Batch
 from funcdp.distributed import all_reduce_local_sum

@@ -248,11 +248,13 @@ def test_losses_are_the_per_example_losses():
 
 def test_clipped_sum_ghost_mode_equals_vmap_mode():
     loss_fn, params, batch, mask = _problem("lstm")
-    factor_fn = lambda n: 0.5 / (n + 0.01)  # noqa: E731
-    ghost = fdp.clipped_sum(loss_fn, factor_fn=factor_fn, mode="ghost")(params, *batch, mask=mask)
-    vmapped = fdp.clipped_sum(loss_fn, factor_fn=factor_fn)(params, *batch, mask=mask)
-    _assert_close_relative(ghost[0], vmapped[0])
-    torch.testing.assert_close(ghost[1], vmapped[1], rtol=RTOL, atol=0)
+    automatic = fdp.clip_by(lambda n: 0.5 / (n + 0.01), 0.5)
+    with_buffers = lambda p, buffers, *example: loss_fn(p, *example)  # noqa: E731
+    ghost = fdp.clipped_sum(with_buffers, clipping=automatic, mode="ghost")
+    vmapped = fdp.clipped_sum(with_buffers, clipping=automatic)
+    ghost, vmapped = (fn(params, {}, *batch, mask=mask) for fn in (ghost, vmapped))
+    _assert_close_relative(ghost.grads, vmapped.grads)
+    torch.testing.assert_close(ghost.norms, vmapped.norms, rtol=RTOL, atol=0)
 
 
 def test_zero_nonfinite_drops_a_real_example_with_nan():
@@ -495,7 +497,7 @@ def test_bad_groups_factors_and_mask_are_refused_when_called():
         ghost_clipped_sum(
             loss_fn, factor_fn=lambda n: n, groups=lambda n: n[0], group_names=("2", "4")
         )(params, *batch)
-    with pytest.raises(ValueError, match=r"factor_fn must return a tensor of shape \(6,\)"):
+    with pytest.raises(ValueError, match=r"factor_fn must return a tensor of shape \(6, 1\)"):
         ghost_clipped_sum(loss_fn, factor_fn=lambda n: n[:3])(params, *batch)
     with pytest.raises(ValueError, match=r"mask must be a bool tensor, got a torch.float32 tensor"):
         ghost_clipped_sum(loss_fn, max_norm=1.0)(params, *batch, mask=torch.ones(6))

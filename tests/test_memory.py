@@ -221,7 +221,7 @@ def test_auto_train_step_measures_once_and_keeps_the_state_pure(monkeypatch):
         calls.append(kwargs["spec"])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr("funcdp._engine.auto_chunk_size", counting)
+    monkeypatch.setattr("funcdp._engines.auto_chunk_size", counting)
     loss_fn, privatizer, optimizer, params, buffers, batch = _train_problem()
     step = fdp.make_train_step(
         loss_fn, privatizer, optimizer, performance=fdp.Performance(chunk_size="auto", mode="vmap")

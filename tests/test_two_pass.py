@@ -1,4 +1,4 @@
-"""Tests for `clipped_sum` in funcdp/per_sample.py: the two-pass path equals the vmap path."""
+"""Tests for `clipped_sum` in funcdp/clipped_sum.py: the two-pass path equals the vmap path."""
 
 from __future__ import annotations
 
@@ -9,7 +9,18 @@ from models import make
 from torch import nn
 
 import funcdp as fdp
-from funcdp.per_sample import clipped_sum
+
+
+def clipped_sum(loss_fn, **options):
+    """`fdp.clipped_sum` for a loss of (params, *example), returning (sum, norms)."""
+    fn = fdp.clipped_sum(lambda p, buffers, *example: loss_fn(p, *example), **options)
+
+    def summed(params, *batch, mask=None):
+        result = fn(params, {}, *batch, mask=mask)
+        return result.grads, result.norms
+
+    return summed
+
 
 # torch's MultiheadAttention has no batching rule on CPU (funcdp.nn has one); it is tested as is.
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
@@ -67,8 +78,8 @@ def test_two_pass_equals_vmap_and_a_loop(name, chunk_size):
 def test_two_pass_with_a_factor_rule_matches_the_chain():
     loss_fn, params, x, y = _setup("linear_layernorm")
     automatic = fdp.transforms.normalize_per_example(0.5, 0.01)
-    rule = lambda n: 0.5 / (n + 0.01)  # noqa: E731 - the same rule for whole examples
-    two_sum, _ = clipped_sum(loss_fn, factor_fn=rule, mode="two_pass", chunk_size=3)(params, x, y)
+    fn = clipped_sum(loss_fn, clipping=automatic, mode="two_pass", chunk_size=3)
+    two_sum, _ = fn(params, x, y)
     grads = fdp.per_sample_grads(loss_fn)(params, x, y)
     summed = fdp.chain(automatic, fdp.aggregate())
     expected, _ = summed.update(grads, summed.init(params))
@@ -111,16 +122,19 @@ def test_two_pass_refuses_random_layers():
 
 
 def test_argument_errors():
-    with pytest.raises(ValueError, match="exactly one of max_norm and factor_fn"):
+    with pytest.raises(ValueError, match="exactly one of max_norm and clipping"):
         clipped_sum(lambda p, x: x, mode="vmap")
-    with pytest.raises(ValueError, match="exactly one of max_norm and factor_fn"):
-        clipped_sum(lambda p, x: x, max_norm=1.0, factor_fn=lambda n: n)
+    with pytest.raises(ValueError, match="exactly one of max_norm and clipping"):
+        clipped_sum(lambda p, x: x, max_norm=1.0, clipping=fdp.clip(1.0))
+    with pytest.raises(ValueError, match="stateless clipping transform"):
+        adaptive = fdp.adaptive_clip(1.0, count_noise_multiplier=1.0, expected_batch_size=4)
+        clipped_sum(lambda p, x: x, clipping=adaptive)
     with pytest.raises(ValueError, match="max_norm must be a finite number > 0, got 0"):
         clipped_sum(lambda p, x: x, max_norm=0)
     with pytest.raises(ValueError, match="max_norm must be a finite number > 0, got True"):
         clipped_sum(lambda p, x: x, max_norm=True)  # a bool is not a norm (it was taken as 1)
     with pytest.raises(
-        ValueError, match='mode must be "vmap", "two_pass" or "ghost", got \'bogus\''
+        ValueError, match='mode must be "auto", "vmap", "ghost" or "two_pass", got \'bogus\''
     ):
         clipped_sum(lambda p, x: x, max_norm=1.0, mode="bogus")
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):

@@ -51,7 +51,7 @@ def ghost_clipped_sum(
 ) -> Callable[..., GhostResult]:
     """Returns `fn(params, *batch, mask=None) -> GhostResult`, the clipped sum by ghost clipping.
 
-    Computes the same sum_i c_i g_i as `clipped_sum(mode="vmap")` (or `clip_by` followed by
+    Computes the same sum_i c_i g_i as `funcdp.clipped_sum(mode="vmap")` (or `clip_by` followed by
     `aggregate`) from ONE batched forward and backward, without forming the per-example
     gradients of linear, conv, embedding and normalization parameters: their per-example norms
     come from each op's input A and output gradient B (ghost norms, Li et al. 2022), and their
@@ -67,9 +67,8 @@ def ghost_clipped_sum(
       loss_fn: `loss_fn(params, *example)`, the scalar loss of ONE example; `params` is a dict
         of tensors keyed by name, handed on unchanged to the model (e.g. `functional_call`).
       max_norm: flat clipping at C: c_i = min(1, C / ||g_i||). Exclusive with `factor_fn`.
-      factor_fn: the factor rule. With `groups=None` it maps norms [B] to factors [B] (as in
-        `clipped_sum`); with `groups` it maps norms [B, G] to factors [B, G] (as in `clip_by`),
-        and each parameter is scaled by its group's factor.
+      factor_fn: the factor rule, from norms [B, G] to factors [B, G] as in `clip_by` (G = 1
+        without `groups`); each parameter is scaled by its group's factor.
       groups: maps a parameter's name to its group's name (per-layer clipping: `lambda n: n`).
       group_names: the groups' names in column order; default the sorted names of `groups`.
       chunk_size: vmap at most this many examples at once. "auto" (or an `AutoChunk`) sizes
@@ -154,7 +153,7 @@ def ghost_clipped_sum(
         group_norms = norms_upper(grouped, terms, tensors)
         zero = torch.zeros((), dtype=group_norms.dtype, device=keep.device)
         clean_norms = group_norms if clean is grouped else norms_upper(clean, terms, tensors)
-        factors = _factors(factor_fn, torch.where(real[:, None], clean_norms, zero), groups)
+        factors = _factors(factor_fn, torch.where(real[:, None], clean_norms, zero))
         factors = torch.where(real[:, None], factors, zero)
         summed = {name: books[name](factors[:, column[name]]) for name in params}
         if not masked and not _finite(summed) and not bool(keep.all()):
@@ -322,15 +321,14 @@ def _group_names(params, groups, group_names) -> list[str]:
     return names
 
 
-def _factors(factor_fn, group_norms: torch.Tensor, groups) -> torch.Tensor:
-    grouped = groups is not None
-    factors = factor_fn(group_norms if grouped else group_norms[:, 0])
-    expected = tuple(group_norms.shape) if grouped else (group_norms.shape[0],)
+def _factors(factor_fn, group_norms: torch.Tensor) -> torch.Tensor:
+    factors = factor_fn(group_norms)
+    expected = tuple(group_norms.shape)
     if not isinstance(factors, torch.Tensor) or tuple(factors.shape) != expected:
         raise ValueError(
             f"factor_fn must return a tensor of shape {expected}, "
             f"got {getattr(factors, 'shape', type(factors).__name__)}"
         )
-    factors = factors.to(group_norms.dtype).reshape(group_norms.shape[0], -1)
+    factors = factors.to(group_norms.dtype)
     # The book-keeping applies them in matrix products: TF32 or bf16 ones round more.
     return with_margin(factors, matmul_roundoff(group_norms.dtype, group_norms.device))

@@ -4,7 +4,7 @@
 gradients and their norms (vmap, ghost clipping's Gram form, two passes), and that is where
 rounding can hide an example's size: a float32 Gram norm of an example whose inputs share a
 large common part and whose output gradients nearly cancel can come out near zero. These checks
-run the real engines (`funcdp.clipped_sum`) on such examples.
+run the real engines (`funcdp.clipped_sum`, the train step's) on such examples.
 
 The examples come from `sequence_examples`: one example of a linear, conv or embedding layer
 applied to a sequence, with a loss whose output gradient is an input (`(layer(x) * g).sum()`),
@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from funcdp.per_sample import clipped_sum
+from funcdp._engines import clipped_sum
 from funcdp.testing.checks import _settings
+from funcdp.transforms.base import GradientTransformation
 
 ENGINES = ("vmap", "ghost", "two_pass")
 LAYERS = ("linear", "conv", "embedding")
@@ -47,16 +48,16 @@ def check_engine_sensitivity(
     problems: st.SearchStrategy[Problem],
     *,
     max_norm: float = 1.0,
-    factor_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    clipping: GradientTransformation | None = None,
     engines: Sequence[str] = ENGINES,
     tolerance: float = 1e-6,
     max_examples: int = 50,
 ) -> None:
-    """Checks each engine's clipped sum: every example's share is at most `max_norm`.
+    """Checks each engine's clipped sum: every example's share is at most the sensitivity.
 
-    With `factor_fn` (a rule from norms [B] to factors [B], as `clipped_sum` takes it), the
-    engines apply that rule and `max_norm` is the sensitivity it claims; without, flat clipping
-    at `max_norm`.
+    With `clipping` (a stateless clipping transform, e.g. a user's `clip_by` rule), the engines
+    apply it and its declared sensitivity is the bound checked; without, flat clipping at
+    `max_norm`.
 
     For each drawn problem and engine: (1) each real example alone (the other rows padded, mask
     false) gives a finite sum of norm at most max_norm (1 + tolerance), with a finite reported
@@ -71,14 +72,23 @@ def check_engine_sensitivity(
         if mode not in ENGINES:
             raise ValueError(f"engines must be drawn from {ENGINES}, got {mode!r}")
     unit = 2.0**-24
+    if clipping is not None:
+        max_norm = clipping.sensitivity
+    options = {"clipping": clipping} if clipping is not None else {"max_norm": max_norm}
 
     @settings(**_settings(max_examples))
     @given(problem=problems)
     def run(problem: Problem) -> None:
         size = problem.batch[0].shape[0]
         for mode in engines:
-            rule = {"factor_fn": factor_fn} if factor_fn is not None else {"max_norm": max_norm}
-            fn = clipped_sum(problem.loss_fn, mode=mode, **rule)
+            engine = clipped_sum(
+                lambda p, b, *example: problem.loss_fn(p, *example), mode=mode, **options
+            )
+
+            def fn(params, *batch, mask, engine=engine):
+                result = engine(params, {}, *batch, mask=mask)
+                return result.grads, result.norms
+
             full, _ = fn(problem.params, *problem.batch, mask=torch.ones(size, dtype=torch.bool))
             for i in range(size):
                 alone = torch.zeros(size, dtype=torch.bool)

@@ -206,6 +206,14 @@ def grouped_norms(
 
 
 def _grouped(updates, groups, group_names):
+    leaves, spec, columns, squares = group_squares(updates, groups, group_names)
+    return leaves, spec, columns, norms_upper(squares, len(leaves), leaves)
+
+
+def group_squares(updates, groups: GroupFn | None, group_names: tuple[str, ...] | None):
+    """The leaves of per-example `updates`, their tree spec, each leaf's group column, and the
+    float64 upper bounds [B, G] of each example's squared norm in each group (`norms_upper`
+    turns them into norms)."""
     leaves, spec = optree.tree_flatten(updates)
     if not leaves:
         raise ValueError("clipping needs a tree with at least one leaf")
@@ -225,7 +233,7 @@ def _grouped(updates, groups, group_names):
     )
     for leaf, column in zip(leaves, columns, strict=True):
         squares[:, column] += squares_upper(leaf.reshape(leaf.shape[0], -1))
-    return leaves, spec, columns, norms_upper(squares, len(leaves), leaves)
+    return leaves, spec, columns, squares
 
 
 def _column_names(updates, groups, group_names) -> tuple[str, ...]:

@@ -1,0 +1,87 @@
+"""The train step's engine: a batch's clipped sum, micro-batch by micro-batch.
+
+`local_sum_fn` builds `local_sum(state, inputs, mask, key) -> LocalSum`, this process's share of
+a step up to and including `aggregate()`: each micro-batch goes through the ONE engine that
+`funcdp._engines.make_engine` picks for the privatizer and `Performance` (vmap, ghost or
+two-pass), and the sums are added.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from funcdp import random as fdr
+from funcdp._engines import make_engine
+from funcdp.performance import Performance
+from funcdp.transforms.base import Split
+from funcdp.tree import tree_add
+
+
+class LocalSum(NamedTuple):
+    """This process's share of a step: the sum through aggregate(), and what the metrics need.
+
+    `nonfinite` counts real examples refused in "raise"/"skip" mode; then total and stats are
+    None and the step is refused.
+    """
+
+    total: Any
+    pre_state: tuple
+    stats: torch.Tensor | None
+    nonfinite: int
+
+
+def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: str):
+    """`local_sum(state, inputs, mask, key) -> LocalSum` over micro-batches.
+
+    Micro-batch k hands the privatizer's per-example part the key `fold_in(key, k)`, so a
+    transform that draws randomness draws anew in each micro-batch.
+    """
+    engine = make_engine(
+        loss_fn, split.through_sum, performance, zero_nonfinite=on_nonfinite == "zero"
+    )
+
+    def local_sum(state, inputs, mask: torch.Tensor, key) -> LocalSum:
+        size = mask.shape[0]
+        micro = performance.microbatch_size or size
+        total, parts = None, []
+        pre_state, _ = split.halves(state.privacy_state)
+        for index, start in enumerate(range(0, size, micro)):
+            rows = slice(start, start + micro)
+            part, pre_state = engine(
+                state.params,
+                state.buffers,
+                tuple(x[rows] for x in inputs),
+                mask[rows],
+                pre_state,
+                fdr.fold_in(key, index),
+            )
+            if on_nonfinite != "zero" and not bool(part.finite.all()):
+                return LocalSum(None, pre_state, None, int((~part.finite).sum()))
+            total = part.grads if total is None else tree_add(total, part.grads)
+            parts.append(part)
+        losses, norms, clipped, finite = (
+            torch.cat([getattr(p, field) for p in parts])
+            for field in ("losses", "norms", "clipped", "finite")
+        )
+        return LocalSum(total, pre_state, _stats(losses, norms, mask, finite, clipped), 0)
+
+    return local_sum
+
+
+def _stats(losses, norms, mask, finite, clipped) -> torch.Tensor:
+    """Sums behind the metrics, [real, counted, loss, clipped, norm], summable across ranks."""
+    mask = mask.to(losses.device)
+    counted = mask & finite.to(mask.device)  # real rows with a finite loss and gradient
+    zero = torch.zeros((), dtype=losses.dtype, device=losses.device)
+    clipped = clipped.to(mask.device) & counted
+    return torch.stack(
+        [
+            mask.sum().to(losses.dtype),
+            counted.sum().to(losses.dtype),
+            torch.where(counted, losses, zero).sum(),
+            clipped.sum().to(losses.dtype),
+            torch.where(counted, norms.to(losses.dtype), zero).sum(),
+        ]
+    )

@@ -1,0 +1,119 @@
+"""Tests for funcdp/_engines.py: one clipped-sum interface, the same for users and the step.
+
+`fdp.clipped_sum` and `make_train_step` take the same loss, `loss_fn(params, buffers, *example)`,
+and run the same engines (vmap, ghost, two-pass), each applying the clipping transform's factor
+rule from norms [B, G] to factors [B, G].
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import funcdp as fdp
+
+MODES = ("vmap", "ghost", "two_pass")
+
+
+class _Scaled(nn.Module):
+    """A model whose forward reads a buffer: the buffers must reach the loss in every engine."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 5)
+        self.fc2 = nn.Linear(5, 3)
+        self.register_buffer("scale", torch.tensor(2.0))
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x) * self.scale))
+
+
+def _setup(batch=7):
+    torch.manual_seed(0)
+    apply_fn, params, buffers = fdp.functionalize(_Scaled())
+
+    def loss_fn(params, buffers, x, y):
+        return F.cross_entropy(apply_fn(params, buffers, x[None]), y[None])
+
+    x, y = torch.randn(batch, 4), torch.randint(0, 3, (batch,))
+    return loss_fn, params, buffers, x, y
+
+
+def _loop(loss_fn, params, buffers, x, y, mask, clipping):
+    """The clipped sum by a loop of torch.autograd.grad, one example at a time."""
+    total = {k: torch.zeros_like(v) for k, v in params.items()}
+    for i in range(x.shape[0]):
+        if not mask[i]:
+            continue
+        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        grads = torch.autograd.grad(loss_fn(leaves, buffers, x[i], y[i]), list(leaves.values()))
+        one = {k: g[None] for k, g in zip(leaves, grads, strict=True)}
+        clipped, _ = clipping.update(one, clipping.init(params))
+        total = {k: total[k] + clipped[k][0] for k in total}
+    return total
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("scheme", ["flat", "per_layer", "automatic"])
+def test_every_engine_equals_a_loop_with_the_buffers_used(mode, scheme):
+    loss_fn, params, buffers, x, y = _setup()
+    clipping = {
+        "flat": fdp.clip(0.3),
+        "per_layer": fdp.clip_per_layer({"fc1": 0.2, "fc2": 0.4}, groups=lambda p: p.split(".")[0]),
+        "automatic": fdp.normalize_per_example(0.5, 0.01),
+    }[scheme]
+    mask = torch.tensor([True, True, False, True, True, True, False])
+    fn = fdp.clipped_sum(loss_fn, clipping=clipping, mode=mode, chunk_size=3)
+    result = fn(params, buffers, x, y, mask=mask)
+    expected = _loop(loss_fn, params, buffers, x, y, mask, clipping)
+    for name, value in expected.items():
+        torch.testing.assert_close(result.grads[name], value, rtol=1e-4, atol=1e-6)
+    assert result.clipped[mask].any() and not result.clipped[~mask].any()
+    assert (result.norms[~mask] == 0).all() and result.finite.all()
+    other = fn(params, {"scale": torch.tensor(0.5)}, x, y, mask=mask)  # the buffer is read
+    assert not torch.allclose(other.grads["fc1.weight"], result.grads["fc1.weight"])
+
+
+def test_train_step_in_two_pass_mode_equals_vmap_mode():
+    loss_fn, params, buffers, x, y = _setup()
+    mask = torch.tensor([True, True, False, True, True, True, False])
+    privatizer = fdp.chain(
+        fdp.clip_per_layer({"fc1": 0.2, "fc2": 0.4}, groups=lambda p: p.split(".")[0]),
+        fdp.aggregate(),
+        fdp.gaussian_noise(1.0),
+    )
+    optimizer = fdp.optim.sgd(0.5)
+    state = fdp.TrainState.create(
+        params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(1)
+    )
+    results = {}
+    for mode in ("vmap", "two_pass"):
+        performance = fdp.Performance(mode=mode, chunk_size=2)
+        step = fdp.make_train_step(loss_fn, privatizer, optimizer, performance=performance)
+        results[mode] = step(state, fdp.Batch((x, y), mask))
+    (vmap_state, vmap_metrics), (two_state, two_metrics) = results["vmap"], results["two_pass"]
+    assert two_metrics["clipped_fraction"] == vmap_metrics["clipped_fraction"] > 0
+    for name, value in vmap_state.params.items():
+        torch.testing.assert_close(two_state.params[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_two_pass_mode_refuses_what_it_cannot_do_when_built():
+    adaptive = fdp.adaptive_clip(1.0, count_noise_multiplier=5.0, expected_batch_size=4)
+    privatizer = fdp.chain(adaptive, fdp.aggregate(), fdp.gaussian_noise(1.0))
+    with pytest.raises(ValueError, match='mode="two_pass" needs a privatizer'):
+        fdp.make_train_step(
+            lambda p, b, x: x.sum(),
+            privatizer,
+            fdp.optim.sgd(0.1),
+            performance=fdp.Performance(mode="two_pass"),
+        )
+
+
+def test_a_factor_rule_of_the_wrong_shape_is_refused_in_every_engine():
+    loss_fn, params, buffers, x, y = _setup()
+    wrong = fdp.clip_by(lambda norms: norms[:, 0], 1.0)  # [B], not [B, G]
+    for mode in MODES:
+        with pytest.raises(ValueError, match=r"factor_fn must return a tensor of shape \(7, 1\)"):
+            fdp.clipped_sum(loss_fn, clipping=wrong, mode=mode)(params, buffers, x, y)
