@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from funcdp.findings import (
+from funcdp._findings import (
     _DROP_INS,
     _FALLBACK,
     BUFFERS_CHANGE,

@@ -17,8 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from funcdp._probes import _as_tuple, _run_findings
-from funcdp.findings import (
+from funcdp._findings import (
     _DROP_INS,
     BUFFERS_CHANGE,
     MIXES_EXAMPLES,
@@ -31,6 +30,7 @@ from funcdp.findings import (
     UnsupportedModuleError,
     _label,
 )
+from funcdp._probes import _as_tuple, _run_findings
 
 logger = logging.getLogger(__name__)
 

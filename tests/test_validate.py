@@ -11,7 +11,7 @@ from torch import nn
 
 import funcdp as fdp
 import funcdp.nn as fnn
-from funcdp.findings import (
+from funcdp._findings import (
     BUFFERS_CHANGE,
     MIXES_EXAMPLES,
     NO_BATCHING_RULE,
