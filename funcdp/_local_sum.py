@@ -36,7 +36,10 @@ def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: 
     """`local_sum(state, inputs, mask, key) -> LocalSum` over micro-batches.
 
     Micro-batch k hands the privatizer's per-example part the key `fold_in(key, k)`, so a
-    transform that draws randomness draws anew in each micro-batch.
+    transform that draws randomness draws anew in each micro-batch. In eager mode a micro-batch
+    of padded rows only (after the first) is not computed: its contribution is exactly zero, so
+    padding costs nothing beyond the micro-batch that holds the last real row. Every computed
+    micro-batch keeps its fixed shape, so no example's gradient depends on how many rows are real.
     """
     engine = make_engine(
         loss_fn, split.through_sum, performance, zero_nonfinite=on_nonfinite == "zero"
@@ -49,6 +52,8 @@ def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: 
         pre_state, _ = split.halves(state.privacy_state)
         for index, start in enumerate(range(0, size, micro)):
             rows = slice(start, start + micro)
+            if index and not torch.compiler.is_compiling() and not bool(mask[rows].any()):
+                continue
             part, pre_state = engine(
                 state.params,
                 state.buffers,
@@ -60,12 +65,13 @@ def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: 
             if on_nonfinite != "zero" and not bool(part.finite.all()):
                 return LocalSum(None, pre_state, None, int((~part.finite).sum()))
             total = part.grads if total is None else tree_add(total, part.grads)
-            parts.append(part)
+            parts.append((part, mask[rows]))
         losses, norms, clipped, finite = (
-            torch.cat([getattr(p, field) for p in parts])
+            torch.cat([getattr(part, field) for part, _ in parts])
             for field in ("losses", "norms", "clipped", "finite")
         )
-        return LocalSum(total, pre_state, _stats(losses, norms, mask, finite, clipped), 0)
+        computed = torch.cat([rows_mask for _, rows_mask in parts])
+        return LocalSum(total, pre_state, _stats(losses, norms, computed, finite, clipped), 0)
 
     return local_sum
 

@@ -562,3 +562,40 @@ def test_default_mode_takes_vmap_where_ghost_cannot_go(monkeypatch):
     )
     new_state, _ = step(state, _batch(rows=4, real=3))
     assert new_state.step == 1
+
+
+def test_micro_batches_of_padding_only_are_not_computed():
+    """Padding costs nothing beyond the micro-batch of the last real row: a micro-batch of
+    padded rows only is skipped (its share is exactly zero), with the same new state."""
+    model = nn.Sequential(nn.Linear(3, 2))
+    apply_fn, params, buffers = fdp.functionalize(model)
+    calls = []
+
+    def loss_fn(params, buffers, x, y):
+        calls.append(x.shape)
+        return F.cross_entropy(apply_fn(params, buffers, x[None]), y[None])
+
+    privatizer = fdp.chain(fdp.clip(0.5), fdp.aggregate(), fdp.gaussian_noise(1.0))
+    optimizer = optim.sgd(0.5)
+    state = fdp.TrainState.create(
+        params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(3)
+    )
+    batch = _batch(rows=12, real=5)
+    whole = fdp.make_train_step(
+        loss_fn, privatizer, optimizer, performance=fdp.Performance(mode="vmap")
+    )
+    expected, expected_metrics = whole(state, batch)
+    micro = fdp.make_train_step(
+        loss_fn, privatizer, optimizer, performance=fdp.Performance(mode="vmap", microbatch_size=4)
+    )
+    calls.clear()
+    new, metrics = micro(state, batch)
+    assert len(calls) == 2  # rows 0-3 and 4-7; rows 8-11 are padding only
+    assert metrics["batch_size"] == expected_metrics["batch_size"] == 5
+    for name, value in expected.params.items():
+        torch.testing.assert_close(new.params[name], value, rtol=1e-6, atol=1e-7)
+    empty = fdp.Batch(batch.inputs, torch.zeros(12, dtype=torch.bool))
+    calls.clear()
+    new, metrics = micro(state, empty)  # noise is still added, from the first micro-batch's zero
+    assert len(calls) == 1 and metrics["batch_size"] == 0 and new.step == 1
+    assert any(not torch.equal(new.params[k], state.params[k]) for k in state.params)
