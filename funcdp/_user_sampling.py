@@ -210,5 +210,13 @@ class UserLoader:
         )
         for batch in batches:
             self.next_step += 1
-            inputs = tuple(t[batch.indices] for t in self.tensors)
+            inputs = tuple(_gather_rows(t, batch.indices, batch.rows) for t in self.tensors)
             yield Batch((*inputs, batch.rows), batch.mask)
+
+
+def _gather_rows(tensor: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`tensor[indices]` with the padded rows set to zero: padding carries no one's data, so a
+    model that mixes a unit's rows cannot read another user's row through the padding."""
+    gathered = tensor[indices]
+    keep = rows.reshape(*rows.shape, *([1] * (gathered.dim() - rows.dim())))
+    return torch.where(keep, gathered, torch.zeros((), dtype=gathered.dtype))

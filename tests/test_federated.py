@@ -33,11 +33,11 @@ def _model():
     return fdp.functionalize(model)
 
 
-def _example_loss(apply_fn):
-    def loss(params, buffers, x, y):
-        return F.cross_entropy(apply_fn(params, buffers, x[None]), y[None])
+def _row_losses(apply_fn):
+    def losses(params, buffers, x, y):
+        return F.cross_entropy(apply_fn(params, buffers, x), y, reduction="none")
 
-    return loss
+    return losses
 
 
 def _clients(num: int, seed: int = 1) -> Batch:
@@ -54,7 +54,7 @@ def _clients(num: int, seed: int = 1) -> Batch:
 
 def _setup(*, noise=0.0, expected=10.0, rate=0.1, server=None, clip=None):
     apply_fn, params, buffers = _model()
-    local = fed.local_sgd(_example_loss(apply_fn), learning_rate=0.5, local_steps=3)
+    local = fed.local_sgd(_row_losses(apply_fn), learning_rate=0.5, local_steps=3)
     privatizer = fdp.chain(
         clip or fdp.clip(CLIP),
         fdp.aggregate(),
@@ -221,7 +221,7 @@ def test_adaptive_clipping_of_updates_tracks_the_quantile():
 
 def test_round_with_user_loader_batches():
     apply_fn, params, _ = _model()
-    local = fed.local_sgd(_example_loss(apply_fn), learning_rate=0.5, local_steps=2)
+    local = fed.local_sgd(_row_losses(apply_fn), learning_rate=0.5, local_steps=2)
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(300, D, generator=gen), torch.randint(0, CLASSES, (300,), generator=gen)
     ids = torch.randint(0, 40, (300,), generator=gen)

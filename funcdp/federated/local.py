@@ -8,12 +8,12 @@ from typing import Any
 import torch
 
 from funcdp._checks import check_positive
-from funcdp.federated.units import ExampleLoss, Reduction, user_loss
+from funcdp.federated.units import Reduction, RowLosses, user_loss
 from funcdp.tree import tree_map
 
 
 def local_sgd(
-    example_loss: ExampleLoss,
+    row_losses: RowLosses,
     *,
     learning_rate: float,
     local_steps: int,
@@ -24,12 +24,13 @@ def local_sgd(
 
     `client_data` is `(*tensors [k, ...], rows [k])`, one client's rows and the mask of the real
     ones (what `funcdp.data.UserLoader` yields per unit). Each step descends the gradient of the
-    client's loss over its real rows (`user_loss(example_loss, reduction=...)`), so a client
+    client's loss over its real rows (`user_loss(row_losses, reduction=...)`), so a client
     without real rows returns the global parameters unchanged: its update is exactly zero. The
     function has no state and draws no randomness, so `make_round` can vmap it over clients.
 
     Args:
-      example_loss: `example_loss(params, buffers, *example)`, the loss of ONE example.
+      row_losses: `row_losses(params, buffers, *tensors [k, ...]) -> [k]`, the losses of the
+        client's rows (e.g. `F.cross_entropy(..., reduction="none")`).
       learning_rate: the client's step size, a finite number > 0.
       local_steps: number of full-batch steps, an int >= 1.
       buffers: the model's buffers, passed to every call of the loss (default none).
@@ -41,7 +42,7 @@ def local_sgd(
     check_positive("learning_rate", learning_rate)
     if not isinstance(local_steps, int) or isinstance(local_steps, bool) or local_steps < 1:
         raise ValueError(f"local_steps must be an int >= 1, got {local_steps!r}")
-    loss = user_loss(example_loss, reduction=reduction)
+    loss = user_loss(row_losses, reduction=reduction)
     buffers = dict(buffers or {})
     lr = float(learning_rate)
     gradient = torch.func.grad(lambda params, data: loss(params, buffers, *data))
