@@ -258,3 +258,61 @@ def test_bad_arguments_are_refused():
         fed.local_sgd(lambda *a: 0, learning_rate=-1.0, local_steps=1)
     with pytest.raises(ValueError, match="aggregate"):
         fed.make_round(local, fdp.chain(fdp.clip(1.0)), server)
+
+
+def test_dp_fedavg_is_the_clip_noise_normalize_account_chain_and_server_sgd():
+    local, privatizer, server, state = _setup(noise=0.8, expected=10.0, rate=0.1)
+    fedavg = fed.dp_fedavg(clip_norm=CLIP, noise_multiplier=0.8, sample_rate=0.1, num_clients=100)
+    clients = _clients(12)
+    ours, _ = fed.make_round(local, *fedavg)(state, clients)
+    by_hand, _ = fed.make_round(local, privatizer, server)(state, clients)
+    assert_trees_equal(ours.params, by_hand.params)
+    assert ours.ledger == by_hand.ledger
+
+
+def test_dp_fedadam_steps_adam_on_the_same_private_mean():
+    adam = fdp.optim.adam(0.05, 0.9, 0.99, 1e-3)
+    local, privatizer, _, state = _setup(noise=0.8, expected=10.0, rate=0.1, server=adam)
+    fedadam = fed.dp_fedadam(
+        clip_norm=CLIP, noise_multiplier=0.8, sample_rate=0.1, num_clients=100,
+        server_learning_rate=0.05,
+    )  # fmt: skip
+    clients = _clients(12)
+    ours, _ = fed.make_round(local, *fedadam)(state, clients)
+    by_hand, _ = fed.make_round(local, privatizer, adam)(state, clients)
+    assert_trees_equal(ours.params, by_hand.params)
+
+
+def test_dp_fedavg_with_adaptive_clipping_spends_what_a_fixed_clip_spends():
+    adaptive = fed.dp_fedavg(
+        clip_norm=CLIP, noise_multiplier=0.8, sample_rate=0.1, num_clients=100,
+        target_quantile=0.5,
+    )  # fmt: skip
+    local, _, _, state = _setup()
+    state = fdp.TrainState.create(
+        state.params, privatizer=adaptive.privatizer, optimizer=adaptive.server_optimizer,
+        key=fdp.random.key(0),
+    )  # fmt: skip
+    state, _ = fed.make_round(local, *adaptive)(state, _clients(12))
+    (record,) = state.ledger.records
+    assert (record.noise_multiplier, record.sample_rate, record.steps) == (0.8, 0.1, 1)
+    (clip_state,) = [s for s in state.privacy_state if isinstance(s, fdp.AdaptiveClipState)]
+    assert float(clip_state.norms[0]) != CLIP  # the norm moved
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_clients=0), "num_clients"),
+        (dict(sample_rate=0.0), "sample_rate"),
+        (dict(clip_norm=-1.0), "max_norm"),
+        (dict(noise_multiplier=-0.5), "noise_multiplier"),
+        # expected clients 10: the default count sigma 0.5 is too small for sigma 1.2
+        (dict(noise_multiplier=1.2, target_quantile=0.5), "count_noise_multiplier"),
+    ],
+)
+def test_dp_fedavg_refuses_bad_arguments(kwargs, match):
+    args = dict(clip_norm=1.0, noise_multiplier=0.5, sample_rate=0.1, num_clients=100)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        fed.dp_fedavg(**args)
