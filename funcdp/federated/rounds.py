@@ -22,7 +22,7 @@ from funcdp import random as fdr
 from funcdp.data import Batch
 from funcdp.optim import apply_updates
 from funcdp.train import TrainState, check_batch
-from funcdp.transforms.base import GradientTransformation, split_at_reduce
+from funcdp.transforms.base import GradientTransformation, Split, split_at_reduce
 from funcdp.tree import per_example_norms, tree_add, tree_map
 
 LocalUpdate = Callable[[dict[str, torch.Tensor], tuple[torch.Tensor, ...]], Any]
@@ -70,18 +70,14 @@ def make_round(
     split = split_at_reduce(privatizer)
     clip_norm = split.context.sensitivity
 
-    def client_delta(params, client_data):
-        new_params = local_update(params, client_data)
-        return tree_map(lambda old, new: old - new, params, new_params)  # pseudo-gradient
-
-    deltas_of = torch.func.vmap(client_delta, in_dims=(None, 0))
+    deltas_of = torch.func.vmap(client_delta_fn(local_update), in_dims=(None, 0))
 
     def round_fn(state: TrainState, clients: Batch) -> tuple[TrainState, dict[str, Any]]:
         if not isinstance(state, TrainState):
             raise TypeError(f"state must be a funcdp.TrainState, got {type(state).__name__}")
         inputs, mask = check_batch(clients)
         round_key = fdr.fold_in(state.key, state.step)
-        pre_state, post_state = split.halves(state.privacy_state)
+        pre_state, _ = split.halves(state.privacy_state)
         size = mask.shape[0]
         chunk = chunk_size or size
         total, norms = None, []
@@ -106,17 +102,37 @@ def make_round(
             norms.append(norm)
         if split.through_sum.finish is not None:
             pre_state = split.through_sum.finish(pre_state, key=round_key)
-        private, post_state = split.after_sum.update(total, post_state, state.params, key=round_key)
-        updates, opt_state = server_optimizer.update(private, state.opt_state, state.params)
-        new_state = state._replace(
-            params=apply_updates(state.params, updates),
-            opt_state=opt_state,
-            privacy_state=(*pre_state, *post_state),
-            step=state.step + 1,
-        )
+        new_state = server_step(split, server_optimizer, state, total, pre_state)
         return new_state, _metrics(torch.cat(norms), mask, clip_norm)
 
     return round_fn
+
+
+def client_delta_fn(local_update: LocalUpdate):
+    """`delta(params, client_data)`: global minus local parameters, the client's pseudo-gradient
+    (a server optimizer descending it moves towards the clients' models)."""
+
+    def client_delta(params, client_data):
+        new_params = local_update(params, client_data)
+        return tree_map(lambda old, new: old - new, params, new_params)
+
+    return client_delta
+
+
+def server_step(split: Split, server_optimizer, state: TrainState, total, pre_state) -> TrainState:
+    """The round's server half: the privatizer after `aggregate()` (noise, normalization,
+    accounting) on the sum of clipped updates, with the key `fold_in(state.key, state.step)`,
+    then the server optimizer; the state of the per-unit half is replaced by `pre_state`."""
+    _, post_state = split.halves(state.privacy_state)
+    round_key = fdr.fold_in(state.key, state.step)
+    private, post_state = split.after_sum.update(total, post_state, state.params, key=round_key)
+    updates, opt_state = server_optimizer.update(private, state.opt_state, state.params)
+    return state._replace(
+        params=apply_updates(state.params, updates),
+        opt_state=opt_state,
+        privacy_state=(*pre_state, *post_state),
+        step=state.step + 1,
+    )
 
 
 def _metrics(norms: torch.Tensor, mask: torch.Tensor, clip_norm: float | None) -> dict[str, Any]:
