@@ -140,8 +140,23 @@ def test_nonfinite_update_of_a_sampled_client_is_refused():
     x, y, rows = clients.inputs
     poisoned = x.clone()
     poisoned[0, 0, 0] = float("inf")
-    with pytest.raises(FloatingPointError, match="non-finite update"):
+    before = {n: p.clone() for n, p in state.params.items()}
+    with pytest.raises(fdp.NonFiniteError, match="non-finite update"):
         fed.make_round(local, privatizer, server)(state, Batch((poisoned, y, rows), clients.mask))
+    assert_trees_equal(state.params, before)
+
+
+def test_a_round_is_pure():
+    local, privatizer, server, state = _setup(noise=1.0)
+    before = {n: p.clone() for n, p in state.params.items()}
+    round_fn = fed.make_round(local, privatizer, server, chunk_size=4)
+    first, _ = round_fn(state, _clients(9))
+    second, _ = round_fn(state, _clients(9))
+    assert_trees_equal(first.params, second.params)
+    assert_trees_equal(first.opt_state, second.opt_state)
+    assert_trees_equal(state.params, before)  # the input state is untouched
+    other, _ = round_fn(state._replace(key=fdp.random.key(9)), _clients(9))
+    assert any(not torch.equal(other.params[n], first.params[n]) for n in before)
 
 
 @pytest.mark.parametrize("rounds", [1, 7])
@@ -258,6 +273,8 @@ def test_bad_arguments_are_refused():
         fed.local_sgd(lambda *a: 0, learning_rate=-1.0, local_steps=1)
     with pytest.raises(ValueError, match="aggregate"):
         fed.make_round(local, fdp.chain(fdp.clip(1.0)), server)
+    with pytest.raises(ValueError, match="state.step"):
+        fed.make_round(local, privatizer, server)(state._replace(step=-1), _clients(4))
 
 
 def test_dp_fedavg_is_the_clip_noise_normalize_account_chain_and_server_sgd():

@@ -21,7 +21,7 @@ import torch
 from funcdp import random as fdr
 from funcdp.data import Batch
 from funcdp.optim import apply_updates
-from funcdp.train import TrainState, check_batch
+from funcdp.train import NonFiniteError, TrainState, check_batch
 from funcdp.transforms.base import GradientTransformation, Split, split_at_reduce
 from funcdp.tree import per_example_norms, tree_add, tree_map
 
@@ -61,7 +61,9 @@ def make_round(
 
     Raises:
       ValueError: chunk_size not an int >= 1, or a privatizer without `aggregate()`; at call
-        time, a bad batch or a non-finite update of a sampled client (the state is unchanged).
+        time, a bad batch or state.
+      funcdp.train.NonFiniteError: at call time, a sampled client's update is not finite
+        (nothing is released; the input state is never modified).
     """
     if chunk_size is not None and (
         not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
@@ -73,8 +75,7 @@ def make_round(
     deltas_of = torch.func.vmap(client_delta_fn(local_update), in_dims=(None, 0))
 
     def round_fn(state: TrainState, clients: Batch) -> tuple[TrainState, dict[str, Any]]:
-        if not isinstance(state, TrainState):
-            raise TypeError(f"state must be a funcdp.TrainState, got {type(state).__name__}")
+        check_state(state)
         inputs, mask = check_batch(clients)
         round_key = fdr.fold_in(state.key, state.step)
         pre_state, _ = split.halves(state.privacy_state)
@@ -87,7 +88,7 @@ def make_round(
             norm = per_example_norms(deltas)
             bad = ~torch.isfinite(norm) & mask[start : start + chunk].to(norm.device)
             if bool(bad.any()):
-                raise FloatingPointError(
+                raise NonFiniteError(
                     f"round {state.step}: {int(bad.sum())} sampled client(s) returned a "
                     "non-finite update; the state is unchanged"
                 )
@@ -133,6 +134,17 @@ def server_step(split: Split, server_optimizer, state: TrainState, total, pre_st
         privacy_state=(*pre_state, *post_state),
         step=state.step + 1,
     )
+
+
+def check_state(state: TrainState) -> None:
+    """Raises unless `state` is a TrainState whose step (the round count) is an int >= 0."""
+    if not isinstance(state, TrainState):
+        raise TypeError(f"state must be a funcdp.TrainState, got {type(state).__name__}")
+    step = state.step
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(
+            f"state.step must be an int >= 0 (it selects the round's noise), got {step!r}"
+        )
 
 
 def _metrics(norms: torch.Tensor, mask: torch.Tensor, clip_norm: float | None) -> dict[str, Any]:

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from funcdp.federated.rounds import LocalUpdate, client_delta_fn, server_step
-from funcdp.train import TrainState
+from funcdp.federated.rounds import LocalUpdate, check_state, client_delta_fn, server_step
+from funcdp.train import NonFiniteError, TrainState
 from funcdp.transforms.base import GradientTransformation, Split, split_at_reduce
 from funcdp.tree import tree_leaves, tree_map
 
@@ -40,7 +40,7 @@ def make_client_update(
     def client_update(params, client_data):
         delta = client_delta(params, tuple(client_data))
         if not all(bool(torch.isfinite(leaf).all()) for leaf in tree_leaves(delta)):
-            raise FloatingPointError("the client's update is not finite; nothing was sent")
+            raise NonFiniteError("the client's update is not finite; nothing was sent")
         one = tree_map(lambda leaf: leaf.unsqueeze(0), delta)
         clipped, _ = split.through_sum.update(
             one, split.through_sum.init(params), params, mask=torch.ones(1, dtype=torch.bool)
@@ -67,8 +67,7 @@ def make_server_update(
     split = _stateless_split(privatizer)
 
     def server_update(state: TrainState, clipped_sum) -> TrainState:
-        if not isinstance(state, TrainState):
-            raise TypeError(f"state must be a funcdp.TrainState, got {type(state).__name__}")
+        check_state(state)
         _check_sum(clipped_sum, state.params)
         pre_state, _ = split.halves(state.privacy_state)
         return server_step(split, server_optimizer, state, clipped_sum, pre_state)
