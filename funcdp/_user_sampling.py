@@ -162,9 +162,9 @@ class UserLoader:
         bucket_size: int | None = None,
         start: int = 0,
     ) -> None:
-        size = _num_examples(tuple(tensors) if isinstance(tensors, list) else tensors)
         if not isinstance(tensors, (tuple, list)):
             raise TypeError("tensors must be a tuple of tensors sharing their first dimension")
+        size = _num_examples(tuple(tensors))
         if not isinstance(user_ids, torch.Tensor) or tuple(user_ids.shape) != (size,):
             raise ValueError(
                 f"user_ids must be a tensor of shape ({size},), one user id per row, got "

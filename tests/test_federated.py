@@ -180,6 +180,12 @@ def test_epsilon_per_round_equals_dp_accountings(rounds):
     assert state.step == rounds
 
 
+def _variance_pvalue(values: np.ndarray, std: float) -> float:
+    """Two-sided chi-square test that `values` ~ N(0, std^2) have variance std^2."""
+    chi2, dof = float(np.sum((values / std) ** 2)), len(values)
+    return 2 * min(stats.chi2.cdf(chi2, dof), stats.chi2.sf(chi2, dof))
+
+
 def test_round_noise_has_std_sigma_c_over_expected_clients():
     sigma, expected = 2.0, 4.0
     local, privatizer, server, state = _setup(noise=sigma, expected=expected)
@@ -187,18 +193,18 @@ def test_round_noise_has_std_sigma_c_over_expected_clients():
     nobody = Batch(clients.inputs, torch.zeros(4, dtype=torch.bool))  # an empty round
     values = []
     round_fn = fed.make_round(local, privatizer, server)
-    for seed in range(20):
+    for seed in range(40):
         start = state._replace(key=fdp.random.key(seed))
         new, metrics = round_fn(start, nobody)
         values += [(new.params[n] - start.params[n]).reshape(-1) for n in start.params]
     noise = torch.cat(values).double().numpy()
     std = sigma * CLIP / expected
-    assert len(noise) > 1000
+    assert len(noise) > 3000
     assert stats.kstest(noise / std, "norm").pvalue > P_MIN
-    chi2 = float(np.sum((noise / std) ** 2))
-    dof = len(noise)
-    p = 2 * min(stats.chi2.cdf(chi2, dof), stats.chi2.sf(chi2, dof))
-    assert p > P_MIN
+    assert _variance_pvalue(noise, std) > P_MIN
+    # The test has power: a std 10% off (say, C or the divisor slightly wrong) is rejected.
+    assert _variance_pvalue(noise, 1.1 * std) < P_MIN
+    assert _variance_pvalue(noise, std / 1.1) < P_MIN
     assert metrics["clients"] == 0
 
 
