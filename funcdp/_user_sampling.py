@@ -35,9 +35,9 @@ class UserIndexBatch(NamedTuple):
 
 
 class _Users(NamedTuple):
-    """Rows grouped by user: `order` sorts rows by user, `starts` and `counts` per user."""
+    """Rows grouped by user: where each user's rows start in user order, how many it has, and
+    the user (0..users-1, in sorted id order) of each row."""
 
-    order: torch.Tensor
     starts: torch.Tensor
     counts: torch.Tensor
     user_of_row: torch.Tensor
@@ -64,7 +64,7 @@ def user_batches(
       user_ids: int tensor [N], the user of each row (any integer ids).
       sample_rate: probability q that a user joins a batch, in (0, 1].
       key: a `funcdp.random` key.
-      max_examples_per_user: k >= 1, rows per user in a batch.
+      max_examples_per_user: k >= 1, the most rows a sampled user contributes to a batch.
       steps: number of batches; default one epoch over users, round(1 / q).
       bucket_size: padded number of users U; default the user count's mean + 6 sd.
       start: index of the first step (for resuming).
@@ -96,10 +96,9 @@ def _group(user_ids: torch.Tensor) -> _Users:
         or user_ids.dtype == torch.bool
     ):
         raise ValueError(f"user_ids must be an integer tensor, got dtype {user_ids.dtype}")
-    _, user_of_row, counts = torch.unique(user_ids, return_inverse=True, return_counts=True)
-    order = torch.argsort(user_of_row, stable=True)
+    _, user_of_row, counts = torch.unique(user_ids.cpu(), return_inverse=True, return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
-    return _Users(order, starts, counts, user_of_row)
+    return _Users(starts, counts, user_of_row)
 
 
 def _describe(value) -> str:
