@@ -116,8 +116,9 @@ def fit_federated(
         shards_per_client=recipe.shards_per_client,
         key=shard_key,
     )
-    torch.manual_seed(fdr.seed(model_key))  # the model's initial weights only
-    apply_fn, params, buffers = functionalize(_model(data, recipe.hidden))
+    with torch.random.fork_rng(devices=[]):  # the initial weights, from the key; the caller's
+        torch.manual_seed(fdr.seed(model_key))  # generator is left as it was
+        apply_fn, params, buffers = functionalize(_model(data, recipe.hidden))
 
     def row_losses(params, buffers, x, y):
         return F.cross_entropy(apply_fn(params, buffers, x), y, reduction="none")
