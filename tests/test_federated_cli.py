@@ -50,7 +50,9 @@ def test_fedadam_and_adaptive_clipping_run_and_are_deterministic():
     recipe = FedRecipe(
         rounds=3, server="fedadam", server_lr=0.05, target_quantile=0.5, chunk_size=7
     )
+    generator_state = torch.random.get_rng_state()
     state_a, reports_a = fit_federated(data, recipe, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), generator_state)  # the key, not torch's RNG
     state_b, reports_b = fit_federated(data, recipe, seed=3)
     assert reports_a == reports_b
     for name in state_a.params:

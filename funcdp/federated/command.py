@@ -18,7 +18,8 @@ from funcdp.federated.simulation import FedRecipe, RoundReport, fit_federated
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the options of `funcdp fedavg` to `parser`."""
     d = FedRecipe()
-    parser.description = __doc__.splitlines()[0]
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = __doc__.split(": ", 1)[1]
     add = parser.add_argument
     add("--clients", type=int, default=d.num_clients, help="clients the digits are dealt to")
     add("--shards-per-client", type=int, default=d.shards_per_client, help="label shards each")
