@@ -210,6 +210,10 @@ def _distance(a, b) -> float:
     return math.sqrt(sum(float((a[n].double() - b[n].double()).square().sum()) for n in a))
 
 
+# The neighbouring data sets are compared at q = 1 with k = 50 rows per user, so both batches
+# hold every row of every remaining user. (Below that, removing a user re-draws which users and
+# rows the others get: equal in distribution, which is what the guarantee needs, but not
+# coupled draw for draw.)
 def _user_level_movement(case, mode: str = "vmap") -> float:
     counts, seed, scale, user, reduction = case
     loss = fed.user_loss(_row_losses, reduction=reduction)
