@@ -7,10 +7,19 @@ transforms (`chain`); a train step is a pure function of one state pytree.
 
 import torch as _torch
 
-from funcdp import accounting, data, memory, nn, optim, random, transforms, tree
+from funcdp import accounting, data, federated, memory, nn, optim, random, transforms, tree
 from funcdp._engines import ClippedSum, clipped_sum
 from funcdp.accounting import Ledger, LedgerRecord, calibrate_noise, dpsgd_epsilon, epsilon
-from funcdp.data import Batch, IndexBatch, PoissonLoader, poisson_batches, shuffled_batches
+from funcdp.data import (
+    Batch,
+    IndexBatch,
+    PoissonLoader,
+    UserIndexBatch,
+    UserLoader,
+    poisson_batches,
+    shuffled_batches,
+    user_batches,
+)
 from funcdp.functional import functionalize, to_module
 from funcdp.memory import AutoChunk
 from funcdp.per_sample import (
@@ -92,6 +101,8 @@ __all__ = [
     "PoissonLoader",
     "TrainState",
     "UnsupportedModuleError",
+    "UserIndexBatch",
+    "UserLoader",
     "account",
     "accounting",
     "audit",
@@ -108,6 +119,7 @@ __all__ = [
     "data",
     "dpsgd_epsilon",
     "epsilon",
+    "federated",
     "fix",
     "functionalize",
     "gaussian_noise",
@@ -130,5 +142,6 @@ __all__ = [
     "to_module",
     "transforms",
     "tree",
+    "user_batches",
     "validate",
 ]
