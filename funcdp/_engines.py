@@ -17,6 +17,7 @@ and runs its own `update`. `clipped_sum(loss_fn, ...)` hands users the same engi
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -131,15 +132,45 @@ def make_engine(
             "(clip, clip_by, clip_per_layer, normalize_per_example) and aggregate()"
         )
     example_loss = autocast_loss(loss_fn, performance.autocast_dtype)
-    if rule is not None and mode in ("auto", "ghost"):
-        return _ghost_engine(rule, example_loss, performance.chunk_size, zero_nonfinite)
-    upcast = performance.autocast_dtype is not None
     if rule is not None and mode == "two_pass":
         return _two_pass_engine(rule, example_loss, performance.chunk_size or 32, zero_nonfinite)
+    upcast = performance.autocast_dtype is not None
     per_example = _per_example_fn(example_loss, performance.chunk_size, upcast)
-    if rule is not None:
-        return _vmap_engine(rule, per_example, zero_nonfinite)
-    return _transform_engine(through_sum, per_example, zero_nonfinite)
+    if rule is None:
+        return _transform_engine(through_sum, per_example, zero_nonfinite)
+    vmapped = _vmap_engine(rule, per_example, zero_nonfinite)
+    if mode == "vmap":
+        return vmapped
+    ghost = _ghost_engine(rule, example_loss, performance.chunk_size, zero_nonfinite)
+    return ghost if mode == "ghost" else _auto_engine(ghost, vmapped)
+
+
+def _auto_engine(ghost: Engine, vmapped: Engine) -> Engine:
+    """Ghost clipping where it runs, vmap where it cannot: a loss that ghost clipping's capture
+    cannot follow (a `vmap` inside the loss, a path that changes between examples) raises on its
+    first batch of a shape, and that shape takes the vmap engine from then on, with a warning."""
+    chosen: dict[tuple, Engine] = {}
+
+    def engine(params, buffers, rows, mask, state, key):
+        shapes = tuple((tuple(x.shape), x.dtype) for x in rows)
+        if shapes in chosen:
+            return chosen[shapes](params, buffers, rows, mask, state, key)
+        try:
+            out = ghost(params, buffers, rows, mask, state, key)
+        except RuntimeError as error:
+            if torch.compiler.is_compiling():
+                raise
+            warnings.warn(
+                "mode='auto': ghost clipping could not run this loss, so it takes vmap (set "
+                f"Performance(mode='vmap') to skip this try): {str(error).splitlines()[0]}",
+                stacklevel=2,
+            )
+            chosen[shapes] = vmapped
+            return vmapped(params, buffers, rows, mask, state, key)
+        chosen[shapes] = ghost
+        return out
+
+    return engine
 
 
 def clip_rule(bound) -> FactorRule | None:

@@ -7,6 +7,8 @@ rule from norms [B, G] to factors [B, G].
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -117,3 +119,28 @@ def test_a_factor_rule_of_the_wrong_shape_is_refused_in_every_engine():
     for mode in MODES:
         with pytest.raises(ValueError, match=r"factor_fn must return a tensor of shape \(7, 1\)"):
             fdp.clipped_sum(loss_fn, clipping=wrong, mode=mode)(params, buffers, x, y)
+
+
+def test_auto_takes_vmap_where_ghost_clipping_cannot_follow_the_loss():
+    """A loss with a vmap inside (one unit = several rows) is beyond ghost clipping's capture:
+    "auto" says so once and runs vmap; "ghost" raises."""
+    apply_fn, params, buffers = fdp.functionalize(nn.Linear(3, 2))
+
+    def unit_loss(params, buffers, x, y):
+        def row_loss(xi, yi):
+            return F.cross_entropy(apply_fn(params, buffers, xi[None]), yi[None])
+
+        return torch.func.vmap(row_loss)(x, y).mean()
+
+    x, y = torch.randn(4, 5, 3), torch.randint(0, 2, (4, 5))
+    auto = fdp.clipped_sum(unit_loss, max_norm=0.5, mode="auto")
+    with pytest.warns(UserWarning, match="ghost clipping could not run this loss"):
+        first = auto(params, buffers, x, y)
+    expected = fdp.clipped_sum(unit_loss, max_norm=0.5, mode="vmap")(params, buffers, x, y)
+    for name, value in expected.grads.items():
+        torch.testing.assert_close(first.grads[name], value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per shape
+        auto(params, buffers, x, y)
+    with pytest.raises(RuntimeError):
+        fdp.clipped_sum(unit_loss, max_norm=0.5, mode="ghost")(params, buffers, x, y)
