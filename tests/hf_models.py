@@ -39,12 +39,12 @@ def llama(**options):
     return transformers.LlamaForCausalLM(config)
 
 
-def gpt2_lora():
+def gpt2_lora(**options):
     import peft
 
-    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"],
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc", "c_proj"],
                              fan_in_fan_out=True, lora_dropout=0.0)  # fmt: skip
-    model = peft.get_peft_model(gpt2(), config)
+    model = peft.get_peft_model(gpt2(**options), config)
     for name, p in model.named_parameters():  # peft starts lora_B at 0: make the test non-trivial
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
