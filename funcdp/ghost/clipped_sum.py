@@ -11,7 +11,7 @@ from torch.func import grad, vmap
 from funcdp._certify import matmul_roundoff, norms_upper, squares_upper, with_margin
 from funcdp._checks import check_mask, check_positive
 from funcdp._rules import flat_factors
-from funcdp.ghost import capture, rules
+from funcdp.ghost import capture, rules, tied
 from funcdp.memory import ChunkSize, auto_chunk_size, check_chunk_option, is_auto
 from funcdp.tree import upcast_half, zero_rows
 
@@ -269,11 +269,14 @@ def _shares(params, plan, keep, passed: _Pass, real):
     parameter; `keep` zeroes padded rows first (None: leave them), `real` marks the rows that
     may take the rules' exact path."""
     shapes = {name: p.shape for name, p in params.items()}
-    squares, books = {}, {}
+    squares, books, uses = {}, {}, {}
     for spec, a, g in zip(plan.ops, passed.inputs, passed.taps, strict=True):
         a, g = _zero_padded(upcast_half(a), keep), _zero_padded(upcast_half(g), keep)
         for piece in rules.pieces(spec, a, g, shapes, real):
-            squares[piece.name], books[piece.name] = piece.squared_norms, piece.book
+            uses.setdefault(piece.name, []).append((spec, a, g, piece))
+    for name, entries in uses.items():  # a tied parameter has one entry per use
+        piece = entries[0][3] if len(entries) == 1 else tied.combine(name, entries)
+        squares[name], books[name] = piece.squared_norms, piece.book
     for name, per_example in passed.fallback.items():
         flat = _zero_padded(upcast_half(per_example), keep).flatten(1)
         squares[name] = squares_upper(flat)
