@@ -97,10 +97,15 @@ def test_save_adapter_refuses_a_model_without_adapter() -> None:
 def test_epsilon_per_epoch_matches_the_accountant_and_grows() -> None:
     eps = fdh.epsilon_per_epoch(noise_multiplier=1.0, sample_rate=0.25, epochs=3, delta=1e-5)
     assert len(eps) == 3 and eps[0] < eps[1] < eps[2]
-    expected = fdp.dpsgd_epsilon(
-        noise_multiplier=1.0, sample_rate=0.25, steps=8, delta=1e-5, method="pld"
-    )
+    expected = fdp.dpsgd_epsilon(noise_multiplier=1.0, sample_rate=0.25, steps=8, delta=1e-5)
     assert eps[1] == pytest.approx(expected)
+    pld = fdh.epsilon_per_epoch(
+        noise_multiplier=1.0, sample_rate=0.25, epochs=1, delta=1e-5, method="pld"
+    )
+    expected = fdp.dpsgd_epsilon(
+        noise_multiplier=1.0, sample_rate=0.25, steps=4, delta=1e-5, method="pld"
+    )
+    assert pld == [pytest.approx(expected)]
     with pytest.raises(ValueError, match="epochs"):
         fdh.epsilon_per_epoch(noise_multiplier=1.0, sample_rate=0.25, epochs=0, delta=1e-5)
 

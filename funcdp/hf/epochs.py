@@ -11,11 +11,13 @@ def epsilon_per_epoch(
     sample_rate: float,
     epochs: int,
     delta: float,
-    method: str = "pld",
+    method: str = "rdp",
 ) -> list[float]:
     """Epsilon after epochs 1..epochs, an epoch being round(1 / sample_rate) Poisson steps.
 
-    Keyword only, as every accounting function (`sample_rate` and `delta` both lie in (0, 1)).
+    Keyword only, as every accounting function (`sample_rate` and `delta` both lie in (0, 1));
+    `method` defaults as `funcdp.epsilon`'s does, so the last entry equals `epsilon(ledger)` of a
+    run of that many steps.
 
     Raises:
       ValueError: epochs is not a positive int (the accountant checks the rest).
