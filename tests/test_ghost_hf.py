@@ -83,3 +83,29 @@ def test_addmm_with_scaled_terms_is_left_to_vmap():
     plan = capture.plan(loss, {"weight": weight, "bias": bias}, (torch.randn(2, 4, 3),))
     assert set(plan.fallback) == {"weight", "bias"}
     assert plan.uses["weight"] == ("addmm.weight",)
+
+
+def test_a_full_gpt2_step_in_ghost_mode_equals_the_vmap_step():
+    task, batch = _gpt2_task()
+    privatizer = fdp.chain(
+        fdp.clip(max_norm=0.05),
+        fdp.aggregate(),
+        fdp.gaussian_noise(noise_multiplier=1.0),
+        fdp.normalize(expected_batch_size=6),
+        fdp.account(sample_rate=0.1),
+    )
+    optimizer = fdp.optim.sgd(learning_rate=0.1)
+    mask = torch.tensor([True, True, True, True, False, True])  # a padded row too
+    states = {}
+    for mode in ("ghost", "vmap"):
+        step = fdp.make_train_step(
+            task.loss_fn, privatizer, optimizer, performance=fdp.Performance(mode=mode)
+        )
+        state = fdp.TrainState.create(
+            task.params, buffers=task.buffers, privatizer=privatizer, optimizer=optimizer,
+            key=fdp.random.key(0),
+        )  # fmt: skip
+        states[mode], metrics = step(state, fdp.Batch(batch, mask))
+        assert metrics["batch_size"] == 5 and metrics["clipped_fraction"] > 0
+    for name, value in states["vmap"].params.items():
+        torch.testing.assert_close(states["ghost"].params[name], value, rtol=1e-5, atol=1e-6)

@@ -115,3 +115,11 @@ def test_causal_lm_loss_is_the_mean_over_real_tokens_of_one_example() -> None:
     torch.testing.assert_close(fdh.causal_lm_loss(logits, labels), expected)
     nothing = fdh.causal_lm_loss(logits, torch.full((5,), -100))
     assert nothing.item() == 0.0
+
+
+def test_import_funcdp_does_not_import_transformers() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, funcdp; sys.exit('transformers' in sys.modules or 'peft' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
