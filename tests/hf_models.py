@@ -18,6 +18,17 @@ def gpt2(**options):
     return transformers.GPT2LMHeadModel(config)
 
 
+def gpt2_classifier(**options):
+    import transformers
+
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=2, n_head=2, num_labels=3,
+        pad_token_id=0, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, summary_first_dropout=0.0, **options,
+    )  # fmt: skip
+    return transformers.GPT2ForSequenceClassification(config)
+
+
 def bert(**options):
     import transformers
 

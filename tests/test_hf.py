@@ -22,9 +22,10 @@ CLIP = 0.05
 def _task_and_labels(name: str):
     torch.manual_seed(0)
     model = {"gpt2": hf_models.gpt2, "bert": hf_models.bert, "llama": hf_models.llama,
-             "gpt2_lora": hf_models.gpt2_lora}[name]()  # fmt: skip
+             "gpt2_lora": hf_models.gpt2_lora, "gpt2_classifier": hf_models.gpt2_classifier,
+             }[name]()  # fmt: skip
     ids, mask = hf_models.padded_batch()
-    if name == "bert":
+    if name in ("bert", "gpt2_classifier"):
         return fdh.sequence_classification(model), ids, mask, torch.tensor([0, 1, 2, 0, 1, 2])
     return fdh.causal_lm(model), ids, mask, fdh.causal_lm_labels(ids, mask)
 
@@ -37,7 +38,7 @@ def _loop_clipped_sum(task, ids, mask, labels, clip):
     norms = []
     for i in range(ids.shape[0]):
         out = model(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1])
-        if model.config.num_labels and type(model).__name__.endswith("Classification"):
+        if labels.dim() == 1:  # one class label per example
             loss = fdh.classification_loss(out.logits[0], labels[i])
         else:
             loss = fdh.causal_lm_loss(out.logits[0], labels[i])
@@ -50,7 +51,7 @@ def _loop_clipped_sum(task, ids, mask, labels, clip):
     return total, torch.tensor(norms, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("name", ["gpt2_lora", "gpt2", "bert", "llama"])
+@pytest.mark.parametrize("name", ["gpt2_lora", "gpt2", "bert", "llama", "gpt2_classifier"])
 @pytest.mark.parametrize("mode", ["vmap", "ghost"])
 def test_clipped_sum_equals_a_per_example_loop_with_padding_and_masks(name, mode) -> None:
     task, ids, mask, labels = _task_and_labels(name)
