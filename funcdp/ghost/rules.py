@@ -47,8 +47,9 @@ class Piece(NamedTuple):
 
     Gram-form pieces also say how their bound was built, for a tied parameter's cross term
     (`funcdp.ghost.tied`): `exact` [B] bounds the squared norm of the exact gradient of the
-    float32 A and G, `rounding` [B] what the book-keeping's rounding adds to its norm; `exact`
-    is inf on rows whose gradient was formed instead (what they add is not the book's).
+    float32 A and G, `rounding` [B] what the book-keeping's rounding adds to its norm, `reach`
+    [B] the size of the terms that can cancel (sum over positions of |A_t| |G_t|); `exact` is
+    inf on rows whose gradient was formed instead (what they add is not the book's).
     """
 
     name: str
@@ -56,6 +57,7 @@ class Piece(NamedTuple):
     book: Callable[[torch.Tensor], torch.Tensor]
     exact: torch.Tensor | None = None
     rounding: torch.Tensor | None = None
+    reach: torch.Tensor | None = None
 
 
 # The largest relative excess of a certified norm over its estimate before the formed path.
@@ -222,7 +224,7 @@ def _embedding(spec, inputs, grads, shapes, real):
     squared = bound.square() * (1.0 + 2.0 * _U64) if formed is None else formed.squared(bound)
     if formed is not None:
         exact = exact.masked_fill(flagged, float("inf"))
-    return [Piece(spec.weight, squared, book, exact, rounding)]
+    return [Piece(spec.weight, squared, book, exact, rounding, reach)]
 
 
 class _FormedRows:
@@ -328,7 +330,8 @@ def _matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real) -> P
         bound = bound.index_put((formed[0],), formed[2])
         exact = exact.index_fill(0, formed[0], float("inf"))
     squared = bound.square() * (1.0 + 2.0 * _U64)
-    return Piece(name, squared, _book(a, g, shape, p, d, groups, formed), exact, rounding)
+    book = _book(a, g, shape, p, d, groups, formed)
+    return Piece(name, squared, book, exact, rounding, reach)
 
 
 def _diagonal_norms(gram: torch.Tensor, n: int, u: float) -> torch.Tensor:

@@ -17,8 +17,9 @@ bound on the cross term (E: its a priori rounding error),
 
 The triangle inequality, N_e + N_l (each piece's own certified bound), holds always; it is used
 where the first bound is not available (formed rows, one-position or explicit pieces), not
-finite, or where the two uses cancel so much (N_e + N_l > AMPLIFICATION times the first bound)
-that their terms would round the other examples' shares (`rules._flagged`). Any other repeated
+finite, or where the two uses' terms (their `reach`) exceed AMPLIFICATION times the first
+bound: such terms would round the other examples' shares in the float32 books (`rules._flagged`);
+the triangle bound clips such an example by the size of its terms instead. Any other repeated
 use of a parameter goes to the vmap fallback (`capture.handled`).
 """
 
@@ -51,7 +52,10 @@ def combine(name: str, entries: list[tuple]) -> Piece:
         squared = (terms + gamma(4, _U64) * size).clamp(min=0.0)
         rounding = (piece_e.rounding + piece_l.rounding) * (1.0 + 2.0 * _U64)
         certified = (sqrt_upper(squared) + rounding) * (1.0 + 2.0 * _U64)
-        usable = torch.isfinite(certified) & (triangle <= AMPLIFICATION * certified)
+        # As `rules._flagged`: this example's terms in the two float32 books, c (reach_e +
+        # reach_l), must stay within AMPLIFICATION times what its factor c allows it, C.
+        reach = piece_e.reach + piece_l.reach
+        usable = torch.isfinite(certified) & (reach <= AMPLIFICATION * certified)
         bound = torch.where(usable, torch.minimum(certified, triangle), triangle)
 
     def book(factors):
@@ -88,5 +92,5 @@ def _cross_term(embedding, linear) -> tuple[torch.Tensor, torch.Tensor]:
     scale = (norm_e[:, :, None] * norm_a[:, None, :] * picked.transpose(1, 2).abs()).sum((1, 2))
     terms = positions * others
     error = gamma(d, v) * scale * (1.0 + gamma(terms + 3, _U64))
-    error = error + gamma(terms + 1, _U64) * weighted.abs().sum((1, 2))
+    error = error + gamma(terms + 2, _U64) * weighted.abs().sum((1, 2))
     return cross, error
