@@ -124,7 +124,7 @@ AttentionMaskInterface.register(VMAP_SDPA, _built(sdpa_mask))
 AttentionMaskInterface.register(VMAP_EAGER, _built(eager_mask))
 
 
-def _configs(model: nn.Module) -> list:
+def model_configs(model: nn.Module) -> list:
     """Every distinct HF config held by the model's submodules, sub-configs included."""
     found: dict[int, object] = {}
     for sub in model.modules():
@@ -140,7 +140,7 @@ def _configs(model: nn.Module) -> list:
 
 def unsupported_implementations(model: nn.Module) -> list[str]:
     """The attention implementations in `model` that `vmap_attention` cannot switch."""
-    names = {config._attn_implementation for config in _configs(model)}
+    names = {config._attn_implementation for config in model_configs(model)}
     return sorted(
         n for n in names if n is not None and n not in SWITCH and n not in SWITCH.values()
     )
@@ -150,7 +150,7 @@ def unsupported_implementations(model: nn.Module) -> list[str]:
 def vmap_attention(model: nn.Module) -> Iterator[None]:
     """While the block runs, "sdpa" and "eager" attention in `model` run their vmap versions."""
     switched = []
-    for config in _configs(model):
+    for config in model_configs(model):
         current = config._attn_implementation
         if current in SWITCH:
             switched.append((config, current))

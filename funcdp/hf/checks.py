@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from funcdp.findings import Change, Finding
-from funcdp.hf.attention import SWITCH, _configs
+from funcdp.hf.attention import SWITCH, model_configs
 
 HF_ATTENTION = "hf_attention"
 
@@ -27,7 +27,7 @@ MASK_CAUSE = (
 
 def attention_findings(root_label: str, module: nn.Module) -> list[Finding]:
     """One finding per attention implementation of `module` that fails or loops under vmap."""
-    names = sorted({c._attn_implementation for c in _configs(module)} - {None})
+    names = sorted({c._attn_implementation for c in model_configs(module)} - {None})
     findings = []
     for name in names:
         if name == "sdpa":
@@ -54,7 +54,7 @@ def fix_attention(module: nn.Module, changes: list[Change]) -> None:
     The implementation name is not saved by `save_pretrained` (HF leaves it out of the
     config file), so a saved model loads with HF's default again.
     """
-    for config in _configs(module):
+    for config in model_configs(module):
         current = config._attn_implementation
         if current in SWITCH:
             config._attn_implementation_internal = SWITCH[current]
