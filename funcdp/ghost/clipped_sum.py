@@ -53,12 +53,15 @@ def ghost_clipped_sum(
 
     Computes the same sum_i c_i g_i as `clipped_sum(mode="vmap")` (or `clip_by` followed by
     `aggregate`) from ONE batched forward and backward, without forming the per-example
-    gradients of linear, conv, embedding and normalization parameters: their per-example norms
-    come from each op's input A and output gradient B (ghost norms, Li et al. 2022), and their
-    clipped sum from one more contraction of A with c * B (book-keeping, Bu et al. 2023).
-    Parameters used anywhere else (recurrent weights, attention projections, tied weights, a
-    parameter read by the loss itself) get per-example gradients by `vmap(grad)` over just
-    them, in the same pass. See `funcdp.ghost.capture` for how ops are found without hooks.
+    gradients of linear (and `torch.addmm`, HF's Conv1D), conv, embedding and normalization
+    parameters: their per-example norms come from each op's input A and output gradient B
+    (ghost norms, Li et al. 2022), and their clipped sum from one more contraction of A with
+    c * B (book-keeping, Bu et al. 2023); an embedding tied to its output layer sums its two
+    uses with a certified cross term (`funcdp.ghost.tied`). Parameters used anywhere else
+    (recurrent weights, other shared weights, a parameter read by the loss itself) get
+    per-example gradients by `vmap(grad)` over just them, in the same pass. See
+    `funcdp.ghost.capture` for how ops are found without hooks, and `funcdp.explain` for
+    which parameters take which path.
 
     The batched forward is `vmap` of `loss_fn` over the examples: the one-example loss of the
     train step serves as is, and `vmap` gives each op's per-example input and output gradient.
