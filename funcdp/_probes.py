@@ -6,6 +6,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import sys
+import traceback
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -49,19 +52,22 @@ def _total(out: Any) -> torch.Tensor:
     return sum(leaf.sum() for leaf in leaves)
 
 
-def _run_findings(module: nn.Module, inputs: tuple[Any, ...]) -> list[Finding]:
-    findings = _buffer_findings(module, inputs)
-    findings += _unused_findings(module, inputs)
-    findings += _vmap_findings(module, inputs)
+def _run_findings(
+    module: nn.Module, inputs: tuple[Any, ...], kwargs: Mapping[str, Any] | None = None
+) -> list[Finding]:
+    kwargs = dict(kwargs or {})
+    findings = _buffer_findings(module, inputs, kwargs)
+    findings += _unused_findings(module, inputs, kwargs)
+    findings += _vmap_findings(module, inputs, kwargs)
     return findings
 
 
-def _buffer_findings(module: nn.Module, inputs: tuple[Any, ...]) -> list[Finding]:
+def _buffer_findings(module: nn.Module, inputs: tuple[Any, ...], kwargs) -> list[Finding]:
     probe = copy.deepcopy(module).train()
     before = {name: b.detach().clone() for name, b in probe.named_buffers()}
     try:
         with torch.no_grad():
-            probe(*inputs)
+            probe(*inputs, **kwargs)
     except Exception:  # the vmap run reports errors with the submodule that raised them
         return []
     findings = []
@@ -76,14 +82,14 @@ def _buffer_findings(module: nn.Module, inputs: tuple[Any, ...]) -> list[Finding
     return findings
 
 
-def _unused_findings(module: nn.Module, inputs: tuple[Any, ...]) -> list[Finding]:
+def _unused_findings(module: nn.Module, inputs: tuple[Any, ...], kwargs) -> list[Finding]:
     probe = copy.deepcopy(module)
     named = [(n, p) for n, p in probe.named_parameters() if p.requires_grad]
     if not named:
         return []
     try:
         grads = torch.autograd.grad(
-            _total(probe(*inputs)), [p for _, p in named], allow_unused=True
+            _total(probe(*inputs, **kwargs)), [p for _, p in named], allow_unused=True
         )
     except Exception:
         return []
@@ -97,19 +103,25 @@ def _unused_findings(module: nn.Module, inputs: tuple[Any, ...]) -> list[Finding
     return findings
 
 
-def _vmap_findings(module: nn.Module, inputs: tuple[Any, ...]) -> list[Finding]:
+def _vmap_findings(module: nn.Module, inputs: tuple[Any, ...], kwargs) -> list[Finding]:
     probe = copy.deepcopy(module)
     tracker = _Tracker(probe)
     params = {n: p.detach() for n, p in probe.named_parameters() if p.requires_grad}
     buffers = {n: b.detach() for n, b in probe.named_buffers()}
-    batched = [isinstance(x, torch.Tensor) and x.dim() > 0 for x in inputs]
+    names = tuple(kwargs)
+    values = (*inputs, *kwargs.values())  # keyword inputs are mapped over as the positional
+    batched = [isinstance(x, torch.Tensor) and x.dim() > 0 for x in values]
 
     def loss(params, *example):
         rows = [x.unsqueeze(0) if b else x for x, b in zip(example, batched, strict=True)]
-        return _total(functional_call(probe, (params, buffers), tuple(rows)))
+        positional, keyword = (
+            rows[: len(inputs)],
+            dict(zip(names, rows[len(inputs) :], strict=True)),
+        )
+        return _total(functional_call(probe, (params, buffers), tuple(positional), keyword))
 
     in_dims = (None, *(0 if b else None for b in batched))
-    rows = tuple(x[:2] if b else x for x, b in zip(inputs, batched, strict=True))
+    rows = tuple(x[:2] if b else x for x, b in zip(values, batched, strict=True))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tracker.caught = caught
@@ -135,6 +147,50 @@ def _fallback_finding(probe: nn.Module, module: nn.Module, where: str, ops: list
     )
     problem = f"{type(sub).__name__} calls {', '.join(sorted(set(ops)))}, which has no vmap batching rule: per-example gradients fall back to a slow loop over examples"
     return Finding(_label(module, where), problem, fix_text, NO_BATCHING_RULE, known is not None)
+
+
+def _message(error: Exception) -> str:
+    """The error's first paragraph, whole (never cut mid-word), on one line."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__
+    return " ".join(text.split("\n\n")[0].split())
+
+
+def _failing_frames(error: Exception) -> tuple[str | None, str | None]:
+    """("path:line in function" of the innermost frame outside torch, and of the innermost
+    frame outside torch, transformers and peft: the user's code), None where there is none."""
+    frames = traceback.extract_tb(error.__traceback__)
+    torch_dir = os.path.dirname(torch.__file__)
+    here = os.path.dirname(os.path.abspath(__file__))
+    outside = [f for f in frames if not f.filename.startswith((torch_dir, here))]
+    libraries = (f"{os.sep}transformers{os.sep}", f"{os.sep}peft{os.sep}")
+    own = [f for f in outside if not any(lib in f.filename for lib in libraries)]
+    text = lambda f: f"{f.filename}:{f.lineno} in {f.name}"  # noqa: E731
+    frame = text(outside[-1]) if outside else None
+    caller = text(own[-1]) if own and own[-1] is not outside[-1] else None
+    return frame, caller
+
+
+def _error_fix(message: str, frame: str | None) -> tuple[str, bool]:
+    """What to do about an error under vmap, for the known causes; and whether fix() does it."""
+    if "transformers" in sys.modules and frame is not None:
+        from funcdp.hf.checks import ATTENTION_FIX, MASK_CAUSE, is_mask_error
+
+        if is_mask_error(frame):
+            return f"{MASK_CAUSE}: {ATTENTION_FIX}", True
+    if "data-dependent control flow" in message or ".item()" in message:
+        where = f" at {frame}" if frame else ""
+        return (
+            f"the forward reads a tensor's value in Python{where} (.item(), `if tensor:`, "
+            "int(tensor)), which vmap cannot do per example: use no data-dependent Python "
+            "control flow; compute with tensor ops (torch.where, masks) or move the value out "
+            "of the per-example path"
+        ), False
+    return (
+        "rewrite its forward with batchable ops (no data-dependent Python control flow, .item() "
+        "or in-place updates of captured tensors), or use a funcdp.nn layer"
+    ), False
 
 
 class _Tracker:
@@ -191,13 +247,14 @@ class _Tracker:
         self.flush()
         where = self.stack[-1] if self.stack else ""
         sub = self.root.get_submodule(where) if where else self.root
-        message = (
-            str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-        )
-        problem = f"{type(sub).__name__} fails under vmap(grad): {type(error).__name__}: {message}"
-        fix_text = "rewrite its forward with batchable ops (no data-dependent Python control flow, .item() or in-place updates of captured tensors), or use a funcdp.nn layer"
+        frame, caller = _failing_frames(error)
+        problem = f"{type(sub).__name__} fails under vmap(grad): {type(error).__name__}: {_message(error)}"
+        if frame:
+            problem += f" [raised at {frame}" + (f"; called from {caller}]" if caller else "]")
+        fix_text, fixable = _error_fix(str(error), frame or caller)
         where = _label(self.root, where)
-        self.errors.append(Finding(where, problem, fix_text, VMAP_ERROR, type(sub) in _DROP_INS))
+        fixable = fixable or type(sub) in _DROP_INS
+        self.errors.append(Finding(where, problem, fix_text, VMAP_ERROR, fixable))
 
     def remove(self) -> None:
         for handle in self.handles:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import sys
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -35,15 +37,28 @@ from funcdp._probes import _as_tuple, _run_findings
 logger = logging.getLogger(__name__)
 
 
-def validate(module: nn.Module, *, example_inputs: Any = None) -> list[Finding]:
+def validate(
+    module: nn.Module,
+    *,
+    example_inputs: Any = None,
+    example_kwargs: Mapping[str, Any] | None = None,
+) -> list[Finding]:
     """Lists what in `module` breaks per-example privacy or vmap; an empty list means none found.
+
+    Without example inputs only what the types show is checked (submodule types, and a Hugging
+    Face model's attention implementation); a model can still fail in its forward, so an empty
+    list then proves little: pass inputs.
 
     Args:
       module: the model to check; it is never modified.
       example_inputs: optional batch (a tensor or a tuple of tensors, at least one row) to run a
-        copy of the module on. Without it only the types of the submodules are checked; with it
-        the run also finds buffers that change in training, ops without a batching rule, errors
-        under `vmap`, and trainable parameters that get no gradient.
+        copy of the module on, positionally.
+      example_kwargs: optional keyword inputs of that run, e.g. `{"input_ids": ids,
+        "attention_mask": mask}` for a Hugging Face model (whose second positional argument is
+        not the mask). Tensors with a leading dimension are rows, as in `example_inputs`. The run
+        finds buffers that change in training, ops without a batching rule, errors under `vmap`
+        (with the file and line that raised, and what to do for known causes), and trainable
+        parameters that get no gradient.
 
     Returns:
       One `Finding` per problem, each naming the submodule, the problem and the fix.
@@ -51,12 +66,18 @@ def validate(module: nn.Module, *, example_inputs: Any = None) -> list[Finding]:
     findings = []
     for name, sub in module.named_modules():
         findings.extend(_static_findings(_label(module, name), sub))
-    if example_inputs is not None:
+    hf = _hf_checks()
+    if hf is not None:
+        findings.extend(hf.attention_findings(_label(module, ""), module))
+    if example_inputs is not None or example_kwargs:
+        inputs = () if example_inputs is None else _as_tuple(example_inputs)
         # A run confirms what the types already told; keep the typed finding, which knows the fix.
         explained = {f.submodule for f in findings}
         seen = set(findings)
-        for finding in _run_findings(module, _as_tuple(example_inputs)):
+        for finding in _run_findings(module, inputs, example_kwargs):
             if finding.kind != UNUSED_PARAMETER and finding.submodule in explained:
+                continue
+            if hf is not None and _explained_by_hf(finding, findings, hf):
                 continue
             if finding not in seen:
                 seen.add(finding)
@@ -64,14 +85,35 @@ def validate(module: nn.Module, *, example_inputs: Any = None) -> list[Finding]:
     return findings
 
 
-def check_supported(module: nn.Module, *, example_inputs: Any = None) -> None:
+def _hf_checks():
+    """`funcdp.hf.checks` when transformers is loaded (a model of it may be here), else None."""
+    if "transformers" not in sys.modules:
+        return None
+    from funcdp.hf import checks
+
+    return checks
+
+
+def _explained_by_hf(finding: Finding, findings: list[Finding], hf) -> bool:
+    """A run's mask error or sdpa loop that the HF attention finding already reports."""
+    if not any(f.kind == hf.HF_ATTENTION for f in findings):
+        return False
+    return "masking_utils" in finding.problem or "scaled_dot_product" in finding.problem
+
+
+def check_supported(
+    module: nn.Module,
+    *,
+    example_inputs: Any = None,
+    example_kwargs: Mapping[str, Any] | None = None,
+) -> None:
     """Raises `UnsupportedModuleError` naming every problem `validate` finds.
 
     Raises:
       UnsupportedModuleError: a ValueError whose message names each submodule, its problem and
         what to do (and whether `funcdp.fix` repairs it); `.findings` holds the list.
     """
-    findings = validate(module, example_inputs=example_inputs)
+    findings = validate(module, example_inputs=example_inputs, example_kwargs=example_kwargs)
     if findings:
         raise UnsupportedModuleError(findings)
 
@@ -86,7 +128,9 @@ def fix(module: nn.Module, *, return_changes: bool = False) -> Any:
     - `nn.LSTM`, `nn.GRU`, `nn.RNN`, `nn.MultiheadAttention`, `nn.TransformerEncoderLayer`,
       `nn.Bilinear` and `nn.EmbeddingBag` become their `funcdp.nn` drop-ins with the same
       weights (same function);
-    - an `Embedding` with `sparse=True` gets dense gradients (same function).
+    - an `Embedding` with `sparse=True` gets dense gradients (same function);
+    - a Hugging Face model's "sdpa" (default) or "eager" attention becomes funcdp's vmap
+      version of it (`funcdp.hf.attention`; same function; not saved by `save_pretrained`).
 
     Each change is logged (WARNING when it changes the function, INFO otherwise). What `fix`
     cannot repair (see `validate`) is left as it is.
@@ -105,6 +149,9 @@ def fix(module: nn.Module, *, return_changes: bool = False) -> Any:
         repaired = root[0]
         changes.append(root[1]._replace(submodule=type(module).__name__))
     _fix_children(repaired, "", changes, {})
+    hf = _hf_checks()
+    if hf is not None:
+        hf.fix_attention(repaired, changes)
     for c in changes:
         level = logging.WARNING if c.changes_function else logging.INFO
         logger.log(level, "funcdp.fix: %s: %s -> %s (%s)", c.submodule, c.before, c.after, c.note)

@@ -353,3 +353,91 @@ def test_resnet18_is_fixed_validated_and_trains_a_dp_step() -> None:
     assert all(torch.isfinite(p).all() for p in new_state.params.values())
     assert not torch.equal(new_state.params["fc.weight"], params["fc.weight"])
     assert new_state.ledger.records[0].steps == 1
+
+
+# ------------------------------------------------- keyword inputs, whole messages, HF attention
+
+
+class _ItemInForward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+
+    def forward(self, x):
+        if x.sum().item() > 0:  # the line validate must name
+            return self.lin(x)
+        return -self.lin(x)
+
+
+def test_an_item_in_forward_names_the_module_and_the_line_and_keeps_the_whole_message() -> None:
+    [finding] = fdp.validate(nn.Sequential(_ItemInForward()), example_inputs=torch.randn(3, 2))
+    assert finding.submodule == "0" and finding.kind == VMAP_ERROR
+    line = next(
+        i
+        for i, text in enumerate(open(__file__).read().splitlines(), 1)
+        if "the line validate" in text
+    )
+    assert f"test_validate.py:{line} in forward" in finding.problem
+    assert finding.problem.count("For (3): please file an issue") == 1  # not cut
+    assert ".item()" in finding.fix and "torch.where" in finding.fix
+
+
+def test_keyword_inputs_reach_the_forward_by_name() -> None:
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.unused = nn.Linear(2, 2)
+
+        def forward(self, x, cache=None, scale=None):
+            assert cache is None  # the mask must not land in the second positional slot
+            return self.lin(x) * scale
+
+    found = fdp.validate(
+        TwoInputs(), example_kwargs={"x": torch.randn(3, 2), "scale": torch.ones(3, 1)}
+    )
+    assert _kinds(found) == {("unused", UNUSED_PARAMETER)}
+
+
+def test_hf_attention_is_found_without_inputs_and_fixed() -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from tests import hf_models
+
+    ids, mask = hf_models.padded_batch()
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    for build in (hf_models.gpt2, hf_models.bert, hf_models.llama, hf_models.gpt2_lora):
+        model = build()
+        [static] = fdp.validate(model)
+        assert static.kind == "hf_attention" and static.fixable and "funcdp.hf" in static.fix
+        assert fdp.validate(model, example_kwargs=inputs) == [static]
+        fixed, changes = fdp.fix(model, return_changes=True)
+        assert changes and all(not c.changes_function for c in changes)
+        assert fdp.validate(fixed, example_kwargs=inputs) == [], build.__name__
+        assert model.config._attn_implementation == "sdpa"  # the original is untouched
+        with torch.no_grad():
+            expected = model.eval()(**inputs).logits
+            got = fixed.eval()(**inputs).logits
+        real = mask.bool() if expected.dim() == 3 else slice(None)
+        torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+
+
+def test_a_run_names_hf_mask_building_as_the_cause() -> None:
+    transformers = pytest.importorskip("transformers")
+    from tests import hf_models
+
+    bert = hf_models.bert()
+    eager = transformers.BertForSequenceClassification._from_config(
+        bert.config, attn_implementation="eager"
+    )
+    ids, mask = hf_models.padded_batch()
+    [finding] = fdp.validate(eager, example_kwargs={"input_ids": ids, "attention_mask": mask})
+    assert finding.kind == VMAP_ERROR and finding.fixable
+    assert (
+        "masking_utils.py:" in finding.problem
+        and "funcdp.hf.sequence_classification" in finding.fix
+    )
+    assert (
+        fdp.validate(fdp.fix(eager), example_kwargs={"input_ids": ids, "attention_mask": mask})
+        == []
+    )

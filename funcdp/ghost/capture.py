@@ -8,8 +8,10 @@ layers).
 
 - The probe (`plan`) runs the loss on one example and records every use of every parameter.
   A parameter is handled by ghost clipping when its only use is the weight or bias slot of a
-  supported op (`linear`, `conv1d/2d/3d`, `embedding`, `layer_norm`, `group_norm`); any other
-  use, or a second use (tied weights), sends it to the vmap fallback, which is exact for it.
+  supported op (`linear`, `conv1d/2d/3d`, `embedding`, `layer_norm`, `group_norm`, and
+  `torch.addmm(bias, x, weight)`, HF's `Conv1D`), or when it is an embedding's weight tied to a
+  linear output layer (`TIED`); any other use, or another second use, sends it to the vmap
+  fallback, which is exact for it.
 - The tapper (`Tapper`) runs inside `vmap(grad(...))`: it adds a zero-valued input `tap` to the
   output of each planned op (`y + tap`, so the gradient of the loss w.r.t. the tap is the op's
   output gradient B) and records the op's input A, which the train pass returns as auxiliary
@@ -27,12 +29,13 @@ import torch.nn.functional as F
 from torch.func import vmap
 from torch.overrides import TorchFunctionMode
 
-LINEAR, CONV, EMBEDDING, LAYER_NORM, GROUP_NORM = (
+LINEAR, CONV, EMBEDDING, LAYER_NORM, GROUP_NORM, ADDMM = (
     "linear",
     "conv",
     "embedding",
     "layer_norm",
     "group_norm",
+    "addmm",
 )
 
 # Per op: (kind, argument names in order, defaults, slots of the weight and the bias).
@@ -58,7 +61,11 @@ _SIGNATURES: dict[Callable[..., Any], tuple[str, tuple[str, ...], dict[str, Any]
         ("input", "num_groups", "weight", "bias", "eps"),
         {"weight": None, "bias": None, "eps": 1e-5},
     ),
+    # torch.addmm(bias, x, weight) = bias + x @ weight: HF's Conv1D (GPT-2), weight [in, out].
+    # Its slots are named for their roles; `_bind` renames torch's keywords.
+    torch.addmm: (ADDMM, ("bias", "input", "weight"), {"beta": 1, "alpha": 1}),
 }
+_ADDMM_KEYWORDS = {"input": "bias", "mat1": "input", "mat2": "weight"}
 _CONV_DIMS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 
 # Reading these does not use a parameter's value.
@@ -108,17 +115,37 @@ class OpSpec(NamedTuple):
 
 
 class Plan(NamedTuple):
-    """The probe's result: the tapped ops in call order and the parameters left to vmap."""
+    """The probe's result: the tapped ops in call order and the parameters left to vmap.
+
+    `uses` lists, per parameter, how the forward used it: "ghost <op>.<slot>" for a slot ghost
+    clipping handles, "<op>.<slot>" for another slot of a known op, or the name of any other
+    function that read it (`funcdp.explain` reports them).
+    """
 
     ops: tuple[OpSpec, ...]
     ghost: frozenset[str]
     fallback: tuple[str, ...]
+    uses: dict[str, tuple[str, ...]] = {}
+
+
+# A parameter used twice is handled when it is an embedding tied to a linear output layer
+# (GPT-2's wte and lm_head): its two pieces' cross term is certified in `funcdp.ghost.tied`.
+TIED = ("ghost embedding.weight", "ghost linear.weight")
+
+
+def handled(uses: list[str] | tuple[str, ...]) -> bool:
+    """Whether ghost clipping handles a parameter used this way."""
+    if len(uses) == 1:
+        return uses[0].startswith("ghost ")
+    return tuple(sorted(uses)) == TIED
 
 
 def _bind(func: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     kind, names, defaults = _SIGNATURES[func]
     values = dict(defaults)
     values.update(zip(names, args, strict=False))  # trailing arguments may be left out
+    if kind == ADDMM:
+        kwargs = {_ADDMM_KEYWORDS.get(k, k): v for k, v in kwargs.items()}
     values.update(kwargs)
     if kind == CONV:
         values["nd"] = _CONV_DIMS[func]
@@ -147,7 +174,15 @@ def _supported(kind: str, values: dict[str, Any]) -> bool:
         return values["max_norm"] is None and not values["scale_grad_by_freq"]
     if kind == GROUP_NORM:
         return values["input"].dim() >= 2
+    if kind == ADDMM:  # beta * bias + alpha * x @ weight: only the plain sum, a vector bias
+        bias = values.get("bias")
+        plain = _is_one(values["beta"]) and _is_one(values["alpha"])
+        return plain and values["input"].dim() == 2 and (bias is None or bias.dim() == 1)
     return True
+
+
+def _is_one(value: Any) -> bool:
+    return not isinstance(value, torch.Tensor) and value == 1
 
 
 def _func_name(func: Any) -> str:
@@ -181,7 +216,7 @@ class _Spy(TorchFunctionMode):
                 name = self._name(value)
                 if name is not None:
                     captured = ok and slot in ("weight", "bias")
-                    self.uses[name].append("captured" if captured else f"{kind}.{slot}")
+                    self.uses[name].append(f"ghost {kind}.{slot}" if captured else f"{kind}.{slot}")
                     if captured:
                         slots[slot] = name
             if slots:
@@ -224,7 +259,7 @@ def plan(
     # The probe's random draws (dropout) must not move torch's generators: fork them.
     with torch.random.fork_rng(devices=cuda), torch.enable_grad(), spy:
         vmap(lambda *example: loss_fn(copies, *example), randomness="different")(*first)
-    ghost = {name for name, uses in spy.uses.items() if uses == ["captured"]}
+    ghost = {name for name, uses in spy.uses.items() if handled(uses)}
     if conv_explicit == "vmap":
         for kind, weight, bias, config, out in spy.candidates:
             if kind != CONV or weight not in ghost:
@@ -238,7 +273,8 @@ def plan(
         if weight is not None or bias is not None:
             ops.append(OpSpec(kind, weight, bias, config, tuple(out.shape), out.dtype))
     fallback = tuple(name for name in params if name not in ghost)
-    return Plan(tuple(ops), frozenset(ghost), fallback)
+    uses = {name: tuple(found) for name, found in spy.uses.items()}
+    return Plan(tuple(ops), frozenset(ghost), fallback, uses)
 
 
 def _explicit_is_cheaper(weight: torch.Tensor, out: torch.Tensor, config) -> bool:

@@ -11,7 +11,7 @@ from torch.func import grad, vmap
 from funcdp._certify import matmul_roundoff, norms_upper, squares_upper, with_margin
 from funcdp._checks import check_mask, check_positive
 from funcdp._rules import flat_factors
-from funcdp.ghost import capture, rules
+from funcdp.ghost import capture, rules, tied
 from funcdp.memory import ChunkSize, auto_chunk_size, check_chunk_option, is_auto
 from funcdp.tree import upcast_half, zero_rows
 
@@ -53,12 +53,15 @@ def ghost_clipped_sum(
 
     Computes the same sum_i c_i g_i as `funcdp.clipped_sum(mode="vmap")` (or `clip_by` followed by
     `aggregate`) from ONE batched forward and backward, without forming the per-example
-    gradients of linear, conv, embedding and normalization parameters: their per-example norms
-    come from each op's input A and output gradient B (ghost norms, Li et al. 2022), and their
-    clipped sum from one more contraction of A with c * B (book-keeping, Bu et al. 2023).
-    Parameters used anywhere else (recurrent weights, attention projections, tied weights, a
-    parameter read by the loss itself) get per-example gradients by `vmap(grad)` over just
-    them, in the same pass. See `funcdp.ghost.capture` for how ops are found without hooks.
+    gradients of linear (and `torch.addmm`, HF's Conv1D), conv, embedding and normalization
+    parameters: their per-example norms come from each op's input A and output gradient B
+    (ghost norms, Li et al. 2022), and their clipped sum from one more contraction of A with
+    c * B (book-keeping, Bu et al. 2023); an embedding tied to its output layer sums its two
+    uses with a certified cross term (`funcdp.ghost.tied`). Parameters used anywhere else
+    (recurrent weights, other shared weights, a parameter read by the loss itself) get
+    per-example gradients by `vmap(grad)` over just them, in the same pass. See
+    `funcdp.ghost.capture` for how ops are found without hooks, and `funcdp.explain` for
+    which parameters take which path.
 
     The batched forward is `vmap` of `loss_fn` over the examples: the one-example loss of the
     train step serves as is, and `vmap` gives each op's per-example input and output gradient.
@@ -268,11 +271,14 @@ def _shares(params, plan, keep, passed: _Pass, real):
     parameter; `keep` zeroes padded rows first (None: leave them), `real` marks the rows that
     may take the rules' exact path."""
     shapes = {name: p.shape for name, p in params.items()}
-    squares, books = {}, {}
+    squares, books, uses = {}, {}, {}
     for spec, a, g in zip(plan.ops, passed.inputs, passed.taps, strict=True):
         a, g = _zero_padded(upcast_half(a), keep), _zero_padded(upcast_half(g), keep)
         for piece in rules.pieces(spec, a, g, shapes, real):
-            squares[piece.name], books[piece.name] = piece.squared_norms, piece.book
+            uses.setdefault(piece.name, []).append((spec, a, g, piece))
+    for name, entries in uses.items():  # a tied parameter has one entry per use
+        piece = entries[0][3] if len(entries) == 1 else tied.combine(name, entries)
+        squares[name], books[name] = piece.squared_norms, piece.book
     for name, per_example in passed.fallback.items():
         flat = _zero_padded(upcast_half(per_example), keep).flatten(1)
         squares[name] = squares_upper(flat)

@@ -39,15 +39,25 @@ import torch
 import torch.nn.functional as F
 
 from funcdp._certify import gamma, matmul_roundoff, sqrt_upper, squares_upper, unit_roundoff
-from funcdp.ghost.capture import CONV, EMBEDDING, GROUP_NORM, LAYER_NORM, LINEAR, OpSpec
+from funcdp.ghost.capture import ADDMM, CONV, EMBEDDING, GROUP_NORM, LAYER_NORM, LINEAR, OpSpec
 
 
 class Piece(NamedTuple):
-    """One parameter's share: per-example squared norms [B] and the clipped-sum builder."""
+    """One parameter's share: per-example squared norms [B] and the clipped-sum builder.
+
+    Gram-form pieces also say how their bound was built, for a tied parameter's cross term
+    (`funcdp.ghost.tied`): `exact` [B] bounds the squared norm of the exact gradient of the
+    float32 A and G, `rounding` [B] what the book-keeping's rounding adds to its norm, `reach`
+    [B] the size of the terms that can cancel (sum over positions of |A_t| |G_t|); `exact` is
+    inf on rows whose gradient was formed instead (what they add is not the book's).
+    """
 
     name: str
     squared_norms: torch.Tensor
     book: Callable[[torch.Tensor], torch.Tensor]
+    exact: torch.Tensor | None = None
+    rounding: torch.Tensor | None = None
+    reach: torch.Tensor | None = None
 
 
 # The largest relative excess of a certified norm over its estimate before the formed path.
@@ -75,6 +85,7 @@ def pieces(
     """
     rule = {
         LINEAR: _linear,
+        ADDMM: _addmm,
         CONV: _conv,
         EMBEDDING: _embedding,
         LAYER_NORM: _layer_norm,
@@ -94,6 +105,20 @@ def _linear(spec, inputs, grads, shapes, real):
         out.append(_matmul_piece(spec.weight, a, g, shapes[spec.weight], real))
     if spec.bias is not None:
         out.append(_explicit_piece(spec.bias, g.sum(1).flatten(1), shapes[spec.bias]))
+    return out
+
+
+def _addmm(spec, inputs, grads, shapes, real):
+    """bias + x @ weight, weight [d, p]: the linear rule on weight^T (same norms), whose
+    clipped sum is transposed back."""
+    if spec.weight is None:
+        return _linear(spec, inputs, grads, shapes, real)
+    shapes = {**shapes, spec.weight: tuple(reversed(shapes[spec.weight]))}
+    out = []
+    for piece in _linear(spec, inputs, grads, shapes, real):
+        if piece.name == spec.weight:
+            piece = piece._replace(book=lambda factors, book=piece.book: book(factors).T)
+        out.append(piece)
     return out
 
 
@@ -185,6 +210,7 @@ def _embedding(spec, inputs, grads, shapes, real):
     error = (gamma(g.shape[-1], v) + gamma(positions**2 + 1, _U64)) * _quadratic(norms, same)
     reach = norms.sum(1).double() * (1.0 + 2.0 * gamma(positions + 1, u))
     bound = _certified(estimate, error, reach, positions, u)
+    exact, rounding = estimate + error, gamma(positions, u) * reach
     shape = shapes[spec.weight]
     flagged = _flagged(bound, estimate, real, reach)
     formed = None if torch.compiler.is_compiling() else _FormedRows(ids, g, flagged, padding)
@@ -196,7 +222,9 @@ def _embedding(spec, inputs, grads, shapes, real):
         return total if formed is None else formed.add_to(total, factors)
 
     squared = bound.square() * (1.0 + 2.0 * _U64) if formed is None else formed.squared(bound)
-    return [Piece(spec.weight, squared, book)]
+    if formed is not None:
+        exact = exact.masked_fill(flagged, float("inf"))
+    return [Piece(spec.weight, squared, book, exact, rounding, reach)]
 
 
 class _FormedRows:
@@ -293,13 +321,17 @@ def _matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real) -> P
     cross = 3.0 * gamma(d, v) * gamma(p, v) + gamma(positions**2 + 1, _U64)
     error = error.reshape(size, groups).sum(1) + cross * 2.0 * reach.square()
     # the book-keeping product's rounding, at the precision torch runs it with
-    bound = _certified(estimate, error, reach, positions, matmul_roundoff(a.dtype, a.device))
+    u = matmul_roundoff(a.dtype, a.device)
+    bound = _certified(estimate, error, reach, positions, u)
+    exact, rounding = estimate + error, gamma(positions, u) * reach
     flagged = _flagged(bound, estimate, real, reach)
     formed = None if torch.compiler.is_compiling() else _formed_matmul(a, g, flagged)
     if formed is not None:
         bound = bound.index_put((formed[0],), formed[2])
+        exact = exact.index_fill(0, formed[0], float("inf"))
     squared = bound.square() * (1.0 + 2.0 * _U64)
-    return Piece(name, squared, _book(a, g, shape, p, d, groups, formed))
+    book = _book(a, g, shape, p, d, groups, formed)
+    return Piece(name, squared, book, exact, rounding, reach)
 
 
 def _diagonal_norms(gram: torch.Tensor, n: int, u: float) -> torch.Tensor:

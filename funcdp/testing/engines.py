@@ -7,7 +7,8 @@ large common part and whose output gradients nearly cancel can come out near zer
 run the real engines (`funcdp.clipped_sum`, the train step's) on such examples.
 
 The examples come from `sequence_examples`: one example of a linear, conv or embedding layer
-applied to a sequence, with a loss whose output gradient is an input (`(layer(x) * g).sum()`),
+(or, with `layers=HF_LAYERS`, HF's Conv1D or an embedding tied to an output layer) applied to a
+sequence, with a loss whose output gradient is an input (`(layer(x) * g).sum()`),
 so hypothesis controls both A (the layer's input) and G (its output gradient) directly.
 """
 
@@ -28,6 +29,9 @@ from funcdp.transforms.base import GradientTransformation
 
 ENGINES = ("vmap", "ghost", "two_pass")
 LAYERS = ("linear", "conv", "embedding")
+# Hugging Face's layers: Conv1D (`torch.addmm(bias, x, weight)`, weight [in, out]) and an
+# embedding tied to the output layer (GPT-2's wte and lm_head).
+HF_LAYERS = ("addmm", "tied")
 
 
 class Problem(NamedTuple):
@@ -142,6 +146,8 @@ def sequence_examples(
             for c in crafted
         ]
     )
+    if layer == "tied":
+        return _tied_problem(draw, grads, scale, gen)
     if layer == "embedding":
         vocab = draw(st.integers(1, 4))
         ids = torch.randint(0, vocab, (size, positions), generator=gen)
@@ -155,6 +161,9 @@ def sequence_examples(
     }
     if layer == "linear":
         return Problem(_linear_loss, params, (inputs, grads))
+    if layer == "addmm":
+        addmm = {"weight": params["weight"].T.contiguous(), "bias": params["bias"]}
+        return Problem(_addmm_loss, addmm, (inputs, grads))
     # A conv of kernel k: its output positions are the first T - k + 1; windows overlap, and
     # with enough channels ghost clipping takes the Gram form rather than forming the gradient.
     kernel = draw(st.integers(1, min(3, positions)))
@@ -162,6 +171,29 @@ def sequence_examples(
     conv = {"weight": weight, "bias": params["bias"]}
     kept = grads[:, : positions - kernel + 1]
     return Problem(_conv_loss, conv, (inputs.transpose(1, 2), kept.transpose(1, 2)))
+
+
+def _tied_problem(draw, grads: torch.Tensor, scale: float, gen) -> Problem:
+    """An embedding [V, d] whose weight is also a linear output layer's; `grads` [B, T, d] is
+    the embedding output's gradient. Crafted rows make the linear use's gradient cancel the
+    embedding's: the linear input is `scale` times the identity (T' = d positions) and its
+    output gradient is minus the embedding's gradient, transposed, up to a 1e-6 wobble."""
+    size, positions, width = grads.shape
+    vocab = draw(st.integers(1, 24))  # above 2 d, the linear use takes the Gram form
+    ids = torch.randint(0, vocab, (size, positions), generator=gen)
+    weight = torch.randn(vocab, width, generator=gen)
+    inputs = torch.empty(size, width, width)
+    out_grads = torch.empty(size, width, vocab)
+    for i in range(size):
+        if draw(st.booleans()):
+            embedding_grad = torch.zeros(vocab, width).index_add(0, ids[i], grads[i])
+            wobble = 1.0 + 1e-6 * torch.randn(vocab, width, generator=gen)
+            inputs[i] = scale * torch.eye(width)
+            out_grads[i] = -(embedding_grad * wobble).T / scale
+        else:
+            inputs[i] = torch.randn(width, width, generator=gen)
+            out_grads[i] = torch.randn(width, vocab, generator=gen)
+    return Problem(_tied_loss, {"weight": weight}, (ids, grads, inputs, out_grads))
 
 
 def _cancelling(positions: int, width: int, scale: float, gen) -> torch.Tensor:
@@ -174,6 +206,15 @@ def _cancelling(positions: int, width: int, scale: float, gen) -> torch.Tensor:
 
 def _linear_loss(params, x, g):
     return (F.linear(x, params["weight"], params["bias"]) * g).sum()
+
+
+def _addmm_loss(params, x, g):
+    return (torch.addmm(params["bias"], x, params["weight"]) * g).sum()
+
+
+def _tied_loss(params, ids, g, x, h):
+    weight = params["weight"]
+    return (F.embedding(ids, weight) * g).sum() + (F.linear(x, weight) * h).sum()
 
 
 def _conv_loss(params, x, g):

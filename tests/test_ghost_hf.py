@@ -1,0 +1,111 @@
+"""Ghost clipping of Hugging Face layers: Conv1D (`torch.addmm`) and tied embeddings.
+
+Full GPT-2 fine-tuning runs with no vmap fallback, and ghost norms and clipped sums equal vmap's;
+the new rules' norms are certified upper bounds for crafted inputs (the engine check).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import funcdp as fdp
+from funcdp.ghost import capture
+from funcdp.testing import check_engine_sensitivity, sequence_examples
+
+transformers = pytest.importorskip("transformers")
+
+import funcdp.hf as fdh  # noqa: E402
+from tests import hf_models  # noqa: E402
+
+
+@pytest.mark.parametrize("layer", ["addmm", "tied"])
+def test_every_engine_bounds_crafted_hf_examples(layer):
+    check_engine_sensitivity(sequence_examples(layers=(layer,)), max_norm=1.0, max_examples=40)
+
+
+def _gpt2_task():
+    torch.manual_seed(0)
+    task = fdh.causal_lm(hf_models.gpt2().train())
+    ids, mask = hf_models.padded_batch()
+    return task, (ids, mask, fdh.causal_lm_labels(ids, mask))
+
+
+def test_full_gpt2_has_no_vmap_fallback_and_ghost_equals_vmap():
+    task, batch = _gpt2_task()
+    assert task.model.lm_head.weight is task.model.transformer.wte.weight  # tied
+
+    def loss(params, *example):
+        return task.loss_fn(params, task.buffers, *example)
+
+    plan = capture.plan(loss, task.params, batch)
+    assert plan.fallback == () and plan.ghost == frozenset(task.params)
+    assert sorted(plan.uses["transformer.wte.weight"]) == list(capture.TIED)
+    assert plan.uses["transformer.h.0.attn.c_attn.weight"] == ("ghost addmm.weight",)
+    for clip in (1e-3, 0.05, 100.0):  # all clipped, some, none
+        ghost = fdp.ghost_clipped_sum(loss, max_norm=clip)(task.params, *batch)
+        summed, norms = fdp.clipped_sum(loss, max_norm=clip)(task.params, *batch)
+        torch.testing.assert_close(ghost.norms, norms, rtol=1e-5, atol=0)
+        for name, g in summed.items():
+            torch.testing.assert_close(ghost.grads[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_tied_norm_is_the_norm_of_the_summed_gradient_not_the_sum_of_norms():
+    """The two uses' gradients cancel: the norm of their sum is far below the sum of norms."""
+    gen = torch.Generator().manual_seed(0)
+    vocab, width, positions = 20, 8, 6  # 2 T^2 < V d: the Gram form, not the formed gradient
+    ids = torch.randint(0, vocab, (2, positions), generator=gen)
+    g = torch.randn(2, positions, width, generator=gen)
+    weight = torch.randn(vocab, width, generator=gen)
+    x = torch.eye(width).expand(2, -1, -1).clone()
+    h = torch.empty(2, width, vocab)
+    for i in range(2):
+        grad_e = torch.zeros(vocab, width).index_add(0, ids[i], g[i])
+        h[i] = -0.5 * grad_e.T  # the linear use's gradient is -0.5 times the embedding's
+
+    def loss(params, ids, g, x, h):
+        w = params["weight"]
+        return (F.embedding(ids, w) * g).sum() + (F.linear(x, w) * h).sum()
+
+    result = fdp.ghost_clipped_sum(loss, max_norm=1e9)({"weight": weight}, ids, g, x, h)
+    for i in range(2):
+        exact = torch.zeros(vocab, width).index_add(0, ids[i], g[i]).double().norm() * 0.5
+        assert float(exact) <= float(result.norms[i]) <= float(exact) * (1 + 1e-5)
+
+
+def test_addmm_with_scaled_terms_is_left_to_vmap():
+    weight, bias = torch.randn(3, 2), torch.randn(2)
+
+    def loss(params, x):
+        return torch.addmm(params["bias"], x, params["weight"], beta=0.5).sum()
+
+    plan = capture.plan(loss, {"weight": weight, "bias": bias}, (torch.randn(2, 4, 3),))
+    assert set(plan.fallback) == {"weight", "bias"}
+    assert plan.uses["weight"] == ("addmm.weight",)
+
+
+def test_a_full_gpt2_step_in_ghost_mode_equals_the_vmap_step():
+    task, batch = _gpt2_task()
+    privatizer = fdp.chain(
+        fdp.clip(max_norm=0.05),
+        fdp.aggregate(),
+        fdp.gaussian_noise(noise_multiplier=1.0),
+        fdp.normalize(expected_batch_size=6),
+        fdp.account(sample_rate=0.1),
+    )
+    optimizer = fdp.optim.sgd(learning_rate=0.1)
+    mask = torch.tensor([True, True, True, True, False, True])  # a padded row too
+    states = {}
+    for mode in ("ghost", "vmap"):
+        step = fdp.make_train_step(
+            task.loss_fn, privatizer, optimizer, performance=fdp.Performance(mode=mode)
+        )
+        state = fdp.TrainState.create(
+            task.params, buffers=task.buffers, privatizer=privatizer, optimizer=optimizer,
+            key=fdp.random.key(0),
+        )  # fmt: skip
+        states[mode], metrics = step(state, fdp.Batch(batch, mask))
+        assert metrics["batch_size"] == 5 and metrics["clipped_fraction"] > 0
+    for name, value in states["vmap"].params.items():
+        torch.testing.assert_close(states["ghost"].params[name], value, rtol=1e-5, atol=1e-6)
