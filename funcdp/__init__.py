@@ -20,6 +20,7 @@ from funcdp.data import (
     shuffled_batches,
     user_batches,
 )
+from funcdp.explain import Explanation, explain, format_explanations
 from funcdp.functional import functionalize, to_module
 from funcdp.memory import AutoChunk
 from funcdp.per_sample import (
@@ -61,8 +62,9 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """`funcdp.audit` and `funcdp.testing` load on first use (testing needs hypothesis)."""
-    if name in ("audit", "testing"):
+    """`funcdp.audit`, `funcdp.testing` and `funcdp.hf` load on first use (testing needs
+    hypothesis; hf needs transformers and peft, the `hf` extra)."""
+    if name in ("audit", "testing", "hf"):
         import importlib
 
         return importlib.import_module(f"funcdp.{name}")
@@ -91,6 +93,7 @@ __all__ = [
     "BudgetExceededError",
     "Change",
     "ClippedSum",
+    "Explanation",
     "Finding",
     "GradientTransformation",
     "IndexBatch",
@@ -119,11 +122,14 @@ __all__ = [
     "data",
     "dpsgd_epsilon",
     "epsilon",
+    "explain",
     "federated",
     "fix",
+    "format_explanations",
     "functionalize",
     "gaussian_noise",
     "gradient_noise_multiplier",
+    "hf",
     "identity",
     "make_eval_step",
     "make_train_step",

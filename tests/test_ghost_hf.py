@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import funcdp as fdp
-from funcdp.ghost import capture
+from funcdp.ghost import capture, ghost_clipped_sum
 from funcdp.testing import check_engine_sensitivity, sequence_examples
 
 transformers = pytest.importorskip("transformers")
@@ -44,8 +44,13 @@ def test_full_gpt2_has_no_vmap_fallback_and_ghost_equals_vmap():
     assert sorted(plan.uses["transformer.wte.weight"]) == list(capture.TIED)
     assert plan.uses["transformer.h.0.attn.c_attn.weight"] == ("ghost addmm.weight",)
     for clip in (1e-3, 0.05, 100.0):  # all clipped, some, none
-        ghost = fdp.ghost_clipped_sum(loss, max_norm=clip)(task.params, *batch)
-        summed, norms = fdp.clipped_sum(loss, max_norm=clip)(task.params, *batch)
+        ghost, vmapped = (
+            fdp.clipped_sum(task.loss_fn, max_norm=clip, mode=mode)(
+                task.params, task.buffers, *batch
+            )
+            for mode in ("ghost", "vmap")
+        )
+        summed, norms = vmapped.grads, vmapped.norms
         torch.testing.assert_close(ghost.norms, norms, rtol=1e-5, atol=0)
         for name, g in summed.items():
             torch.testing.assert_close(ghost.grads[name], g, rtol=1e-5, atol=1e-6, msg=name)
@@ -68,7 +73,7 @@ def test_tied_norm_is_the_norm_of_the_summed_gradient_not_the_sum_of_norms():
         w = params["weight"]
         return (F.embedding(ids, w) * g).sum() + (F.linear(x, w) * h).sum()
 
-    result = fdp.ghost_clipped_sum(loss, max_norm=1e9)({"weight": weight}, ids, g, x, h)
+    result = ghost_clipped_sum(loss, max_norm=1e9)({"weight": weight}, ids, g, x, h)
     for i in range(2):
         exact = torch.zeros(vocab, width).index_add(0, ids[i], g[i]).double().norm() * 0.5
         assert float(exact) <= float(result.norms[i]) <= float(exact) * (1 + 1e-5)

@@ -58,16 +58,11 @@ def test_clipped_sum_equals_a_per_example_loop_with_padding_and_masks(name, mode
     task.model.train()
     assert task.model.config._attn_implementation == "sdpa"  # HF's default, untouched
 
-    def loss(params, *example):
-        return task.loss_fn(params, task.buffers, *example)
-
+    fn = fdp.clipped_sum(task.loss_fn, max_norm=CLIP, mode=mode)  # the train step's loss
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=FALLBACK, category=UserWarning)
-        if mode == "ghost":
-            result = fdp.ghost_clipped_sum(loss, max_norm=CLIP)(task.params, ids, mask, labels)
-            summed, norms = result.grads, result.norms
-        else:
-            summed, norms = fdp.clipped_sum(loss, max_norm=CLIP)(task.params, ids, mask, labels)
+        result = fn(task.params, task.buffers, ids, mask, labels)
+    summed, norms = result.grads, result.norms
     expected, expected_norms = _loop_clipped_sum(task, ids, mask, labels, CLIP)
     assert set(summed) == set(expected)
     torch.testing.assert_close(norms.double(), expected_norms, rtol=1e-5, atol=1e-7)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from funcdp.findings import Change, Finding
+from funcdp._findings import Change, Finding
 from funcdp.hf.attention import SWITCH, model_configs
 
 HF_ATTENTION = "hf_attention"
