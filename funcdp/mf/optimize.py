@@ -69,15 +69,18 @@ def optimize_banded(
 ) -> tuple[float, ...]:
     """Banded Toeplitz coefficients (c_0 = 1, `bands` of them) minimizing `prefix_sum_loss`.
 
-    Starts from the banded square root (`sqrt_coefficients`) and runs L-BFGS on c_1..c_{bands-1}.
+    Each coefficient is the one before times a ratio sigmoid(.) in (0, 1), so they stay positive
+    and decreasing: the optimum's shape for prefix sums, and the condition under which the
+    loss's sensitivity is exact. Starts from the banded square root (`sqrt_coefficients`) and
+    runs L-BFGS on the ratios.
     """
-    start = sqrt_coefficients(bands)
     if bands == 1:
         return (1.0,)
-    free = start[1:].clone().requires_grad_(True)
+    start = sqrt_coefficients(bands)
+    ratios = torch.logit(start[1:] / start[:-1]).requires_grad_(True)
 
-    def loss_of(values: torch.Tensor) -> torch.Tensor:
-        c = torch.cat([torch.ones(1, dtype=_DTYPE), values])
+    def loss_of() -> torch.Tensor:
+        c = torch.cat([torch.ones(1, dtype=_DTYPE), torch.sigmoid(ratios).cumprod(0)])
         return prefix_sum_loss(
             toeplitz_inverse(c, steps),
             c,
@@ -85,9 +88,9 @@ def optimize_banded(
             max_participations=max_participations,
         )
 
-    _minimize(loss_of, free, iterations)
-    best = free if loss_of(free.detach()) <= loss_of(start[1:]) else start[1:]
-    return (1.0, *(float(v) for v in best.detach()))
+    _minimize(loss_of, (ratios,), iterations)
+    c = torch.sigmoid(ratios.detach()).cumprod(0)
+    return (1.0, *(float(v) for v in c))
 
 
 def blt_coefficients(thetas: torch.Tensor, omegas: torch.Tensor, steps: int) -> torch.Tensor:
@@ -121,7 +124,7 @@ def optimize_blt(
         )
 
     for _ in range(4):  # fresh L-BFGS histories: one long run can stall in a poor basin
-        _minimize(loss_of, (raw_theta, raw_omega), iterations // 4, closure=True)
+        _minimize(loss_of, (raw_theta, raw_omega), iterations // 4)
     thetas = torch.sigmoid(raw_theta.detach())
     omegas = _softplus(raw_omega.detach())
     return tuple(float(t) for t in thetas), tuple(float(w) for w in omegas)
@@ -131,10 +134,10 @@ def _softplus(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.softplus(x)
 
 
-def _minimize(loss_of, variables, iterations: int, *, closure: bool = False) -> None:
+def _minimize(loss_of, variables: tuple[torch.Tensor, ...], iterations: int) -> None:
     """L-BFGS on `variables`, left at the best finite point it evaluated (a BLT's inverse can
     overflow far from the optimum; such points count as infinitely bad)."""
-    params = list(variables) if isinstance(variables, tuple) else [variables]
+    params = list(variables)
     optimizer = torch.optim.LBFGS(
         params, lr=1.0, max_iter=iterations, line_search_fn="strong_wolfe", tolerance_grad=1e-12
     )
@@ -142,7 +145,7 @@ def _minimize(loss_of, variables, iterations: int, *, closure: bool = False) -> 
 
     def step():
         optimizer.zero_grad()
-        loss = loss_of() if closure else loss_of(params[0])
+        loss = loss_of()
         if not torch.isfinite(loss):
             return torch.tensor(math.inf, dtype=_DTYPE)
         loss.backward()
