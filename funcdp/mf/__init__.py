@@ -4,7 +4,17 @@
 that `funcdp.correlated_noise(noise_multiplier, strategy)` turns into a transform.
 """
 
+from funcdp.mf.accounting import mechanism
 from funcdp.mf.builders import banded, blt, tree
-from funcdp.mf.strategies import BandedStrategy, BltStrategy, TreeStrategy
+from funcdp.mf.strategies import BandedStrategy, BltStrategy, Strategy, TreeStrategy
 
-__all__ = ["BandedStrategy", "BltStrategy", "TreeStrategy", "banded", "blt", "tree"]
+__all__ = [
+    "BandedStrategy",
+    "BltStrategy",
+    "Strategy",
+    "TreeStrategy",
+    "banded",
+    "blt",
+    "mechanism",
+    "tree",
+]

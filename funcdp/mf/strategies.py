@@ -32,7 +32,7 @@ _DTYPE = torch.float64
 
 
 @dataclass(frozen=True)
-class _Strategy:
+class Strategy:
     """What every strategy shares; subclasses define the matrix and the stream."""
 
     steps: int
@@ -114,7 +114,7 @@ class _Strategy:
 
 
 @dataclass(frozen=True)
-class BandedStrategy(_Strategy):
+class BandedStrategy(Strategy):
     """Banded lower-triangular Toeplitz C (BandMF, Choquette-Choo et al. 2023): c_0 = 1, c_l
     for l < bands, zero beyond. Its stream keeps the last `bands - 1` noise outputs."""
 
@@ -167,7 +167,7 @@ class BandedStrategy(_Strategy):
 
 
 @dataclass(frozen=True)
-class BltStrategy(_Strategy):
+class BltStrategy(Strategy):
     """Buffered linear Toeplitz C (McMahan, Xu & Zhang 2024): Toeplitz with coefficients 1 and
     sum_i omega_i theta_i^(m-1) for m >= 1; its stream solves C y = z with `len(thetas)`
     buffers."""
@@ -210,7 +210,7 @@ class BltStrategy(_Strategy):
 
 
 @dataclass(frozen=True)
-class TreeStrategy(_Strategy):
+class TreeStrategy(Strategy):
     """The binary tree of DP-FTRL (Kairouz et al. 2021), square form: row t of C sums the
     gradients of the dyadic node that step t closes, so B = A C^-1 adds the nodes of t's binary
     decomposition. Its stream keeps one noise draw per level."""
