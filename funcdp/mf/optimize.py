@@ -5,7 +5,7 @@ the diagonal); at the same privacy its total squared error is proportional to
 
     loss(C) = ||A C^-1||_F^2 * sens(C)^2
 
-(Choquette-Choo et al. 2023, "Multi-Epoch Matrix Factorization Mechanisms", eq. 3; Denisov et
+(Choquette-Choo et al. 2023, "Multi-Epoch Matrix Factorization Mechanisms"; Denisov et
 al. 2022). For a lower-triangular Toeplitz C^-1 with coefficients d, A C^-1 is Toeplitz with
 coefficients cumsum(d), so ||A C^-1||_F^2 = sum_m (n - m) cumsum(d)_m^2. The sensitivity used
 while optimizing is that of the earliest b-min-separated pattern (exact for non-negative,

@@ -7,7 +7,7 @@ zero outside S and each u_i is a gradient of norm <= 1. Its squared sensitivity 
 
 with X = C^T C; the bound is tight when X >= 0 entrywise (all g_i equal). Every function here
 returns that bound (Choquette-Choo et al. 2023, "Multi-Epoch Matrix Factorization Mechanisms
-for Private Machine Learning", section 2), so it never under-states the sensitivity.
+for Private Machine Learning", arXiv:2211.06530), so it never under-states the sensitivity.
 
 Participation patterns:
 - single participation: S has one element (the largest column norm of C);
@@ -84,8 +84,8 @@ def toeplitz_sensitivity(
 
     For non-negative, non-increasing coefficients the worst pattern is the earliest one,
     {0, b, ..., (k - 1) b}, so the sensitivity is the norm of the sum of those columns of C
-    (McMahan, Xu & Zhang 2024, "A Hassle-free Algorithm for Private Learning in Practice",
-    Lemma 4.3, after Dvijotham et al. 2024). O(n k) with no n x n matrix.
+    (McMahan, Xu & Zhang 2024, "Hassle-Free Algorithm for Private Learning in Practice: Don't
+    Use Tree Aggregation, Use BLTs", arXiv:2405.13763, Theorem 2). O(n k), no n x n matrix.
 
     Returns:
       the sensitivity, or None when the coefficients are not non-negative and non-increasing

@@ -33,7 +33,7 @@ def blt_step(
     sum_i omega_i theta_i^(m-1)): y_t = z_t - sum_i omega_i S_i.
 
     Buffer i holds S_i = sum_{s < t} theta_i^(t-1-s) y_s and is updated S_i <- theta_i S_i + y_t
-    (McMahan, Xu & Zhang 2024, section 3, run on the outputs to solve C y = z).
+    (McMahan, Xu & Zhang 2024, arXiv:2405.13763; run on the outputs to solve C y = z).
     """
     y = z.clone()
     for i, omega in enumerate(omegas):
