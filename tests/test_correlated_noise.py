@@ -203,3 +203,25 @@ def test_noise_std_per_step_matches_the_noise_matrix_diagonal():
     samples = _released_noise(strategy, coordinates=40_000)
     expected_std = SIGMA * CLIP * SCALE * math.sqrt(4)
     assert samples.std(1).div(expected_std).sub(1).abs().max() < 0.03
+
+
+@pytest.mark.parametrize(
+    "clip, sensitivity",
+    [
+        (fdp.clip(1.5), 1.5),
+        (fdp.clip_per_layer({"a": 0.3, "b": 0.4}), 0.5),
+        (fdp.normalize_per_example(2.0, 0.01), 2.0),
+    ],
+    ids=["flat", "per_layer", "automatic"],
+)
+def test_noise_reads_the_sensitivity_of_every_clipping_scheme(clip, sensitivity):
+    strategy = mf.banded(3, 1, min_separation=3)  # one participation: M = I
+    privatizer = fdp.chain(clip, fdp.aggregate(), correlated_noise(0.8, strategy))
+    params = {"a": torch.zeros(30_000), "b": torch.zeros(30_000)}
+    state = privatizer.init(params)
+    grads = {name: torch.zeros(1, 30_000) for name in params}
+    noisy, _ = privatizer.update(
+        grads, state, params, key=fdp.random.key(0), mask=torch.ones(1, dtype=bool)
+    )
+    std = torch.cat([noisy["a"], noisy["b"]]).std().item()
+    assert std == pytest.approx(0.8 * sensitivity, rel=0.02)  # standard error of the std: 0.3%
