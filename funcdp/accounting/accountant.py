@@ -108,8 +108,8 @@ def calibrate_noise(
         correlated noise pass the strategy's: `funcdp.mf.mechanism(strategy)`.
 
     Returns:
-      sigma such that the epsilon of `steps` steps at sigma is at most `target_epsilon` (the search stops
-      within a relative 1e-4 of the smallest such sigma).
+      sigma such that the epsilon of `steps` steps at sigma is at most `target_epsilon` (the
+      search stops within a relative 1e-4 of the smallest such sigma).
 
     Raises:
       ValueError: an argument outside its range or an unknown method.
