@@ -1,4 +1,4 @@
-"""`funcdp train --mechanism bandmf|blt|tree` (funcdp/mf/recipe.py and its flags in funcdp/cli.py)."""
+"""`funcdp train --mechanism bandmf|blt|tree`: funcdp/mf/recipe.py and its flags in cli.py."""
 
 from __future__ import annotations
 

@@ -16,8 +16,9 @@ def mechanism(
     Amplified BandMF (banded C with bands <= b, batches from `cyclic_poisson_batches` with b
     groups): each of a unit's ceil(n / b) participations touches rows of C that no other
     touches, so the run composes Poisson-subsampled Gaussians with noise multiplier
-    sigma * s / (largest column norm of C) (Choquette-Choo et al. 2023, "(Amplified) Banded Matrix Factorization", arXiv:2306.08153;
-    JAX Privacy accounts it the same way). Every other strategy (BLT, tree, banded with
+    sigma * s / (largest column norm of C) (Choquette-Choo et al. 2023, "(Amplified) Banded
+    Matrix Factorization", arXiv:2306.08153; JAX Privacy accounts it the same way). Every
+    other strategy (BLT, tree, banded with
     bands > b) is one Gaussian mechanism with noise multiplier sigma over the run: its noise is
     scaled to the sensitivity s of the whole participation pattern, and no amplification by
     sampling is claimed.
