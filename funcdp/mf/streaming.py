@@ -38,9 +38,10 @@ def blt_step(
     y = z.clone()
     for i, omega in enumerate(omegas):
         y.sub_(buffer[i], alpha=omega)
-    scales = torch.tensor(thetas, dtype=buffer.dtype, device=buffer.device)
-    scales = scales.reshape((-1,) + (1,) * z.dim())
-    return y, buffer * scales + y[None]
+    new = torch.empty_like(buffer)
+    for i, theta in enumerate(thetas):  # one pass per buffer, no host-to-device copy
+        torch.add(y, buffer[i], alpha=theta, out=new[i])
+    return y, new
 
 
 def tree_step(

@@ -106,7 +106,10 @@ def _update(strategy: Strategy, std: float):
                 f"correlated_noise's state holds {len(buffers)} buffers for a gradient of "
                 f"{len(leaves)} tensors: initialize it with the parameters being trained"
             )
-        draws = add_noise([torch.zeros_like(leaf) for leaf in leaves], 1.0, key)
+        # N(0, 1) draws through gaussian_noise's key and device handling; the zeros are
+        # broadcast scalars, so they take no memory.
+        zeros = [torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape) for x in leaves]
+        draws = add_noise(zeros, 1.0, key)
         noisy, new_buffers = [], []
         for leaf, buffer, z in zip(leaves, buffers, draws, strict=True):
             y, buffer = strategy.stream_step(buffer, z, index)
