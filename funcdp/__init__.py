@@ -7,15 +7,24 @@ transforms (`chain`); a train step is a pure function of one state pytree.
 
 import torch as _torch
 
-from funcdp import accounting, data, federated, memory, nn, optim, random, transforms, tree
+from funcdp import accounting, data, federated, memory, mf, nn, optim, random, transforms, tree
 from funcdp._engines import ClippedSum, clipped_sum
-from funcdp.accounting import Ledger, LedgerRecord, calibrate_noise, dpsgd_epsilon, epsilon
+from funcdp.accounting import (
+    Ledger,
+    LedgerRecord,
+    Mechanism,
+    calibrate_noise,
+    dpsgd_epsilon,
+    epsilon,
+)
 from funcdp.data import (
     Batch,
     IndexBatch,
     PoissonLoader,
     UserIndexBatch,
     UserLoader,
+    balls_in_bins_batches,
+    cyclic_poisson_batches,
     poisson_batches,
     shuffled_batches,
     user_batches,
@@ -34,6 +43,7 @@ from funcdp.transforms import (
     AccountState,
     AdaptiveClipState,
     BudgetExceededError,
+    CorrelatedNoiseState,
     GradientTransformation,
     account,
     adaptive_clip,
@@ -43,6 +53,7 @@ from funcdp.transforms import (
     clip,
     clip_by,
     clip_per_layer,
+    correlated_noise,
     gaussian_noise,
     gradient_noise_multiplier,
     identity,
@@ -79,6 +90,7 @@ _torch.serialization.add_safe_globals(
         LedgerRecord,
         AccountState,
         AdaptiveClipState,
+        CorrelatedNoiseState,
         optim.SgdState,
         optim.AdamState,
         optim.TorchOptimizerState,
@@ -93,12 +105,14 @@ __all__ = [
     "BudgetExceededError",
     "Change",
     "ClippedSum",
+    "CorrelatedNoiseState",
     "Explanation",
     "Finding",
     "GradientTransformation",
     "IndexBatch",
     "Ledger",
     "LedgerRecord",
+    "Mechanism",
     "NonFiniteError",
     "Performance",
     "PoissonLoader",
@@ -111,6 +125,7 @@ __all__ = [
     "audit",
     "adaptive_clip",
     "aggregate",
+    "balls_in_bins_batches",
     "budget",
     "calibrate_noise",
     "chain",
@@ -119,6 +134,8 @@ __all__ = [
     "clip_by",
     "clip_per_layer",
     "clipped_sum",
+    "correlated_noise",
+    "cyclic_poisson_batches",
     "data",
     "dpsgd_epsilon",
     "epsilon",
@@ -134,6 +151,7 @@ __all__ = [
     "make_eval_step",
     "make_train_step",
     "memory",
+    "mf",
     "nn",
     "normalize",
     "normalize_per_example",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -25,6 +26,7 @@ from funcdp import datasets
 from funcdp.audit import command as audit_command
 from funcdp.data import default_steps
 from funcdp.federated import command as fedavg_command
+from funcdp.mf.recipe import MECHANISMS, fit_correlated
 from funcdp.recipe import Recipe, TrainResult, check_batch_size, fit
 
 ACCOUNTANTS = ("rdp", "pld")
@@ -145,6 +147,19 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--accountant", choices=ACCOUNTANTS, default=d.accountant, help="default %(default)s"
     )
+    parser.add_argument(
+        "--mechanism",
+        choices=("dpsgd", *MECHANISMS),
+        default="dpsgd",
+        help="noise independent across steps (dpsgd) or correlated: bandmf (cyclic Poisson over "
+        "--bands groups, amplified), blt or tree (one step per epoch); default %(default)s",
+    )
+    parser.add_argument(
+        "--bands", type=_positive(int), default=4, help="BandMF's bands (default 4)"
+    )
+    parser.add_argument(
+        "--buffers", type=_positive(int), default=4, help="BLT's buffers (default 4)"
+    )
     parser.add_argument("--data", metavar="PATH", help=_DATA_HELP)
     parser.add_argument(
         "--save",
@@ -186,7 +201,7 @@ def train(args: argparse.Namespace) -> int:
         progress.clear()
         if epoch == 1:
             (record,) = result.state.ledger.records
-            steps = recipe.epochs * default_steps(record.sample_rate)
+            steps = recipe.epochs * default_steps(recipe.batch_size / len(data.y_train))
             world = "" if group is None else f", {dist.get_world_size(group)} processes"
             print(
                 f"{len(data.y_train)} train / {len(data.y_test)} test examples; sample rate "
@@ -200,8 +215,13 @@ def train(args: argparse.Namespace) -> int:
             flush=True,
         )
 
+    if args.mechanism == "dpsgd":
+        train_fn = fit
+    else:
+        size = args.bands if args.mechanism == "bandmf" else args.buffers
+        train_fn = functools.partial(fit_correlated, mechanism=args.mechanism, size=size)
     try:
-        result = fit(
+        result = train_fn(
             data,
             recipe,
             seed=args.seed,

@@ -16,6 +16,8 @@ import torch
 
 from funcdp import random as fdr
 from funcdp._checks import check_sample_rate
+from funcdp._cyclic_sampling import balls_in_bins_batches as balls_in_bins_batches
+from funcdp._cyclic_sampling import cyclic_poisson_batches as cyclic_poisson_batches
 
 
 class IndexBatch(NamedTuple):

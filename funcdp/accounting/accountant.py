@@ -12,7 +12,7 @@ import dp_accounting
 from dp_accounting import pld, rdp
 
 from funcdp._checks import check_delta, check_noise_multiplier, check_positive, check_sample_rate
-from funcdp.accounting.ledger import Ledger
+from funcdp.accounting.ledger import DPSGD, Ledger, Mechanism
 
 Method = Literal["rdp", "pld"]
 
@@ -91,8 +91,9 @@ def calibrate_noise(
     sample_rate: float,
     steps: int,
     method: Method = "rdp",
+    mechanism: Mechanism = DPSGD,
 ) -> float:
-    """The smallest noise multiplier whose `steps` DP-SGD steps spend at most `target_epsilon`.
+    """The smallest noise multiplier whose `steps` steps spend at most `target_epsilon`.
 
     Every argument is keyword only: `delta` and `sample_rate` both lie in (0, 1), so a
     positional swap would pass every check and return a too-small noise multiplier.
@@ -103,10 +104,12 @@ def calibrate_noise(
       sample_rate: Poisson sampling rate q in (0, 1].
       steps: number of steps, a positive int.
       method: "rdp" or "pld", as in `epsilon`.
+      mechanism: how the steps compose (`funcdp.accounting.Mechanism`); default DP-SGD. For
+        correlated noise pass the strategy's: `funcdp.mf.mechanism(strategy)`.
 
     Returns:
-      sigma such that `dpsgd_epsilon` at sigma is at most `target_epsilon` (the search stops
-      within a relative 1e-4 of the smallest such sigma).
+      sigma such that the epsilon of `steps` steps at sigma is at most `target_epsilon` (the
+      search stops within a relative 1e-4 of the smallest such sigma).
 
     Raises:
       ValueError: an argument outside its range or an unknown method.
@@ -117,12 +120,15 @@ def calibrate_noise(
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     _check_method(method)
+    Ledger().record(1.0, sample_rate, 0, mechanism=mechanism)  # checks the mechanism now
 
     def event(noise_multiplier: float) -> dp_accounting.DpEvent:
-        return Ledger().record(noise_multiplier, sample_rate, steps).to_dp_event()
+        return (
+            Ledger().record(noise_multiplier, sample_rate, steps, mechanism=mechanism).to_dp_event()
+        )
 
     def spent(noise_multiplier: float, kind: Method) -> float:
-        ledger = Ledger().record(noise_multiplier, sample_rate, steps)
+        ledger = Ledger().record(noise_multiplier, sample_rate, steps, mechanism=mechanism)
         return epsilon(ledger, delta=delta, method=kind)
 
     if method == "rdp":
@@ -136,6 +142,7 @@ def calibrate_noise(
             sample_rate=sample_rate,
             steps=steps,
             method="rdp",
+            mechanism=mechanism,
         )
         lower = upper / 2
         while spent(lower, "pld") <= target_epsilon:

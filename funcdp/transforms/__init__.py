@@ -25,6 +25,7 @@ from funcdp.transforms.clipping import (
     flat_factors,
     normalize_per_example,
 )
+from funcdp.transforms.correlated_noise import CorrelatedNoiseState, correlated_noise
 from funcdp.transforms.noise import gaussian_noise, gradient_noise_multiplier
 from funcdp.transforms.normalization import normalize
 
@@ -35,6 +36,7 @@ __all__ = [
     "AccountState",
     "AdaptiveClipState",
     "BudgetExceededError",
+    "CorrelatedNoiseState",
     "FactorRule",
     "GradientTransformation",
     "PrivacyContext",
@@ -46,6 +48,7 @@ __all__ = [
     "clip",
     "clip_by",
     "clip_per_layer",
+    "correlated_noise",
     "flat_factors",
     "gaussian_noise",
     "gradient_noise_multiplier",

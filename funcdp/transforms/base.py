@@ -48,6 +48,8 @@ class PrivacyContext(NamedTuple):
         between processes, which a process group must refuse).
       checks: functions of a chain's new state that refuse an update before it is returned
         (`budget` reads the ledger that `account` keeps); they raise.
+      strategy: the `funcdp.mf` strategy of `correlated_noise` (None for independent noise),
+        from which `account` derives how the steps compose.
     """
 
     sensitivity: float | None = None
@@ -58,6 +60,7 @@ class PrivacyContext(NamedTuple):
     count_noise_multiplier: float | None = None
     secure: bool = False
     checks: tuple[Callable[[tuple], None], ...] = ()
+    strategy: Any = None
 
 
 Bind = Callable[[PrivacyContext], tuple["GradientTransformation", PrivacyContext]]

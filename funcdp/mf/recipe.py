@@ -1,0 +1,132 @@
+"""`funcdp train --mechanism bandmf|blt|tree`: the recipe's training with correlated noise.
+
+The same model, loss, clip, optimizer, steps and expected batch size as `funcdp.recipe.fit`
+(DP-SGD); only the noise, the sampler and the accounting change. Not imported by
+`funcdp.mf` (it needs the train step); the command line imports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import funcdp as fdp
+from funcdp import datasets
+from funcdp.data import cyclic_poisson_batches, default_steps
+from funcdp.mf.accounting import mechanism as strategy_mechanism
+from funcdp.mf.builders import banded, blt, tree
+from funcdp.mf.strategies import Strategy
+from funcdp.recipe import Recipe, TrainResult, build_model, check_batch_size
+from funcdp.recipe import classifier_loss_and_metrics as _loss_and_metrics
+from funcdp.transforms.correlated_noise import correlated_noise
+
+MECHANISMS = ("bandmf", "blt", "tree")
+
+
+def build_strategy(mechanism: str, *, steps: int, steps_per_epoch: int, size: int) -> Strategy:
+    """BandMF with `size` bands (amplified: min_separation = bands), or a BLT with `size`
+    buffers or the tree, normalized for one participation per epoch.
+
+    Raises:
+      ValueError: an unknown mechanism, or bands beyond one epoch's steps.
+    """
+    if mechanism == "bandmf":
+        if size > steps_per_epoch:
+            raise ValueError(
+                f"bands must be at most the steps of one epoch ({steps_per_epoch}), got {size}"
+            )
+        return banded(steps, size)
+    if mechanism == "blt":
+        return blt(steps, size, min_separation=steps_per_epoch)
+    if mechanism == "tree":
+        return tree(steps, min_separation=steps_per_epoch)
+    raise ValueError(f"mechanism must be one of {MECHANISMS}, got {mechanism!r}")
+
+
+def fit_correlated(
+    data: datasets.Split,
+    recipe: Recipe,
+    *,
+    mechanism: str,
+    size: int = 4,
+    seed: int = 0,
+    on_epoch: Callable[[int, TrainResult], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+    process_group: Any = None,
+) -> TrainResult:
+    """Trains like `funcdp.recipe.fit`, with `correlated_noise` and cyclic Poisson batches.
+
+    The examples are split into b groups (b = bands for BandMF, the steps of one epoch for BLT
+    and the tree); group t mod b is sampled at step t with rate min(1, batch_size * b / n), so
+    the expected batch size is the recipe's. Sigma is calibrated for the strategy's mechanism
+    (`funcdp.mf.mechanism`), and the epsilon is read from the ledger.
+
+    Raises:
+      ValueError: a bad mechanism or size, a batch larger than the training set, or a process
+        group (the cyclic sampler has no shards yet).
+    """
+    if process_group is not None:
+        raise ValueError(
+            "correlated noise runs in one process for now: cyclic_poisson_batches has no "
+            "rank/world_size shards; run without torchrun or use --mechanism dpsgd"
+        )
+    n_train = len(data.y_train)
+    check_batch_size(recipe, n_train)
+    steps_per_epoch = default_steps(recipe.batch_size / n_train)
+    steps = recipe.epochs * steps_per_epoch
+    strategy = build_strategy(mechanism, steps=steps, steps_per_epoch=steps_per_epoch, size=size)
+    groups = strategy.min_separation
+    q = min(1.0, recipe.batch_size * groups / n_train)
+    sigma = fdp.calibrate_noise(
+        target_epsilon=recipe.epsilon,
+        delta=recipe.delta,
+        sample_rate=q,
+        steps=steps,
+        method=recipe.accountant,
+        mechanism=strategy_mechanism(strategy, min_separation=groups),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(data.num_features, data.num_classes, recipe.hidden)
+    apply_fn, params, buffers = fdp.functionalize(model)
+    loss_fn, metric_fn = _loss_and_metrics(apply_fn)
+    privatizer = fdp.chain(
+        fdp.clip(max_norm=recipe.clip),
+        fdp.aggregate(),
+        correlated_noise(sigma, strategy),
+        fdp.normalize(expected_batch_size=q * n_train / groups),
+        fdp.account(q, min_separation=groups),
+    )
+    optimizer = fdp.optim.sgd(learning_rate=recipe.lr)
+    step = fdp.make_train_step(loss_fn, privatizer, optimizer)
+    eval_step = fdp.make_eval_step(metric_fn)
+    root = fdp.random.key(seed)
+    state = fdp.TrainState.create(
+        params,
+        buffers=buffers,
+        privatizer=privatizer,
+        optimizer=optimizer,
+        key=fdp.random.fold_in(root, 0),
+    )
+    batches = cyclic_poisson_batches(
+        n_train, q, key=fdp.random.fold_in(root, 1), min_separation=groups, steps=steps
+    )
+    test = fdp.Batch((data.x_test, data.y_test), torch.ones(len(data.y_test), dtype=torch.bool))
+    result = None
+    for index in batches:
+        inputs = (data.x_train[index.indices], data.y_train[index.indices])
+        state, _ = step(state, fdp.Batch(inputs, index.mask))  # metrics are private: dropped
+        if on_step is not None:
+            on_step(state.step, steps)
+        epoch, position = divmod(state.step, steps_per_epoch)
+        if position or (on_epoch is None and epoch < recipe.epochs):
+            continue
+        scores = eval_step(state, test)
+        spent = fdp.epsilon(state.ledger, delta=recipe.delta, method=recipe.accountant)
+        trained = fdp.to_module(model, state)
+        result = TrainResult(trained, state, sigma, scores["loss"], scores["accuracy"], spent)
+        if on_epoch is not None:
+            on_epoch(epoch, result)
+    return result

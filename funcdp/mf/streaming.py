@@ -1,0 +1,65 @@
+"""Streaming noise: (C^-1 z)_t from z_t and a small state, one step at a time.
+
+Each function takes the state of one tensor (a buffer [m, *shape] in the tensor's dtype and
+device), the fresh standard normal draw z_t of that shape and the step index t, and returns
+(C^-1 z)_t and the new state. None of them forms an n x n matrix; `tests/test_mf.py` checks
+each against the dense `strategy.inverse_matrix(n) @ z`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def banded_step(
+    buffer: torch.Tensor, z: torch.Tensor, coefficients: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward substitution in a banded Toeplitz C with c_0 = 1: y_t = z_t - sum_l c_l y_{t-l}.
+
+    The buffer holds the last `bands - 1` outputs, newest first.
+    """
+    y = z.clone()
+    for lag, c in enumerate(coefficients[1:]):
+        y.sub_(buffer[lag], alpha=c)
+    if buffer.shape[0] == 0:
+        return y, buffer
+    return y, torch.cat([y[None], buffer[:-1]])
+
+
+def blt_step(
+    buffer: torch.Tensor, z: torch.Tensor, thetas: tuple[float, ...], omegas: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward substitution in a buffered linear Toeplitz C (coefficients 1, then
+    sum_i omega_i theta_i^(m-1)): y_t = z_t - sum_i omega_i S_i.
+
+    Buffer i holds S_i = sum_{s < t} theta_i^(t-1-s) y_s and is updated S_i <- theta_i S_i + y_t
+    (McMahan, Xu & Zhang 2024, arXiv:2405.13763; run on the outputs to solve C y = z).
+    """
+    y = z.clone()
+    for i, omega in enumerate(omegas):
+        y.sub_(buffer[i], alpha=omega)
+    new = torch.empty_like(buffer)
+    for i, theta in enumerate(thetas):  # one pass per buffer, no host-to-device copy
+        torch.add(y, buffer[i], alpha=theta, out=new[i])
+    return y, new
+
+
+def tree_step(
+    buffer: torch.Tensor, z: torch.Tensor, index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The binary tree's noise on one gradient: the prefix noise at t minus that at t - 1.
+
+    Step t (counted from 1) closes the node of level l = the number of trailing zero bits of t,
+    which covers the nodes of levels < l of step t - 1's binary decomposition. Slot l of the
+    buffer holds the noise of the open level-l node, zero where none is open (Dwork et al. 2010,
+    Chan, Shi & Song 2011).
+    """
+    count = index + 1
+    level = (count & -count).bit_length() - 1
+    if level >= buffer.shape[0]:
+        raise ValueError(f"tree noise has {buffer.shape[0]} levels, step {index} needs {level}")
+    y = z - buffer[:level].sum(0)
+    new = buffer.clone()
+    new[:level] = 0
+    new[level] = z
+    return y, new
