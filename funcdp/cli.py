@@ -11,18 +11,20 @@ import argparse
 import contextlib
 import functools
 import logging
-import math
 import os
 import secrets
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 
 import funcdp as fdp
 from funcdp import datasets
+from funcdp._cli_types import Parser, non_negative, positive
+from funcdp._cli_types import delta as delta_type
+from funcdp._cli_types import sample_rate as sample_rate_type
 from funcdp.audit import command as audit_command
 from funcdp.data import default_steps
 from funcdp.federated import command as fedavg_command
@@ -68,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with one subparser per entry of `_subcommands()`."""
-    parser = _Parser(prog="funcdp", description="A functional differential-privacy engine.")
+    parser = Parser(prog="funcdp", description="A functional differential-privacy engine.")
     parser.add_argument("--version", action="version", version=f"funcdp {fdp.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in _subcommands():
@@ -133,14 +135,14 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = _TRAIN_DESCRIPTION
     d = Recipe()
     flags = [
-        ("--epsilon", _positive(float), d.epsilon, "target epsilon, > 0"),
-        ("--delta", _delta, d.delta, "target delta, in (0, 1)"),
-        ("--epochs", _positive(int), d.epochs, "epochs of round(1/q) Poisson steps each"),
-        ("--batch-size", _positive(int), d.batch_size, "EXPECTED batch size; q = it / n_train"),
-        ("--clip", _positive(float), d.clip, "per-example L2 clipping norm, > 0"),
-        ("--lr", _positive(float), d.lr, "SGD learning rate, > 0"),
-        ("--hidden", _non_negative(int), d.hidden, "hidden units of an MLP; 0: linear model"),
-        ("--seed", _non_negative(int), 0, "seed of the initialization, sampling and noise"),
+        ("--epsilon", positive(float), d.epsilon, "target epsilon, > 0"),
+        ("--delta", delta_type, d.delta, "target delta, in (0, 1)"),
+        ("--epochs", positive(int), d.epochs, "epochs of round(1/q) Poisson steps each"),
+        ("--batch-size", positive(int), d.batch_size, "EXPECTED batch size; q = it / n_train"),
+        ("--clip", positive(float), d.clip, "per-example L2 clipping norm, > 0"),
+        ("--lr", positive(float), d.lr, "SGD learning rate, > 0"),
+        ("--hidden", non_negative(int), d.hidden, "hidden units of an MLP; 0: linear model"),
+        ("--seed", non_negative(int), 0, "seed of the initialization, sampling and noise"),
     ]
     for flag, kind, default, text in flags:
         parser.add_argument(flag, type=kind, default=default, help=f"{text} (default %(default)g)")
@@ -154,11 +156,9 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         help="noise independent across steps (dpsgd) or correlated: bandmf (cyclic Poisson over "
         "--bands groups, amplified), blt or tree (one step per epoch); default %(default)s",
     )
+    parser.add_argument("--bands", type=positive(int), default=4, help="BandMF's bands (default 4)")
     parser.add_argument(
-        "--bands", type=_positive(int), default=4, help="BandMF's bands (default 4)"
-    )
-    parser.add_argument(
-        "--buffers", type=_positive(int), default=4, help="BLT's buffers (default 4)"
+        "--buffers", type=positive(int), default=4, help="BLT's buffers (default 4)"
     )
     parser.add_argument("--data", metavar="PATH", help=_DATA_HELP)
     parser.add_argument(
@@ -319,9 +319,9 @@ class _Progress:
 def _calculator_arguments(parser: argparse.ArgumentParser, first: tuple) -> None:
     flags = [
         first,
-        ("--sample-rate", _sample_rate, None, "Poisson sampling rate q, in (0, 1]"),
-        ("--steps", _positive(int), None, "number of DP-SGD steps, > 0"),
-        ("--delta", _delta, Recipe().delta, "delta, in (0, 1) (default %(default)g)"),
+        ("--sample-rate", sample_rate_type, None, "Poisson sampling rate q, in (0, 1]"),
+        ("--steps", positive(int), None, "number of DP-SGD steps, > 0"),
+        ("--delta", delta_type, Recipe().delta, "delta, in (0, 1) (default %(default)g)"),
     ]
     for flag, kind, default, text in flags:
         parser.add_argument(flag, type=kind, default=default, required=default is None, help=text)
@@ -329,12 +329,12 @@ def _calculator_arguments(parser: argparse.ArgumentParser, first: tuple) -> None
 
 
 def _epsilon_arguments(parser: argparse.ArgumentParser) -> None:
-    sigma = ("--noise-multiplier", _non_negative(float), None, "noise std / clip norm, >= 0")
+    sigma = ("--noise-multiplier", non_negative(float), None, "noise std / clip norm, >= 0")
     _calculator_arguments(parser, sigma)
 
 
 def _noise_arguments(parser: argparse.ArgumentParser) -> None:
-    _calculator_arguments(parser, ("--epsilon", _positive(float), None, "target epsilon, > 0"))
+    _calculator_arguments(parser, ("--epsilon", positive(float), None, "target epsilon, > 0"))
 
 
 def epsilon(args: argparse.Namespace) -> int:
@@ -366,46 +366,3 @@ def noise(args: argparse.Namespace) -> int:
         ) from None
     print(repr(value))
     return 0
-
-
-# ---------------------------------------------------------------------------------------------
-# argument types: each error names the value and the allowed range; argparse adds the argument
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line, `prog: error: ...`, with exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _ranged(kind: type, low: float, high: float, *, closed_low: bool, closed_high: bool):
-    """An argparse type: a `kind` in the range low..high, an error naming the range otherwise."""
-    text_range = f"{'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            name = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
-        above = value >= low if closed_low else value > low
-        below = value <= high if closed_high else value < high
-        if not (above and below):  # also refuses NaN
-            raise argparse.ArgumentTypeError(f"must be in {text_range}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def _positive(kind: type):
-    return _ranged(kind, 0, math.inf, closed_low=False, closed_high=False)
-
-
-def _non_negative(kind: type):
-    return _ranged(kind, 0, math.inf, closed_low=True, closed_high=False)
-
-
-_delta = _ranged(float, 0, 1, closed_low=False, closed_high=False)
-_sample_rate = _ranged(float, 0, 1, closed_low=False, closed_high=True)
