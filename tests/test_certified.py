@@ -179,9 +179,9 @@ def _amplifier_batch():
 def test_an_amplifying_example_does_not_move_another_examples_share(monkeypatch, amplification):
     """Removing example 0 moves the ghost sum by its share, not by the rounding that example
     1's large cancelling terms bring into the float32 book-keeping sum (1.000005 C was seen)."""
-    from funcdp.ghost import rules
+    from funcdp.ghost import bounds
 
-    monkeypatch.setattr(rules, "AMPLIFICATION", amplification)
+    monkeypatch.setattr(bounds, "AMPLIFICATION", amplification)
     params, x, g = _amplifier_batch()
 
     def loss(params, buffers, x, g):

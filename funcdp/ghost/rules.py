@@ -22,7 +22,7 @@ G, plus the rounding that the example's own terms bring into the book-keeping su
 <A A^T, G G^T> cancels catastrophically when an example's inputs share a large common part and
 its output gradients nearly cancel (a float32 estimate can then be 0, negative or NaN); its error
 is bounded a priori from the per-position norms (Higham 2002, section 3.1) and, where that bound
-is more than `TOLERANCE` of the estimate, the example's gradient of that op is formed (as the
+is more than `bounds.TOLERANCE` of the estimate, the example's gradient of that op is formed (as the
 vmap engine would), and the formed gradient, whose norm is read directly, is summed apart from
 the book-keeping ("certify or fall back"). In a compiled step, which takes no data-dependent
 branch, such an example keeps its certified bound instead: still an upper bound, only looser,
@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from funcdp._certify import gamma, matmul_roundoff, sqrt_upper, squares_upper, unit_roundoff
+from funcdp.ghost import bounds
+from funcdp.ghost.bounds import SMALL_GRAMS, certified, diagonal_norms, quadratic
 from funcdp.ghost.capture import ADDMM, CONV, EMBEDDING, GROUP_NORM, LAYER_NORM, LINEAR, OpSpec
 
 
@@ -60,14 +62,6 @@ class Piece(NamedTuple):
     reach: torch.Tensor | None = None
 
 
-# The largest relative excess of a certified norm over its estimate before the formed path.
-TOLERANCE = 2.0**-10
-# The largest ratio of an example's terms, sum_t |A_t| |G_t|, to its gradient's norm outside the
-# formed path; ordinary data sits near sqrt(T) (8 on the benchmark transformer).
-AMPLIFICATION = 64.0
-# Up to this many multiply-adds, an op's Gram matrices are computed in float64 (their error
-# bound then nearly vanishes); above it in the working dtype, whose bound costs up to TOLERANCE.
-SMALL_GRAMS = 1 << 22
 _U64 = 2.0**-53
 
 
@@ -206,13 +200,13 @@ def _embedding(spec, inputs, grads, shapes, real):
     estimate = (gram.double() * same.double()).sum((1, 2))
     # Each Gram entry is off by at most gamma_p |G_t| |G_s|; the float64 sum adds gamma_(T^2).
     v = matmul_roundoff(g.dtype, g.device)
-    norms = _diagonal_norms(gram, g.shape[-1], v)  # [B, T], each position's output gradient
-    error = (gamma(g.shape[-1], v) + gamma(positions**2 + 1, _U64)) * _quadratic(norms, same)
+    norms = diagonal_norms(gram, g.shape[-1], v)  # [B, T], each position's output gradient
+    error = (gamma(g.shape[-1], v) + gamma(positions**2 + 1, _U64)) * quadratic(norms, same)
     reach = norms.sum(1).double() * (1.0 + 2.0 * gamma(positions + 1, u))
-    bound = _certified(estimate, error, reach, positions, u)
+    bound = certified(estimate, error, reach, positions, u)
     exact, rounding = estimate + error, gamma(positions, u) * reach
     shape = shapes[spec.weight]
-    flagged = _flagged(bound, estimate, real, reach)
+    flagged = bounds.flagged(bound, estimate, real, reach)
     formed = None if torch.compiler.is_compiling() else _FormedRows(ids, g, flagged, padding)
 
     def book(factors):
@@ -312,19 +306,19 @@ def _matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real) -> P
     gram_g = torch.bmm(g_rows, g_rows.transpose(1, 2))
     estimate = (gram_a.double() * gram_g.double()).reshape(size, -1).sum(1)
     v = matmul_roundoff(gram_a.dtype, gram_a.device)
-    na, ng = _diagonal_norms(gram_a, d, v), _diagonal_norms(gram_g, p, v)  # [B * groups, T]
+    na, ng = diagonal_norms(gram_a, d, v), diagonal_norms(gram_g, p, v)  # [B * groups, T]
     # reach: sum over positions of |A_t| |G_t|, the size of the terms that can cancel
     reach = (na * ng).sum(1).double().reshape(size, groups).square().sum(1).sqrt()
     reach = reach * (1.0 + 2.0 * gamma(positions + 3, unit_roundoff(na.dtype)))
     # |error of a Gram entry| <= gamma_d |A_t| |A_s| (gamma_p for G); then the float64 sum
-    error = gamma(d, v) * _quadratic(na, gram_g.abs()) + gamma(p, v) * _quadratic(ng, gram_a.abs())
+    error = gamma(d, v) * quadratic(na, gram_g.abs()) + gamma(p, v) * quadratic(ng, gram_a.abs())
     cross = 3.0 * gamma(d, v) * gamma(p, v) + gamma(positions**2 + 1, _U64)
     error = error.reshape(size, groups).sum(1) + cross * 2.0 * reach.square()
     # the book-keeping product's rounding, at the precision torch runs it with
     u = matmul_roundoff(a.dtype, a.device)
-    bound = _certified(estimate, error, reach, positions, u)
+    bound = certified(estimate, error, reach, positions, u)
     exact, rounding = estimate + error, gamma(positions, u) * reach
-    flagged = _flagged(bound, estimate, real, reach)
+    flagged = bounds.flagged(bound, estimate, real, reach)
     formed = None if torch.compiler.is_compiling() else _formed_matmul(a, g, flagged)
     if formed is not None:
         bound = bound.index_put((formed[0],), formed[2])
@@ -332,42 +326,6 @@ def _matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real) -> P
     squared = bound.square() * (1.0 + 2.0 * _U64)
     book = _book(a, g, shape, p, d, groups, formed)
     return Piece(name, squared, book, exact, rounding, reach)
-
-
-def _diagonal_norms(gram: torch.Tensor, n: int, u: float) -> torch.Tensor:
-    """Upper bounds on each position's norm from a Gram matrix's diagonal [N, T, T] -> [N, T].
-
-    They only size error terms: a diagonal entry is |x_t|^2 up to gamma_n (u: the product's
-    roundoff), plus what underflowed squares can lose (n 2^-126, under sqrt(n) 2^-63); an
-    overflowed one is inf, which sends its example to the formed path.
-    """
-    squares = gram.diagonal(dim1=1, dim2=2).clamp(min=0.0)
-    return (squares * (1.0 + 2.0 * gamma(n + 1, u))).sqrt() * (1.0 + u) + n**0.5 * 2.0**-63
-
-
-def _quadratic(norms: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """An upper bound on n^T M n per row, for n >= 0 and M >= 0: [N, T], [N, T, T] -> [N]
-    (float64 out). Computed in M's dtype: T^2 nonnegative terms, each of three factors, so
-    the relative error is at most gamma_(T^2 + 3)."""
-    n = norms.to(matrix.dtype)
-    value = (matrix * (n[:, :, None] * n[:, None, :])).sum((1, 2)).double()
-    return value * (1.0 + 2.0 * gamma(n.shape[-1] ** 2 + 3, unit_roundoff(matrix.dtype)))
-
-
-def _certified(estimate, error, reach, positions: int, u: float) -> torch.Tensor:
-    """A norm bound from a squared-norm estimate and its error bound, plus the rounding the
-    example's own terms add to the book-keeping sum (gamma_T reach)."""
-    return sqrt_upper((estimate + error).clamp(min=0.0)) + gamma(positions, u) * reach
-
-
-def _flagged(bound, estimate, real, reach) -> torch.Tensor:
-    """Real rows whose bound exceeds sqrt(estimate) by more than TOLERANCE (or whose estimate
-    is not a finite, non-negative number), or whose terms are more than AMPLIFICATION times
-    their sum's norm: such terms, in the float32 book-keeping sum, would round the OTHER
-    examples' shares by up to u times their size."""
-    norm = estimate.clamp(min=0.0).sqrt()
-    tight = (bound <= (1.0 + TOLERANCE) * norm) & (reach <= AMPLIFICATION * norm)
-    return real & ~tight
 
 
 def _formed_matmul(a, g, flagged):

@@ -18,7 +18,7 @@ bound on the cross term (E: its a priori rounding error),
 The triangle inequality, N_e + N_l (each piece's own certified bound), holds always; it is used
 where the first bound is not available (formed rows, one-position or explicit pieces), not
 finite, or where the two uses' terms (their `reach`) exceed AMPLIFICATION times the first
-bound: such terms would round the other examples' shares in the float32 books (`rules._flagged`);
+bound: such terms would round the other examples' shares in the float32 books (`bounds.flagged`);
 the triangle bound clips such an example by the size of its terms instead. Any other repeated
 use of a parameter goes to the vmap fallback (`capture.handled`).
 """
@@ -28,8 +28,9 @@ from __future__ import annotations
 import torch
 
 from funcdp._certify import gamma, matmul_roundoff, sqrt_upper, squares_upper
+from funcdp.ghost.bounds import AMPLIFICATION, SMALL_GRAMS
 from funcdp.ghost.capture import EMBEDDING, LINEAR
-from funcdp.ghost.rules import AMPLIFICATION, SMALL_GRAMS, Piece
+from funcdp.ghost.rules import Piece
 
 _U64 = 2.0**-53
 
@@ -52,7 +53,7 @@ def combine(name: str, entries: list[tuple]) -> Piece:
         squared = (terms + gamma(4, _U64) * size).clamp(min=0.0)
         rounding = (piece_e.rounding + piece_l.rounding) * (1.0 + 2.0 * _U64)
         certified = (sqrt_upper(squared) + rounding) * (1.0 + 2.0 * _U64)
-        # As `rules._flagged`: this example's terms in the two float32 books, c (reach_e +
+        # As `bounds.flagged`: this example's terms in the two float32 books, c (reach_e +
         # reach_l), must stay within AMPLIFICATION times what its factor c allows it, C.
         reach = piece_e.reach + piece_l.reach
         usable = torch.isfinite(certified) & (reach <= AMPLIFICATION * certified)

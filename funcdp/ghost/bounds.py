@@ -1,0 +1,53 @@
+"""The certified parts of ghost clipping's norms: error bounds of Gram forms, and when an example
+leaves the Gram form for its formed gradient (`funcdp.ghost.rules`)."""
+
+from __future__ import annotations
+
+import torch
+
+from funcdp._certify import gamma, sqrt_upper, unit_roundoff
+
+# The largest relative excess of a certified norm over its estimate before the formed path.
+TOLERANCE = 2.0**-10
+# The largest ratio of an example's terms, sum_t |A_t| |G_t|, to its gradient's norm outside the
+# formed path; ordinary data sits near sqrt(T) (8 on the benchmark transformer).
+AMPLIFICATION = 64.0
+# Up to this many multiply-adds, an op's Gram matrices are computed in float64 (their error
+# bound then nearly vanishes); above it in the working dtype, whose bound costs up to TOLERANCE.
+SMALL_GRAMS = 1 << 22
+
+
+def diagonal_norms(gram: torch.Tensor, n: int, u: float) -> torch.Tensor:
+    """Upper bounds on each position's norm from a Gram matrix's diagonal [N, T, T] -> [N, T].
+
+    They only size error terms: a diagonal entry is |x_t|^2 up to gamma_n (u: the product's
+    roundoff), plus what underflowed squares can lose (n 2^-126, under sqrt(n) 2^-63); an
+    overflowed one is inf, which sends its example to the formed path.
+    """
+    squares = gram.diagonal(dim1=1, dim2=2).clamp(min=0.0)
+    return (squares * (1.0 + 2.0 * gamma(n + 1, u))).sqrt() * (1.0 + u) + n**0.5 * 2.0**-63
+
+
+def quadratic(norms: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """An upper bound on n^T M n per row, for n >= 0 and M >= 0: [N, T], [N, T, T] -> [N]
+    (float64 out). Computed in M's dtype: T^2 nonnegative terms, each of three factors, so
+    the relative error is at most gamma_(T^2 + 3)."""
+    n = norms.to(matrix.dtype)
+    value = (matrix * (n[:, :, None] * n[:, None, :])).sum((1, 2)).double()
+    return value * (1.0 + 2.0 * gamma(n.shape[-1] ** 2 + 3, unit_roundoff(matrix.dtype)))
+
+
+def certified(estimate, error, reach, positions: int, u: float) -> torch.Tensor:
+    """A norm bound from a squared-norm estimate and its error bound, plus the rounding the
+    example's own terms add to the book-keeping sum (gamma_T reach)."""
+    return sqrt_upper((estimate + error).clamp(min=0.0)) + gamma(positions, u) * reach
+
+
+def flagged(bound, estimate, real, reach) -> torch.Tensor:
+    """Real rows whose bound exceeds sqrt(estimate) by more than TOLERANCE (or whose estimate
+    is not a finite, non-negative number), or whose terms are more than AMPLIFICATION times
+    their sum's norm: such terms, in the float32 book-keeping sum, would round the OTHER
+    examples' shares by up to u times their size."""
+    norm = estimate.clamp(min=0.0).sqrt()
+    tight = (bound <= (1.0 + TOLERANCE) * norm) & (reach <= AMPLIFICATION * norm)
+    return real & ~tight
