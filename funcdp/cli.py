@@ -325,7 +325,7 @@ def _calculator_arguments(parser: argparse.ArgumentParser, first: tuple) -> None
     ]
     for flag, kind, default, text in flags:
         parser.add_argument(flag, type=kind, default=default, required=default is None, help=text)
-    parser.add_argument("--accountant", choices=ACCOUNTANTS, default="rdp", help="default rdp")
+    parser.add_argument("--accountant", choices=ACCOUNTANTS, default="pld", help="default pld")
 
 
 def _epsilon_arguments(parser: argparse.ArgumentParser) -> None:

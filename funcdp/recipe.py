@@ -30,7 +30,7 @@ class Recipe(NamedTuple):
       clip: the per-example L2 clipping norm C.
       lr: the SGD learning rate.
       hidden: width of the hidden layer of the model; 0 for a linear model.
-      accountant: "rdp" or "pld".
+      accountant: "pld" (the default, tighter) or "rdp".
     """
 
     epsilon: float = 3.0
@@ -40,7 +40,7 @@ class Recipe(NamedTuple):
     clip: float = 1.0
     lr: float = 2.0
     hidden: int = 0
-    accountant: str = "rdp"
+    accountant: str = "pld"
 
 
 class TrainResult(NamedTuple):

@@ -271,8 +271,8 @@ def test_epsilon_prints_dpsgd_epsilon(capsys, method):
 def test_noise_prints_calibrate_noise(capsys):
     out = _run(capsys, "noise", "--epsilon", "2", "--sample-rate", "0.02", "--steps", "500")
     sigma = float(out)
-    assert sigma == fdp.calibrate_noise(
-        target_epsilon=2.0, delta=1e-5, sample_rate=0.02, steps=500, method="rdp"
+    assert sigma == fdp.calibrate_noise(  # both default to PLD
+        target_epsilon=2.0, delta=1e-5, sample_rate=0.02, steps=500
     )
     assert fdp.dpsgd_epsilon(noise_multiplier=sigma, sample_rate=0.02, steps=500, delta=1e-5) <= 2.0
 

@@ -19,6 +19,7 @@ from scipy import stats
 
 import funcdp as fdp
 from funcdp import federated as fed
+from funcdp.accounting.accountant import PLD_DISCRETIZATION
 from funcdp.data import Batch, UserLoader
 from tests.conftest import assert_trees_close, assert_trees_equal
 
@@ -172,7 +173,7 @@ def test_epsilon_per_round_equals_dp_accountings(rounds):
     )
     for method, accountant in (
         ("rdp", dp_accounting.rdp.RdpAccountant()),
-        ("pld", dp_accounting.pld.PLDAccountant()),
+        ("pld", dp_accounting.pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)),
     ):
         reference = accountant.compose(event).get_epsilon(delta)
         ours = fdp.accounting.epsilon(state.ledger, delta=delta, method=method)

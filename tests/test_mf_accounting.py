@@ -14,13 +14,18 @@ from dp_accounting import pld, rdp
 import funcdp as fdp
 from funcdp import mf
 from funcdp.accounting import Ledger, LedgerRecord, Mechanism, calibrate_noise, epsilon
+from funcdp.accounting.accountant import PLD_DISCRETIZATION
 from funcdp.transforms import correlated_noise
 
 DELTA = 1e-5
 
 
 def _reference(event: dpa.DpEvent, method: str) -> float:
-    accountant = rdp.RdpAccountant() if method == "rdp" else pld.PLDAccountant()
+    accountant = (
+        rdp.RdpAccountant()
+        if method == "rdp"
+        else pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+    )
     return accountant.compose(event).get_epsilon(DELTA)
 
 

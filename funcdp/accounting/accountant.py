@@ -16,15 +16,21 @@ from funcdp.accounting.ledger import DPSGD, Ledger, Mechanism
 
 Method = Literal["rdp", "pld"]
 
+# The PLD accountant's value discretization. Its pessimistic estimate is an upper bound on
+# epsilon at any interval; at 1e-3 it is 10x faster than dp_accounting's default 1e-4 and within
+# about 1% of it (0.577 vs 0.570 at sigma 0.8, q 0.001, 5000 steps, where RDP gives 1.28).
+PLD_DISCRETIZATION = 1e-3
 
-def epsilon(ledger: Ledger, *, delta: float, method: Method = "rdp") -> float:
+
+def epsilon(ledger: Ledger, *, delta: float, method: Method = "pld") -> float:
     """The epsilon spent by the mechanisms in `ledger` at this `delta`.
 
     Args:
       ledger: the records of the steps taken (`TrainState.ledger`).
       delta: target delta in (0, 1), keyword only (a positional float could be anything).
-      method: "rdp" (Renyi DP, as Opacus and TF Privacy report) or "pld" (privacy loss
-        distributions: tighter, slower).
+      method: "pld" (privacy loss distributions, the default: the tightest bound
+        dp_accounting computes, at `PLD_DISCRETIZATION`) or "rdp" (Renyi DP, as Opacus and TF
+        Privacy report; looser, e.g. 1.28 where PLD gives 0.58).
 
     Returns:
       epsilon; 0.0 for an empty ledger and inf if any step was released without noise.
@@ -60,7 +66,7 @@ def dpsgd_epsilon(
     sample_rate: float,
     steps: int,
     delta: float,
-    method: Method = "rdp",
+    method: Method = "pld",
 ) -> float:
     """Epsilon of `steps` DP-SGD steps with Poisson sampling at `sample_rate`.
 
@@ -72,7 +78,7 @@ def dpsgd_epsilon(
       sample_rate: Poisson sampling rate q in (0, 1].
       steps: number of steps, >= 0.
       delta: target delta in (0, 1).
-      method: "rdp" or "pld", as in `epsilon`.
+      method: "pld" or "rdp", as in `epsilon`.
 
     Returns:
       epsilon; 0.0 for zero steps and inf for a zero noise multiplier.
@@ -90,7 +96,7 @@ def calibrate_noise(
     delta: float,
     sample_rate: float,
     steps: int,
-    method: Method = "rdp",
+    method: Method = "pld",
     mechanism: Mechanism = DPSGD,
 ) -> float:
     """The smallest noise multiplier whose `steps` steps spend at most `target_epsilon`.
@@ -103,7 +109,7 @@ def calibrate_noise(
       delta: target delta in (0, 1).
       sample_rate: Poisson sampling rate q in (0, 1].
       steps: number of steps, a positive int.
-      method: "rdp" or "pld", as in `epsilon`.
+      method: "pld" or "rdp", as in `epsilon`.
       mechanism: how the steps compose (`funcdp.accounting.Mechanism`); default DP-SGD. For
         correlated noise pass the strategy's: `funcdp.mf.mechanism(strategy)`.
 
@@ -177,7 +183,9 @@ def _quiet_absl():
 
 def _accountant(method: Method) -> dp_accounting.PrivacyAccountant:
     _check_method(method)
-    return rdp.RdpAccountant() if method == "rdp" else pld.PLDAccountant()
+    if method == "rdp":
+        return rdp.RdpAccountant()
+    return pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
 
 
 def _check_method(method: str) -> None:

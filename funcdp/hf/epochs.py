@@ -11,7 +11,7 @@ def epsilon_per_epoch(
     sample_rate: float,
     epochs: int,
     delta: float,
-    method: str = "rdp",
+    method: str = "pld",
 ) -> list[float]:
     """Epsilon after epochs 1..epochs, an epoch being round(1 / sample_rate) Poisson steps.
 
