@@ -1,0 +1,429 @@
+"""funcdp.federated.flower across Flower's own processes: a SuperLink, SuperNodes, `flwr run`.
+
+The processes run on 127.0.0.1 (free ports), are started here and ended at the end of the module,
+also on failure, with their whole process tree. The Flower App is tests/flower_app; its server
+saves what each round released, and the tests recompute the same rounds in-process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("flwr")
+
+from flwr.common import parameters_to_ndarrays  # noqa: E402
+from flwr.common.secure_aggregation.quantization import dequantize, quantize  # noqa: E402
+
+import funcdp as fdp  # noqa: E402
+from funcdp import random as fdr  # noqa: E402
+from funcdp.federated.flower import FlowerRun, FuncdpClient, SecAggPlus  # noqa: E402
+from funcdp.transforms.base import split_at_reduce  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "tests" / "flower_app"
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(APP))
+from funcdp_flower_app import task  # noqa: E402
+
+DEFAULTS = {
+    "num-server-rounds": 2,
+    "num-clients": 3,
+    "sample-rate": 1.0,
+    "clip-norm": 0.3,
+    "noise-multiplier": 1.0,
+    "max-epsilon": 0.0,
+    "delta": 1e-5,
+    "seed": 0,
+    "drop-partition": -1,
+    "drop-round": 0,
+    "secagg-timeout": 60.0,
+}
+
+
+class Federation:
+    """A SuperLink and `num_nodes` SuperNodes (partition-id 0..n-1) as real processes."""
+
+    def __init__(self, workdir: Path, num_nodes: int) -> None:
+        self.workdir, self.processes = workdir, []
+        home = workdir / "flwr-home"
+        home.mkdir(parents=True)
+        pythonpath = [str(ROOT), os.environ.get("PYTHONPATH", "")]
+        self.env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join(filter(None, pythonpath)),
+            FLWR_HOME=str(home),
+            FLWR_TELEMETRY_ENABLED="0",
+            FLWR_DISABLE_UPDATE_CHECK="1",
+            OMP_NUM_THREADS="1",
+            FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.2",
+        )
+        port = _free_port()
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
+            f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+        )
+        link = self._start(
+            "superlink",
+            ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation"]
+            + ["--port", str(port)],
+        )
+        _wait_for_port(port, link, timeout=120)
+        for node in range(num_nodes):
+            self._start(
+                f"supernode-{node}",
+                ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}"]
+                + ["--port", str(_free_port()), "--node-config", f"partition-id={node}"],
+            )
+
+    def _start(self, name: str, command: list[str]) -> subprocess.Popen:
+        with open(self.workdir / f"{name}.log", "wb") as log:
+            process = subprocess.Popen(
+                [str(BIN / command[0]), *command[1:]],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.processes.append(process)
+        return process
+
+    def run(self, overrides: dict, *, timeout: float) -> str:
+        """Runs the app to its end (`flwr run --stream`) and returns its output."""
+        config = " ".join(f"{key}={_toml(value)}" for key, value in overrides.items())
+        command = [str(BIN / "flwr"), "run", str(APP), "test", "--stream", "--run-config", config]
+        try:
+            result = subprocess.run(
+                command, env=self.env, capture_output=True, text=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired as error:
+            raise AssertionError(f"flwr run timed out:\n{error.output}\n{self.logs()}") from error
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, f"flwr run failed:\n{output}\n{self.logs()}"
+        return output
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {path.name}\n{path.read_text(errors='replace')[-3000:]}"
+            for path in sorted(self.workdir.glob("*.log"))
+        )
+
+    def stop(self) -> list[int]:
+        """Ends every process started here and all below them; returns any still alive."""
+        tree = _descendants([process.pid for process in self.processes])
+        for pid in tree:
+            _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while _alive(tree) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in _alive(tree):
+            _signal(pid, signal.SIGKILL)
+        for process in self.processes:
+            process.wait(timeout=10)
+        return _alive(tree)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    nodes = Federation(tmp_path_factory.mktemp("flower"), num_nodes=3)
+    try:
+        yield nodes
+    finally:
+        leftover = nodes.stop()
+    assert not leftover, f"processes still alive after the test: {leftover}"
+
+
+def in_process_round(state, config, partitions):
+    """funcdp's round on the same clients, in this process: the reference for Flower's."""
+    privatizer = task.privatizer(config)
+    split = split_at_reduce(privatizer)
+    clip_norm = float(config["clip-norm"])
+    coordinates = sum(p.numel() for p in state.params.values())
+    scale = SecAggPlus().update_scale(clip_norm, num_coordinates=coordinates)
+    total = None
+    for partition in partitions:
+        client = FuncdpClient(
+            task.local_update, task.client_data(partition, config["seed"]), privatizer=privatizer
+        )
+        clipped = client.clipped_update(state.params)
+        scaled = {name: value.double() * scale for name, value in clipped.items()}
+        total = scaled if total is None else {k: total[k] + scaled[k] for k in total}
+    total = {name: value.float() for name, value in total.items()}
+    first, second = split.halves(state.privacy_state)
+    key = fdr.fold_in(state.key, state.step)
+    private, second = split.after_sum.update(total, second, state.params, key=key)
+    updates, opt_state = task.server_optimizer().update(private, state.opt_state, state.params)
+    new_state = state._replace(
+        params=fdp.optim.apply_updates(state.params, updates),
+        opt_state=opt_state,
+        privacy_state=(*first, *second),
+        step=state.step + 1,
+    )
+    return new_state, total, private
+
+
+def check_rounds(records, config, partitions_per_round):
+    """Each record equals funcdp's in-process round on the same clients, key and state."""
+    state = task.initial_state(config)
+    expected_clients = config["sample-rate"] * config["num-clients"]
+    clip_norm, sigma = config["clip-norm"], config["noise-multiplier"]
+    noise = []
+    for record, partitions in zip(records, partitions_per_round, strict=True):
+        assert record["clients"] == len(partitions)
+        # Each round starts from the server's parameters (the last round's rounding included).
+        torch.testing.assert_close(record["params"], state.params, rtol=0, atol=2e-6)
+        state = state._replace(params=record["params"])
+        state, total, private = in_process_round(state, config, partitions)
+        # SecAgg+ moves each client's coordinates by less than one step 2C/T (bound < 1e-6).
+        bound = SecAggPlus().error_bound(clip_norm, clients=len(partitions)) / expected_clients
+        for name in state.params:
+            error = (record["update"][name] - private[name]).abs().max().item()
+            assert error <= bound + 1e-6, (record["round"], name, error, bound)
+            if sigma > 0:
+                released_noise = record["update"][name] * expected_clients - total[name]
+                noise.append(released_noise.flatten() / (sigma * clip_norm))
+        torch.testing.assert_close(record["new_params"], state.params, rtol=0, atol=2e-6)
+        assert record["ledger"] == state.ledger
+    return noise
+
+
+def test_dp_fedavg_over_secagg_with_noise_a_dropout_and_the_budget(federation, tmp_path):
+    """Round 1: noise on, partition 2 drops out after the key exchange; round 2: over budget."""
+    config = dict(DEFAULTS, **{"drop-partition": 2, "drop-round": 1})
+    sigma, delta = config["noise-multiplier"], config["delta"]
+    spent = [
+        fdp.dpsgd_epsilon(noise_multiplier=sigma, sample_rate=1.0, steps=s, delta=delta)
+        for s in (1, 2)
+    ]
+    config["max-epsilon"] = (spent[0] + spent[1]) / 2
+    output = federation.run(dict(config, **{"trace-dir": str(tmp_path)}), timeout=300)
+    assert "budget reached" in output, output
+
+    record = torch.load(tmp_path / "round-1.pt", weights_only=False)
+    assert not (tmp_path / "round-2.pt").exists()  # refused before any client was asked
+    final = torch.load(tmp_path / "final.pt", weights_only=False)
+    assert final["step"] == 1 and final["ledger"].steps == 1
+    assert record["epsilon"] == pytest.approx(spent[0], rel=1e-9)
+    noise = check_rounds([record], config, [[0, 1]])  # the round goes on without partition 2
+
+    # The released update's noise is N(0, (sigma C)^2) on each of its 1002 coordinates.
+    from scipy import stats
+
+    noise = torch.cat(noise).double().numpy()
+    assert noise.size == 1002
+    assert abs(noise.std() - 1.0) < 0.1 and abs(noise.mean()) < 0.15
+    assert stats.kstest(noise, "norm").pvalue > 1e-3
+
+
+@pytest.mark.slow
+def test_dp_fedavg_over_secagg_without_noise_equals_funcdp_for_three_rounds(federation, tmp_path):
+    """Noise off: three rounds, each equal to the in-process round up to SecAgg+'s rounding."""
+    config = dict(DEFAULTS, **{"num-server-rounds": 3, "noise-multiplier": 0.0})
+    federation.run(dict(config, **{"trace-dir": str(tmp_path)}), timeout=600)
+    records = [torch.load(tmp_path / f"round-{r}.pt", weights_only=False) for r in (1, 2, 3)]
+    assert [r["epsilon"] for r in records] == [math.inf] * 3
+    check_rounds(records, config, [[0, 1, 2]] * 3)
+    assert torch.load(tmp_path / "final.pt", weights_only=False)["ledger"].steps == 3
+
+
+class _Nodes:
+    """Stands in for Flower's ClientManager in the strategy's own unit tests: nodes by id."""
+
+    def __init__(self, count: int) -> None:
+        self.nodes = {str(i): SimpleNamespace(node_id=1000 + i) for i in range(count)}
+
+    def all(self):
+        return self.nodes
+
+    def wait_for(self, num_clients: int, timeout: int) -> bool:
+        return len(self.nodes) >= num_clients
+
+
+def _strategy(config, **overrides):
+    kwargs = dict(
+        state=task.initial_state(config),
+        privatizer=task.privatizer(config),
+        server_optimizer=task.server_optimizer(),
+        delta=config["delta"],
+        secagg=SecAggPlus(),
+        min_clients=2,
+        wait_for_nodes=1,
+        on_round=None,
+    )
+    return FlowerRun(**(kwargs | overrides))
+
+
+def test_rounds_sample_clients_poisson_from_the_key_and_send_what_clients_check():
+    config = dict(DEFAULTS, **{"sample-rate": 0.5, "num-clients": 400})
+    run = _strategy(config)
+    chosen = [proxy.node_id for proxy, _ in run.configure_fit(1, None, _Nodes(400))]
+    again = [proxy.node_id for proxy, _ in _strategy(config).configure_fit(1, None, _Nodes(400))]
+    assert chosen == again and 160 < len(chosen) < 240  # 200 +- 4 standard deviations
+    instructions = run.configure_fit(1, None, _Nodes(400))[0][1]
+    client = FuncdpClient(
+        task.local_update, task.client_data(0, 0), privatizer=task.privatizer(config)
+    )
+    arrays, weight, metrics = client.fit(
+        [a.copy() for a in parameters_to_ndarrays(instructions.parameters)], instructions.config
+    )
+    norm = math.sqrt(sum(float((a**2).sum()) for a in arrays))
+    assert weight == 1 and metrics == {} and norm <= config["clip-norm"] * (1 + 1e-6)
+    other = FuncdpClient(
+        task.local_update,
+        task.client_data(0, 0),
+        privatizer=task.privatizer(dict(config, **{"clip-norm": 0.5})),
+    )
+    with pytest.raises(ValueError, match="sensitivity"):
+        other.fit(parameters_to_ndarrays(instructions.parameters), instructions.config)
+
+
+def test_a_too_small_cohort_releases_nothing_and_is_still_counted():
+    config = dict(DEFAULTS, **{"sample-rate": 0.01})
+    run = _strategy(config)
+    assert run.configure_fit(1, None, _Nodes(3)) == []  # 0 or 1 of 3 sampled, below 2
+    assert run.state.step == 1 and run.state.ledger.steps == 1
+    torch.testing.assert_close(run.state.params, task.initial_state(config).params, rtol=0, atol=0)
+    assert run.skip_probability == pytest.approx(1 - 0.01**2, rel=1e-12)  # P[Bin(2, q) < 2]
+
+
+def test_the_budget_refuses_a_round_before_any_client_is_asked():
+    config = dict(DEFAULTS)
+    one = fdp.dpsgd_epsilon(noise_multiplier=1.0, sample_rate=1.0, steps=1, delta=1e-5)
+    run = _strategy(dict(config, **{"max-epsilon": one * 1.01}))
+    assert len(run.configure_fit(1, None, _Nodes(3))) == 3
+    run.settle()  # the round released nothing (no aggregate): it is still counted
+    assert run.state.ledger.steps == 1
+    assert run.configure_fit(2, None, _Nodes(3)) == []
+    assert run.state.ledger.steps == 1 and run.epsilon() <= one * 1.01
+
+
+def test_bad_settings_are_refused_with_their_name():
+    config = dict(DEFAULTS)
+    no_account = fdp.chain(fdp.clip(0.3), fdp.aggregate(), fdp.gaussian_noise(1.0))
+    with pytest.raises(ValueError, match=r"account\(q\)"):
+        _strategy(config, privatizer=no_account)
+    with pytest.raises(ValueError, match="min_clients must be an int >= 2, got 1"):
+        _strategy(config, min_clients=1)
+    with pytest.raises(ValueError, match="adaptive"):
+        FuncdpClient(
+            task.local_update,
+            None,
+            privatizer=fdp.chain(
+                fdp.adaptive_clip(0.3, count_noise_multiplier=5.0, expected_batch_size=3.0),
+                fdp.aggregate(),
+            ),
+        )
+    with pytest.raises(ValueError, match="num_shares must be an int >= 3"):
+        SecAggPlus(num_shares=2).check()
+    with pytest.raises(ValueError, match="modulus_range must be a power of two"):
+        SecAggPlus(modulus_range=3 << 22).check()
+    with pytest.raises(ValueError, match="quantization_range=64 is too coarse"):
+        SecAggPlus(quantization_range=64).update_scale(1.0, num_coordinates=1002)
+
+
+@settings(max_examples=40)
+@given(
+    size=st.integers(1, 300),
+    seed=st.integers(0, 2**31),
+    clip_norm=st.floats(1e-3, 1e3),
+    range_bits=st.integers(8, 24),
+)
+def test_secagg_rounding_of_a_scaled_update_stays_within_the_clip_norm(
+    size, seed, clip_norm, range_bits
+):
+    """Flower's own quantize/dequantize on an update of norm C, scaled by update_scale."""
+    secagg = SecAggPlus(quantization_range=1 << range_bits)
+    rng = np.random.default_rng(seed)
+    update = rng.standard_normal(size)
+    update *= clip_norm / np.linalg.norm(update)  # on the clip norm, the worst case
+    try:
+        scale = secagg.update_scale(clip_norm, num_coordinates=size)
+    except ValueError:
+        return  # too coarse a range for this size: refused, as tested above
+    np.random.seed(seed)  # Flower's stochastic rounding draws from numpy's global generator
+    (quantized,) = quantize([update * scale], clip_norm, secagg.quantization_range)
+    (restored,) = dequantize([quantized], clip_norm, secagg.quantization_range)
+    assert np.abs(restored - update * scale).max() < secagg.step(clip_norm)
+    assert np.linalg.norm(restored) <= clip_norm
+
+
+def test_without_the_scale_secagg_rounding_can_exceed_the_clip_norm():
+    secagg, clip_norm = SecAggPlus(quantization_range=1 << 12), 1.0
+    update = np.full(1000, clip_norm / math.sqrt(1000))
+    norms = []
+    for seed in range(20):
+        np.random.seed(seed)
+        (quantized,) = quantize([update], clip_norm, secagg.quantization_range)
+        norms.append(
+            np.linalg.norm(dequantize([quantized], clip_norm, secagg.quantization_range)[0])
+        )
+    assert max(norms) > clip_norm
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, *, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"{process.args[0]} exited with {process.returncode}"
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def _descendants(roots: list[int]) -> list[int]:
+    """The roots and every process below them, from `ps` (Linux and macOS)."""
+    table = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True)
+    children: dict[int, list[int]] = {}
+    for line in table.stdout.split("\n"):
+        if line.strip():
+            pid, ppid = (int(field) for field in line.split())
+            children.setdefault(ppid, []).append(pid)
+    found, stack = [], list(roots)
+    while stack:
+        found.append(stack.pop())
+        stack.extend(children.get(found[-1], []))
+    return found
+
+
+def _alive(pids: list[int]) -> list[int]:
+    """Those of `pids` that still run (zombies, already ended, do not count)."""
+    states = subprocess.run(["ps", "-A", "-o", "pid=,stat="], capture_output=True, text=True)
+    running = {
+        int(pid)
+        for pid, stat in (line.split() for line in states.stdout.split("\n") if line.strip())
+        if not stat.startswith("Z")
+    }
+    return [pid for pid in pids if pid in running]
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
