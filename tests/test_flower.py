@@ -187,11 +187,14 @@ def check_rounds(records, config, partitions_per_round):
         torch.testing.assert_close(record["params"], state.params, rtol=0, atol=2e-6)
         state = state._replace(params=record["params"])
         state, total, private = in_process_round(state, config, partitions)
-        # SecAgg+ moves each client's coordinates by less than one step 2C/T (bound < 1e-6).
+        # SecAgg+ moves each client's coordinates by less than one step 2C/T (bound < 2e-7
+        # here); float32 rounding of the sum and the noise adds a few ulps on either side.
         bound = SecAggPlus().error_bound(clip_norm, clients=len(partitions)) / expected_clients
         for name in state.params:
+            largest = max(private[name].abs().max(), total[name].abs().max() / expected_clients)
+            slack = 8 * torch.finfo(torch.float32).eps * float(largest)
             error = (record["update"][name] - private[name]).abs().max().item()
-            assert error <= bound + 1e-6, (record["round"], name, error, bound)
+            assert error <= bound + slack, (record["round"], name, error, bound, slack)
             if sigma > 0:
                 released_noise = record["update"][name] * expected_clients - total[name]
                 noise.append(released_noise.flatten() / (sigma * clip_norm))
