@@ -24,6 +24,7 @@ import funcdp as fdp
 from funcdp import datasets
 from funcdp.audit import command as audit_command
 from funcdp.data import default_steps
+from funcdp.federated import command as fedavg_command
 from funcdp.recipe import Recipe, TrainResult, check_batch_size, fit
 
 ACCOUNTANTS = ("rdp", "pld")
@@ -96,6 +97,12 @@ def _subcommands() -> list[Subcommand]:
             "Audit a DP run on the digits: the accountant's epsilon beside an empirical lower bound.",
             audit_command.add_arguments,
             audit_command.run,
+        ),
+        Subcommand(
+            "fedavg",
+            "DP-FedAvg on the digits split across non-iid clients: accuracy and client-level epsilon.",
+            fedavg_command.add_arguments,
+            fedavg_command.run,
         ),
     ]
 

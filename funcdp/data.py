@@ -287,3 +287,7 @@ def _gather(data: Any, indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
     items = [data[i] for i in indices.tolist()]
     items = [item if isinstance(item, (tuple, list)) else (item,) for item in items]
     return tuple(torch.stack([torch.as_tensor(x[j]) for x in items]) for j in range(len(items[0])))
+
+
+# User-level sampling lives in its own file; it builds on the names above.
+from funcdp._user_sampling import UserIndexBatch, UserLoader, user_batches  # noqa: E402, F401
