@@ -1,10 +1,10 @@
 """The client side: local training with funcdp, the update clipped on the client.
 
-A `FuncdpClient` is a Flower `NumPyClient`. On each round it receives the global parameters,
-trains locally (`local_update(params, client_data) -> new params`, a pure function), forms the
-pseudo-gradient `params - new params` (the sign `funcdp.federated.make_round` uses), clips it
-with the per-unit part of the privatizer (one client is one unit), scales it by the SecAgg+
-margin the server sends, and hands it to Flower, where `secaggplus_mod` masks it: the server
+A `FuncdpClient` is a Flower `NumPyClient`. On each round it receives the global parameters and
+runs `funcdp.federated.make_client_update`: local training (`local_update(params, client_data)
+-> new params`, a pure function), the pseudo-gradient `params - new params`, clipped by the
+per-unit part of the privatizer (one client is one unit). It scales the result by the SecAgg+
+margin the server sends and hands it to Flower, where `secaggplus_mod` masks it: the server
 only ever sees the sum over clients.
 
 The client reports weight 1 and no metrics: SecAgg+ sends both in the clear, and a local loss
@@ -22,15 +22,15 @@ import numpy as np
 import torch
 from flwr.client import NumPyClient
 
+from funcdp.federated.secure_sum import make_client_update
 from funcdp.transforms.base import GradientTransformation, split_at_reduce
-from funcdp.tree import tree_map
 
 ROUND = "funcdp.round"
 SENSITIVITY = "funcdp.sensitivity"
 SCALE = "funcdp.update_scale"
 NAMES = "funcdp.param_names"
 
-LocalUpdate = Callable[[dict[str, torch.Tensor], Any], dict[str, torch.Tensor]]
+LocalUpdate = Callable[[dict[str, torch.Tensor], tuple[torch.Tensor, ...]], Any]
 
 
 class FuncdpClient(NumPyClient):
@@ -38,8 +38,9 @@ class FuncdpClient(NumPyClient):
 
     Args:
       local_update: `local_update(params, client_data) -> new params`, a pure function of the
-        global parameters (a dict of tensors) and this client's data.
-      client_data: this client's data, passed to `local_update` unchanged.
+        global parameters (a dict of tensors) and this client's data (as for `make_round`,
+        e.g. `funcdp.federated.local_sgd`).
+      client_data: this client's data, a tuple of tensors.
       privatizer: the same chain the server runs (e.g. `chain(clip(C), aggregate(),
         gaussian_noise(sigma), normalize(expected_clients), account(q))`); the client runs
         its part through `aggregate()` on its one update.
@@ -51,25 +52,23 @@ class FuncdpClient(NumPyClient):
     """
 
     def __init__(
-        self, local_update: LocalUpdate, client_data: Any, *, privatizer: GradientTransformation
+        self,
+        local_update: LocalUpdate,
+        client_data: tuple[torch.Tensor, ...],
+        *,
+        privatizer: GradientTransformation,
     ) -> None:
         if not callable(local_update):
             raise TypeError(f"local_update must be callable, got {type(local_update).__name__}")
-        split = split_at_reduce(privatizer)
-        if split.context.sensitivity is None:
+        sensitivity = split_at_reduce(privatizer).context.sensitivity
+        if sensitivity is None:
             raise ValueError(
                 "the privatizer must clip each client's update with a declared sensitivity: "
                 "chain(clip(C), aggregate(), ...)"
             )
-        if split.through_sum.finish is not None:
-            raise ValueError(
-                "the privatizer's per-client part keeps statistics across clients (adaptive "
-                "clipping); the Flower adapter supports stateless clipping such as clip(C)"
-            )
-        self._local_update = local_update
-        self._client_data = client_data
-        self._through_sum = split.through_sum
-        self._sensitivity = float(split.context.sensitivity)
+        self._client_update = make_client_update(local_update, privatizer)
+        self._client_data = tuple(client_data)
+        self._sensitivity = float(sensitivity)
 
     def get_parameters(self, config: dict) -> list[np.ndarray]:
         """Clients hold no model of their own: the server starts from its parameters."""
@@ -82,24 +81,15 @@ class FuncdpClient(NumPyClient):
             name: torch.from_numpy(np.array(array, copy=True))
             for name, array in zip(names, parameters, strict=True)
         }
+        # A non-finite update raises (funcdp.train.NonFiniteError) and the client drops out of
+        # the round: a NaN would reach SecAgg+'s integer cast and land anywhere in the sum.
         clipped = self.clipped_update(params)
         arrays = [clipped[name].detach().double().cpu().numpy() * scale for name in names]
-        if not all(np.isfinite(array).all() for array in arrays):
-            # A NaN would reach SecAgg+'s integer cast and land anywhere in the modular sum.
-            raise FloatingPointError(
-                f"round {config[ROUND]}: the clipped update is not finite; this client drops "
-                "out of the round"
-            )
         return arrays, 1, {}
 
     def clipped_update(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The pseudo-gradient `params - local_update(params, data)`, clipped (before scaling)."""
-        new_params = self._local_update(params, self._client_data)
-        delta = tree_map(lambda old, new: (old - new).unsqueeze(0), params, new_params)
-        mask = torch.ones(1, dtype=torch.bool)
-        state = self._through_sum.init(params)
-        clipped, _ = self._through_sum.update(delta, state, params, mask=mask)
-        return clipped
+        return self._client_update(params, self._client_data)
 
     def _read_config(self, config: dict, count: int) -> tuple[list[str], float]:
         missing = [key for key in (ROUND, SENSITIVITY, SCALE, NAMES) if key not in config]

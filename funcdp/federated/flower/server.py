@@ -3,10 +3,10 @@
 `run_server` runs inside a Flower `ServerApp`'s main function. Each round it samples clients
 (Poisson, rate q from the privatizer's `account(q)`, drawn from the state's key), lets Flower's
 `SecAggPlusWorkflow` collect the masked, clipped updates and unmask only their sum, then runs
-the privatizer's part after `aggregate()` on that sum once: Gaussian noise sigma * C from the
-round's key, division by the EXPECTED number of clients (`normalize`), the ledger (`account`)
-and the budget (`budget`). The server optimizer steps on the result, as in
-`funcdp.federated.make_round`, whose round this is, spread over Flower's processes.
+`funcdp.federated.make_server_update` on that sum: the privatizer's part after `aggregate()`
+(Gaussian noise sigma * C from the round's key, division by the EXPECTED number of clients with
+`normalize`, the ledger with `account`, the budget with `budget`) and the server optimizer.
+This is `funcdp.federated.make_round`'s round, spread over Flower's processes.
 
 Privacy, precisely (the client's dataset is the unit; add/remove neighbours):
 - each round is the Poisson-subsampled Gaussian mechanism the ledger records, provided clients
@@ -39,7 +39,7 @@ from funcdp._checks import check_delta
 from funcdp.accounting import epsilon
 from funcdp.federated.flower import client as wire
 from funcdp.federated.flower.secagg import SecAggPlus
-from funcdp.optim import apply_updates
+from funcdp.federated.secure_sum import make_server_update
 from funcdp.train import TrainState
 from funcdp.transforms.accounting import AccountState, BudgetExceededError
 from funcdp.transforms.base import GradientTransformation, split_at_reduce
@@ -55,16 +55,14 @@ class RoundRecord(NamedTuple):
       round: Flower's round number (from 1).
       clients: clients whose update is in the sum (0 when the round released nothing).
       params: the global parameters the clients trained from.
-      update: the privatized mean update the server optimizer stepped on (noisy, divided by
-        the expected number of clients); None when the round released nothing.
-      state: the server's state after the round (its ledger counts the round).
+      state: the server's state after the round (its ledger counts the round; its params are
+        the new global parameters, unchanged when the round released nothing).
       epsilon: epsilon spent so far at the run's delta.
     """
 
     round: int
     clients: int
     params: dict[str, torch.Tensor]
-    update: dict[str, torch.Tensor] | None
     state: TrainState
     epsilon: float
 
@@ -179,13 +177,11 @@ class FlowerRun(Strategy):
         ):
             if value is None:
                 raise ValueError(f"the privatizer needs {what}: add {needed} to its chain")
-        if self._split.through_sum.finish is not None:
-            raise ValueError("adaptive clipping is not supported across SecAgg+: use clip(C)")
+        self._server_update = make_server_update(privatizer, server_optimizer)
         self._split.halves(state.privacy_state)
         self.state = state
         self.sensitivity = float(chained.sensitivity)
         self.skip_probability = 0.0
-        self._optimizer = server_optimizer
         self._delta = float(delta)
         self._min_clients = min_clients
         self._wait_for_nodes = wait_for_nodes
@@ -276,24 +272,20 @@ class FlowerRun(Strategy):
         if self._pending is not None:
             self._release(None, self._pending[0], clients=0)
 
-    def _release(self, total, server_round: int, *, clients: int):
-        """Runs the privatizer's second half and the server optimizer on the sum of a round.
+    def _release(self, total, server_round: int, *, clients: int) -> None:
+        """The server half of a round (`make_server_update`) on the sum of its clipped updates.
 
-        With `total` None the round released nothing: the privatizer still runs on zeros, so
-        the ledger records it, and the parameters stay as they are.
+        With `total` None the round released nothing: the server half still runs on zeros, so
+        the ledger records it, but the parameters and the optimizer's state stay as they were.
         """
         _, params = self._pending
         self._pending = None
-        state = self.state
-        round_key = fdr.fold_in(state.key, state.step)
-        first, second = self._split.halves(state.privacy_state)
+        before = self.state
         summed = tree_zeros_like(params) if total is None else total
-        private, second = self._split.after_sum.update(summed, second, params, key=round_key)
-        state = state._replace(privacy_state=(*first, *second), step=state.step + 1)
-        if total is not None:
-            updates, opt_state = self._optimizer.update(private, state.opt_state, params)
-            state = state._replace(params=apply_updates(params, updates), opt_state=opt_state)
-        self.state = state
+        after = self._server_update(before, summed)
+        if total is None:
+            after = after._replace(params=before.params, opt_state=before.opt_state)
+        self.state = after
         spent = self.epsilon()
         _LOG.info(
             "funcdp: round %d, %d client(s), epsilon %.4g at delta %g",
@@ -303,8 +295,7 @@ class FlowerRun(Strategy):
             self._delta,
         )
         if self._on_round is not None:
-            update = None if total is None else private
-            self._on_round(RoundRecord(server_round, clients, params, update, state, spent))
+            self._on_round(RoundRecord(server_round, clients, params, after, spent))
 
     def _check_budget(self) -> None:
         """Raises BudgetExceededError if one more round would exceed the privatizer's budget."""

@@ -115,7 +115,6 @@ def serve(grid, context) -> None:
                     "round": record.round,
                     "clients": record.clients,
                     "params": record.params,
-                    "update": record.update,
                     "new_params": record.state.params,
                     "step": record.state.step,
                     "ledger": record.state.ledger,
