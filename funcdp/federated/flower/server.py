@@ -122,7 +122,7 @@ def run_server(
     legacy = LegacyContext(
         context=context, config=ServerConfig(num_rounds=num_rounds), strategy=strategy
     )
-    workflow = SecAggPlusWorkflow(
+    workflow = _SecAggPlusWorkflow(
         num_shares=secagg.num_shares,
         reconstruction_threshold=secagg.reconstruction_threshold,
         max_weight=1.0,  # every client reports weight 1, so SecAgg+ averages with weight 1
@@ -249,10 +249,23 @@ class FlowerRun(Strategy):
                 raise ValueError(f"a client reported weight {fit_res.num_examples}, expected 1")
         # SecAgg+ hands every result the same unmasked weighted mean; weights are 1, so the sum
         # of the updates is the mean times the number of clients it averaged.
-        mean = parameters_to_ndarrays(results[0][1].parameters)
+        summed = [
+            array * len(results) for array in parameters_to_ndarrays(results[0][1].parameters)
+        ]
+        norm = math.sqrt(math.fsum(float(np.square(array).sum()) for array in summed))
+        if not norm <= len(results) * self.sensitivity * (1 + 1e-6):
+            # n honest clipped updates sum to at most n C: this sum was not unmasked correctly.
+            _LOG.error(
+                "funcdp: round %d's secure sum has norm %.4g > %d clients x C; it is dropped and "
+                "the round releases nothing",
+                server_round,
+                norm,
+                len(results),
+            )
+            return None, {}
         total = {
-            name: torch.from_numpy(array * len(results)).to(self.state.params[name].dtype)
-            for name, array in zip(self._names, mean, strict=True)
+            name: torch.from_numpy(array).to(self.state.params[name].dtype)
+            for name, array in zip(self._names, summed, strict=True)
         }
         self._release(total, server_round, clients=len(results))
         metrics = {"clients": len(results), "epsilon": self.epsilon()}
@@ -324,6 +337,22 @@ class FlowerRun(Strategy):
         self.skip_probability += math.fsum(
             math.comb(n, k) * q**k * (1.0 - q) ** (n - k) for k in range(min(m, n + 1))
         )
+
+
+class _SecAggPlusWorkflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, with clients that never answered its setup stage left out.
+
+    Flower 1.42 keeps them among the round's clients, and its unmask stage then asks for shares
+    of secrets they never dealt: one client gone before the key exchange aborts the round. In
+    the protocol (Bell et al. 2020) such clients are not part of the round, and no mask
+    involves them.
+    """
+
+    def setup_stage(self, grid, context, state) -> bool:
+        if not super().setup_stage(grid, context, state):
+            return False
+        state.sampled_node_ids = set(state.active_node_ids)
+        return True
 
 
 def _to_parameters(params: dict[str, torch.Tensor], names: list[str]) -> Parameters:
