@@ -18,12 +18,19 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("flwr")
 
-from flwr.common import parameters_to_ndarrays  # noqa: E402
+from flwr.common import (  # noqa: E402
+    Code,
+    FitRes,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 
 import funcdp as fdp  # noqa: E402
 from funcdp.federated import make_client_update, make_round, make_server_update  # noqa: E402
@@ -348,6 +355,32 @@ def test_the_budget_refuses_a_round_before_any_client_is_asked():
     assert run.state.ledger.steps == 1
     assert run.configure_fit(2, None, _Nodes(3)) == []
     assert run.state.ledger.steps == 1 and run.epsilon() <= one * 1.01
+
+
+def test_the_secure_mean_becomes_the_sum_and_an_impossible_sum_is_dropped():
+    """SecAgg+ hands the server the mean over n clients; the server steps on n times it, as
+    make_server_update on the sum; a sum above n C (not unmasked correctly) releases nothing."""
+    config = dict(DEFAULTS)
+    run = _strategy(config)
+    instructions = run.configure_fit(1, None, _Nodes(3))
+    assert len(instructions) == 3
+    state = run.state
+    clipped = {name: torch.full_like(p, 0.001) for name, p in state.params.items()}
+    mean = [clipped[name].double().numpy() for name in state.params]  # each client sent it
+    fit_res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(mean), 1, {})
+    run.aggregate_fit(1, [(proxy, fit_res) for proxy, _ in instructions], [])
+    total = {name: value * 3 for name, value in clipped.items()}
+    expected = make_server_update(task.privatizer(config), task.server_optimizer())(state, total)
+    torch.testing.assert_close(run.state.params, expected.params, rtol=0, atol=1e-6)
+    assert run.state.ledger == expected.ledger
+
+    instructions = run.configure_fit(2, None, _Nodes(3))
+    huge = [np.full(p.shape, 10.0) for p in state.params.values()]
+    fit_res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(huge), 1, {})
+    before = run.state
+    assert run.aggregate_fit(2, [(proxy, fit_res) for proxy, _ in instructions], []) == (None, {})
+    run.settle()  # counted, not applied
+    assert run.state.ledger.steps == 2 and run.state.params is before.params
 
 
 def test_bad_settings_are_refused_with_their_name():

@@ -17,6 +17,8 @@ Privacy, precisely (the client's dataset is the unit; add/remove neighbours):
   event, so the guarantee is (epsilon, delta + (1 + e^epsilon) * sum_t p_t), p_t the chance of
   the event at round t; `FlowerRun.skip_probability` holds the sum (0 when q = 1).
 - a round that SecAgg+ aborts (too many drop-outs) is recorded too: clients trained on it.
+  So is a round whose unmasked sum has norm above n C, which n clipped updates cannot reach
+  (a defensive check: such a sum was not unmasked correctly); it is dropped, not applied.
 """
 
 from __future__ import annotations
@@ -342,16 +344,22 @@ class FlowerRun(Strategy):
 class _SecAggPlusWorkflow(SecAggPlusWorkflow):
     """Flower's SecAgg+ workflow, with clients that never answered its setup stage left out.
 
-    Flower 1.42 keeps them among the round's clients, and its unmask stage then asks for shares
-    of secrets they never dealt: one client gone before the key exchange aborts the round. In
-    the protocol (Bell et al. 2020) such clients are not part of the round, and no mask
-    involves them.
+    Flower 1.42 keeps them among the round's clients and neighbours: its unmask stage then asks
+    for shares of secrets they never dealt (one client gone before the key exchange aborts the
+    round) and looks up their public keys for a neighbour that drops later. In the protocol
+    (Bell et al. 2020) such clients are not part of the round, and no mask involves them.
     """
 
     def setup_stage(self, grid, context, state) -> bool:
         if not super().setup_stage(grid, context, state):
             return False
-        state.sampled_node_ids = set(state.active_node_ids)
+        live = set(state.active_node_ids)
+        state.sampled_node_ids = live
+        state.nid_to_neighbours = {
+            nid: neighbours & live
+            for nid, neighbours in state.nid_to_neighbours.items()
+            if nid in live
+        }
         return True
 
 
