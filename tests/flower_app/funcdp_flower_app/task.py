@@ -137,3 +137,13 @@ def serve(grid, context) -> None:
     )
     if trace is not None:
         torch.save({"step": state.step, "ledger": state.ledger}, trace / "final.pt")
+
+
+def run_config_defaults() -> dict:
+    """The run config of pyproject.toml, for the tests' in-process reference."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: Flower depends on tomli
+        import tomli as tomllib
+    with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as file:
+        return dict(tomllib.load(file)["tool"]["flwr"]["app"]["config"])
