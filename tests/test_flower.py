@@ -191,6 +191,31 @@ def check_rounds(records, config, partitions_per_round):
     return noise
 
 
+def flower_epsilon(sigma: float, delta: float, *, clients: int) -> float:
+    """Flower 1.42's own RDP accountant on one round of all `clients` (no sampling)."""
+    from flwr.serverapp import (
+        GaussianPrivacyEvent,
+        NeighboringRelation,
+        PrivacyConfig,
+        RdpAccountant,
+        SamplingMethod,
+    )
+
+    accountant = RdpAccountant(
+        PrivacyConfig(
+            target_delta=delta,
+            population_size=clients,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+    )
+    event = GaussianPrivacyEvent(
+        noise_multiplier=sigma, sample_size=clients, population_size=clients
+    )
+    accountant.compose(event)
+    return accountant.get_privacy_spent().epsilon
+
+
 def test_dp_fedavg_over_secagg_with_noise_a_dropout_and_the_budget(federation, tmp_path):
     """Round 1: noise on, partition 2 drops out after the key exchange; round 2: over budget."""
     config = dict(DEFAULTS, **{"drop-partition": 2, "drop-round": 1})
@@ -208,6 +233,7 @@ def test_dp_fedavg_over_secagg_with_noise_a_dropout_and_the_budget(federation, t
     final = torch.load(tmp_path / "final.pt", weights_only=False)
     assert final["step"] == 1 and final["ledger"].steps == 1
     assert record["epsilon"] == pytest.approx(spent[0], rel=1e-9)
+    assert record["epsilon"] == pytest.approx(flower_epsilon(sigma, delta, clients=3), rel=1e-9)
     noise = check_rounds([record], config, [[0, 1]])  # the round goes on without partition 2
 
     # The released update's noise is N(0, (sigma C)^2) on each of its 1002 coordinates.

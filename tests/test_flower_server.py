@@ -86,6 +86,35 @@ def test_rounds_sample_clients_poisson_from_the_key_and_send_what_clients_check(
         other.fit(parameters_to_ndarrays(instructions.parameters), instructions.config)
 
 
+def test_the_ledgers_epsilon_equals_flowers_own_accountant_on_the_same_rounds():
+    """Flower 1.42's RDP accountant (for its own DP strategies) on Poisson rounds at rate q."""
+    from flwr.serverapp import (
+        GaussianPrivacyEvent,
+        NeighboringRelation,
+        PrivacyConfig,
+        RdpAccountant,
+        SamplingMethod,
+    )
+
+    config = dict(DEFAULTS, **{"sample-rate": 0.25, "num-clients": 40})
+    run = _strategy(config)
+    flower = RdpAccountant(
+        PrivacyConfig(
+            target_delta=config["delta"],
+            population_size=40,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.POISSON,
+        )
+    )
+    for server_round in (1, 2, 3):
+        run.configure_fit(server_round, None, _Nodes(40))  # launched or skipped: counted
+        run.settle()
+        flower.compose(
+            GaussianPrivacyEvent(noise_multiplier=1.0, sample_size=10, population_size=40)
+        )
+        assert run.epsilon() == pytest.approx(flower.get_privacy_spent().epsilon, rel=1e-9)
+
+
 def test_a_too_small_cohort_releases_nothing_and_is_still_counted():
     config = dict(DEFAULTS, **{"sample-rate": 0.01})
     run = _strategy(config)
