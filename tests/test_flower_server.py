@@ -6,6 +6,7 @@ node list is a stand-in for Flower's ClientManager. tests/test_flower.py runs th
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from pathlib import Path
@@ -177,3 +178,14 @@ def test_bad_settings_are_refused_with_their_name():
                 fdp.aggregate(),
             ),
         )
+
+
+def test_a_normalization_other_than_the_expected_cohort_is_flagged(caplog):
+    run = _strategy(dict(DEFAULTS))  # normalize(1.0 * 3)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        run.configure_fit(1, None, _Nodes(5))
+    assert "divides the noisy sum by 3, but q x 5 connected nodes expects 5" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        _strategy(dict(DEFAULTS)).configure_fit(1, None, _Nodes(3))
+    assert "divides the noisy sum" not in caplog.text

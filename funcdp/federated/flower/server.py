@@ -215,6 +215,8 @@ class FlowerRun(Strategy):
             self._stopped = True
             return []
         nodes = sorted(client_manager.all().values(), key=lambda proxy: proxy.node_id)
+        if server_round == 1:
+            self._check_expected_clients(len(nodes))
         sampled = self._sample(nodes)
         self._add_skip_probability(len(nodes))
         if len(sampled) > self._secagg.max_clients:
@@ -324,6 +326,19 @@ class FlowerRun(Strategy):
         )
         for check in context.checks:
             check(after)
+
+    def _check_expected_clients(self, num_nodes: int) -> None:
+        """Warns when the privatizer divides by other than q times the nodes connected now."""
+        divisor = 1.0 / self._split.context.scale
+        expected = self._split.context.sample_rate * num_nodes
+        if not math.isclose(divisor, expected, rel_tol=1e-6):
+            _LOG.warning(
+                "funcdp: the privatizer divides the noisy sum by %.6g, but q x %d connected "
+                "nodes expects %.6g clients: normalize(q * num_clients) sets it",
+                divisor,
+                num_nodes,
+                expected,
+            )
 
     def _sample(self, nodes: list) -> list:
         """Poisson sampling: each node independently with probability q, from the round's key."""
