@@ -1,0 +1,1 @@
+"""A small Flower App for tests/test_flower.py: funcdp clients and server with SecAgg+."""
