@@ -113,7 +113,9 @@ def test_the_ledgers_epsilon_equals_flowers_own_accountant_on_the_same_rounds():
         flower.compose(
             GaussianPrivacyEvent(noise_multiplier=1.0, sample_size=10, population_size=40)
         )
-        assert run.epsilon() == pytest.approx(flower.get_privacy_spent().epsilon, rel=1e-9)
+        ledger_rdp = fdp.epsilon(run.state.ledger, delta=config["delta"], method="rdp")
+        assert ledger_rdp == pytest.approx(flower.get_privacy_spent().epsilon, rel=1e-9)
+        assert run.epsilon() == fdp.epsilon(run.state.ledger, delta=config["delta"])  # PLD
 
 
 def test_a_too_small_cohort_releases_nothing_and_is_still_counted():
