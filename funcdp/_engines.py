@@ -1,6 +1,6 @@
 """The clipped sum of a batch, by one of three engines: the one interface behind every step.
 
-`make_engine(loss_fn, through_sum, performance)` builds `engine(params, buffers, rows, mask,
+`make_engine(loss_fn, split, performance)` builds `engine(params, buffers, rows, mask,
 state, key) -> (ClippedSum, state)` for the part of a privatizer that runs through `aggregate()`.
 Where that part is ONE stateless clipping transform, the engine applies the transform's factor
 rule (norms [B, G] of the groups of leaves to factors [B, G], `transforms/clipping.py`) itself,
@@ -37,6 +37,7 @@ from funcdp.transforms.base import (
     REDUCE,
     FactorRule,
     GradientTransformation,
+    Split,
     split_at_reduce,
 )
 from funcdp.transforms.base import chain as _chain
@@ -103,7 +104,7 @@ def clipped_sum(
         )
     performance = Performance(mode=mode, chunk_size=chunk_size).check()
     split = split_at_reduce(_chain(clipping, aggregate()))
-    engine = make_engine(loss_fn, split.through_sum, performance, zero_nonfinite=False)
+    engine = make_engine(loss_fn, split, performance, zero_nonfinite=False)
 
     def fn(params, buffers, *batch, mask=None) -> ClippedSum:
         if not batch or batch[0].dim() == 0:
@@ -116,15 +117,13 @@ def clipped_sum(
     return fn
 
 
-def make_engine(
-    loss_fn, through_sum: GradientTransformation, performance: Performance, *, zero_nonfinite
-) -> Engine:
-    """The engine for `through_sum` (the bound parts of a privatizer through `aggregate()`).
+def make_engine(loss_fn, split: Split, performance: Performance, *, zero_nonfinite) -> Engine:
+    """The engine for the part of a privatizer through `aggregate()` (`split.through_sum`).
 
     With `zero_nonfinite`, a real example whose loss or norm is not finite is left out of the
     sum like a padded row; otherwise it poisons the sum and the caller refuses the batch.
     """
-    rule = clip_rule(through_sum.parts)
+    rule = clip_rule(split.head)
     mode = performance.mode
     if rule is None and mode in ("ghost", "two_pass"):
         raise ValueError(
@@ -137,7 +136,7 @@ def make_engine(
     upcast = performance.autocast_dtype is not None
     per_example = _per_example_fn(example_loss, performance.chunk_size, upcast)
     if rule is None:
-        return _transform_engine(through_sum, per_example, zero_nonfinite)
+        return _transform_engine(split, per_example, zero_nonfinite)
     vmapped = _vmap_engine(rule, per_example, zero_nonfinite)
     if mode == "vmap":
         return vmapped
@@ -262,10 +261,10 @@ def _two_pass_engine(rule: FactorRule, example_loss, chunk_size, zero_nonfinite)
     return engine
 
 
-def _transform_engine(through_sum, per_example, zero_nonfinite) -> Engine:
+def _transform_engine(split: Split, per_example, zero_nonfinite) -> Engine:
     """Any per-example part: it sees the gradients and runs its own update. `clipped` is then
     an estimate, the examples whose norm exceeds the declared sensitivity."""
-    sensitivity = through_sum.parts[0].sensitivity if through_sum.parts else None
+    through_sum, sensitivity = split.through_sum, split.head[0].sensitivity
 
     def engine(params, buffers, rows, mask, state, key):
         grads, losses = per_example(params, buffers, *rows)

@@ -41,9 +41,7 @@ def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: 
     padding costs nothing beyond the micro-batch that holds the last real row. Every computed
     micro-batch keeps its fixed shape, so no example's gradient depends on how many rows are real.
     """
-    engine = make_engine(
-        loss_fn, split.through_sum, performance, zero_nonfinite=on_nonfinite == "zero"
-    )
+    engine = make_engine(loss_fn, split, performance, zero_nonfinite=on_nonfinite == "zero")
 
     def local_sum(state, inputs, mask: torch.Tensor, key) -> LocalSum:
         size = mask.shape[0]

@@ -252,7 +252,8 @@ def test_adaptive_clip_keeps_its_sensitivity_after_the_norm_moved(factor):
 
 def test_split_chain_leaves_closing_the_batch_to_finish():
     privatizer = T.chain(_adaptive(1.0), T.aggregate(), T.gaussian_noise(1.0))
-    first, _, index, _ = T.base.split_at_reduce(privatizer)
+    split = T.base.split_at_reduce(privatizer)
+    first, index = split.through_sum, split.index
     assert index == 2 and first.finish is not None
     assert T.base.split_at_reduce(T.chain(fdp.clip(1.0), T.aggregate()))[0].finish is None
     grads = {"w": torch.full((4, 2), 0.1, dtype=torch.float64)}

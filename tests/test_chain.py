@@ -158,7 +158,8 @@ def test_identity_changes_nothing():
 @pytest.mark.parametrize("masked", [False, True])
 def test_split_at_reduce_matches_the_whole_chain(masked, trees_equal):
     privatizer = _full_chain()
-    first, second, index, _ = split_at_reduce(privatizer)
+    split = split_at_reduce(privatizer)
+    first, second, index = split.through_sum, split.after_sum, split.index
     assert index == 2 and first.stage == REDUCE and second.stage == AGGREGATE
     key = fdr.key(11)
     mask = torch.tensor([True, False, True, True, False, True]) if masked else None
@@ -173,7 +174,8 @@ def test_split_at_reduce_matches_the_whole_chain(masked, trees_equal):
 def test_split_at_reduce_over_micro_batches(trees_close):
     # The train step runs the first half per micro-batch and sums: same result up to rounding.
     privatizer = _full_chain()
-    first, second, index, _ = split_at_reduce(privatizer)
+    split = split_at_reduce(privatizer)
+    first, second, index = split.through_sum, split.after_sum, split.index
     key, per_example = fdr.key(3), _per_example(batch=8)
     state = privatizer.init(None)
     whole, _ = privatizer.update(per_example, state, key=key)
@@ -216,3 +218,23 @@ def test_chain_of_aggregate_stage_transforms_builds_alone_and_nests():
     assert torch.equal(out["w"], torch.full((3,), 2.0))
     whole = fdp.chain(fdp.clip(1.0), fdp.aggregate(), fdp.gaussian_noise(0.0), tail)
     assert whole.sensitivity == 1.0
+
+
+def test_a_chain_binds_once_and_its_split_reuses_that_binding():
+    """`chain` keeps the parts it bound and what they resolved to; `split_at_reduce` cuts
+    them, it does not bind them again (a bind that counts its calls sees one)."""
+    calls = []
+    noise = fdp.gaussian_noise(1.0)
+
+    def counting_bind(context):
+        calls.append(context)
+        return noise.bind(context)
+
+    privatizer = fdp.chain(fdp.clip(1.0), fdp.aggregate(), noise._replace(bind=counting_bind))
+    assert len(calls) == 1
+    split = split_at_reduce(privatizer)
+    assert len(calls) == 1
+    assert split.context is privatizer.plan.context and split.context.noise_multiplier == 1.0
+    assert split.head == privatizer.plan.bound[: split.index]
+    fdp.chain(privatizer, fdp.account(0.01))  # nested: the outer chain binds its own parts
+    assert len(calls) == 2

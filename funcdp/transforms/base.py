@@ -80,6 +80,21 @@ class FactorRule(NamedTuple):
     group_names: tuple[str, ...] | None = None
 
 
+class Plan(NamedTuple):
+    """What `chain` resolved when it was built, kept so that nothing binds it again.
+
+    Attributes:
+      parts: the transforms it is made of, unbound, in order (an outer chain that nests this one
+        binds them against ITS upstream context).
+      bound: the same parts bound against the chain's own context, as its `update` runs them.
+      context: what the chain resolves to (sensitivity, noise, sample rate, secure, checks).
+    """
+
+    parts: tuple
+    bound: tuple
+    context: PrivacyContext
+
+
 class GradientTransformation(NamedTuple):
     """A pure gradient transformation and its declared place in a privacy chain.
 
@@ -89,8 +104,7 @@ class GradientTransformation(NamedTuple):
       stage: "per_example", "reduce" or "aggregate" (see the module docstring).
       sensitivity: for clipping transforms, the per-example L2 bound of the contribution.
       bind: resolves the transform against the context upstream; None if it needs none.
-      parts: for a chain, the transforms it is made of (unbound, in order); for the first half
-        of `split_at_reduce`, its bound parts.
+      plan: for a chain, what it was built from and resolved to (`Plan`); None otherwise.
       finish: `finish(state, *, key) -> state`, closing one logical batch for a transform whose
         `update` only accumulates statistics; None for transforms that need no such step.
       factor_rule: for a stateless clipping transform, its rule as a `FactorRule`; None when it
@@ -102,9 +116,14 @@ class GradientTransformation(NamedTuple):
     stage: str = AGGREGATE
     sensitivity: float | None = None
     bind: Bind | None = None
-    parts: tuple[GradientTransformation, ...] = ()
+    plan: Plan | None = None
     finish: Callable[..., Any] | None = None
     factor_rule: FactorRule | None = None
+
+    @property
+    def parts(self) -> tuple[GradientTransformation, ...]:
+        """A chain's transforms, unbound, in order; () for any other transform."""
+        return () if self.plan is None else self.plan.parts
 
 
 def identity() -> GradientTransformation:
@@ -129,10 +148,10 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         without a bounded-sensitivity clip upstream, accounting without noise).
     """
     parts = _flatten(transforms)
-    bound, context = bind_parts(parts)
+    bound, context = bind_parts(parts)  # the one binding: kept in the chain's plan
     init, update, _ = _compose(bound, 0, True, context.checks)
-    stage = _stage_of(bound)
-    return GradientTransformation(init, update, stage, context.sensitivity, None, parts)
+    plan = Plan(parts, bound, context)
+    return GradientTransformation(init, update, _stage_of(bound), context.sensitivity, plan=plan)
 
 
 def bind_parts(
@@ -177,17 +196,19 @@ class Split(NamedTuple):
     """A privatizer bound once and split at `aggregate()`: what a train step runs.
 
     Attributes:
-      through_sum: the parts through `aggregate()`, run on each micro-batch; its `parts` are the
-        bound parts, and its `finish` (when not None) closes one logical batch.
+      through_sum: the parts through `aggregate()`, run on each micro-batch; its `finish` (when
+        not None) closes one logical batch.
       after_sum: the parts after it, run once per logical batch, with the chain's checks.
       index: where the second half's state starts in the chain's state.
       context: what the whole chain resolves to (sensitivity, noise, sample rate, secure, ...).
+      head: the bound parts of `through_sum` (an engine reads their clipping rule).
     """
 
     through_sum: GradientTransformation
     after_sum: GradientTransformation
     index: int
     context: PrivacyContext
+    head: tuple
 
     def halves(self, state: tuple) -> tuple[tuple, tuple]:
         """The chain's state as (the first half's, the second half's)."""
@@ -195,7 +216,7 @@ class Split(NamedTuple):
 
 
 def split_at_reduce(chain_transform: GradientTransformation) -> Split:
-    """Binds a chain once and splits it at `aggregate()` (see `Split`).
+    """Splits a chain, as bound when it was built, at `aggregate()` (see `Split`).
 
     The train step runs the first half on each micro-batch and sums the results, then the second
     half once per logical batch, so noise and accounting happen once. States and keys of both
@@ -203,8 +224,8 @@ def split_at_reduce(chain_transform: GradientTransformation) -> Split:
     close the batch: call its `finish` (when not None) once per logical batch, after the last
     micro-batch. The second half runs the chain's checks (`budget`) on its new state.
     """
-    parts = chain_transform.parts or (chain_transform,)
-    bound, context = bind_parts(parts)
+    plan = chain_transform.plan
+    bound, context = (plan.bound, plan.context) if plan else bind_parts((chain_transform,))
     reducers = [i for i, part in enumerate(bound) if part.stage == REDUCE]
     if not reducers:
         raise ValueError(
@@ -212,11 +233,11 @@ def split_at_reduce(chain_transform: GradientTransformation) -> Split:
         )
     index = reducers[0] + 1
     init, update, finish = _compose(bound[:index], 0, False)
-    first = GradientTransformation(init, update, REDUCE, parts=bound[:index], finish=finish)
+    first = GradientTransformation(init, update, REDUCE, finish=finish)
     second = GradientTransformation(
         *_compose(bound[index:], index, True, context.checks)[:2], AGGREGATE
     )
-    return Split(first, second, index, context)
+    return Split(first, second, index, context, bound[:index])
 
 
 def _compose(
@@ -259,7 +280,7 @@ def _flatten(transforms: tuple[GradientTransformation, ...]) -> tuple[GradientTr
     for t in transforms:
         if not isinstance(t, GradientTransformation):
             raise TypeError(f"chain takes GradientTransformations, got {type(t).__name__}")
-        parts.extend(_flatten(t.parts) if t.parts else (t,))
+        parts.extend(t.plan.parts if t.plan else (t,))
     return tuple(parts)
 
 
