@@ -172,6 +172,19 @@ def _failing_frames(error: Exception) -> tuple[str | None, str | None]:
     return frame, caller
 
 
+def note_loss_error(error: Exception) -> None:
+    """Adds to an error that a step's loss raised where it came from and, for known causes
+    (HF attention masks, `.item()`, data-dependent control flow), what to do. Errors raised by
+    funcdp itself, with no frame of the user's or a library's code, are left as they are; so
+    is every error on Python 3.10, whose exceptions take no notes."""
+    frame, caller = _failing_frames(error)
+    if frame is None or not hasattr(error, "add_note"):
+        return
+    called = f" (called from {caller})" if caller else ""
+    fix, _ = _error_fix(_message(error), frame)
+    error.add_note(f"funcdp: the loss raised this under vmap at {frame}{called}; {fix}")
+
+
 def _error_fix(message: str, frame: str | None) -> tuple[str, bool]:
     """What to do about an error under vmap, for the known causes; and whether fix() does it."""
     if "transformers" in sys.modules and frame is not None:

@@ -12,6 +12,7 @@ import torch
 from funcdp import random as fdr
 from funcdp._checks import check_mask
 from funcdp._local_sum import local_sum_fn
+from funcdp._probes import note_loss_error
 from funcdp.accounting.ledger import Ledger
 from funcdp.data import Batch
 from funcdp.distributed import all_reduce_local_sum
@@ -145,12 +146,17 @@ def make_train_step(
         inputs, mask = check_batch(batch, process_group)
         step_key = fdr.fold_in(_checked_state(state).key, state.step)
         example_key, loss_key = fdr.split(step_key, 2)
+        compute = lambda: local_sum(state, inputs, mask, example_key)  # noqa: E731
         with _seeded(loss_key, state.params, process_group):
-            if process_group is None:
-                local = local_sum(state, inputs, mask, example_key)
-            else:
-                compute = lambda: local_sum(state, inputs, mask, example_key)  # noqa: E731
-                local = all_reduce_local_sum(compute, state, process_group)
+            try:
+                local = (
+                    compute()
+                    if process_group is None
+                    else all_reduce_local_sum(compute, state, process_group)
+                )
+            except Exception as error:
+                note_loss_error(error)  # where in the loss, and what to do about known causes
+                raise
         if local.nonfinite:
             return _refused(state, mask, local.nonfinite, on_nonfinite)
         pre_state = local.pre_state

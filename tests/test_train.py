@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -599,3 +600,56 @@ def test_micro_batches_of_padding_only_are_not_computed():
     new, metrics = micro(state, empty)  # noise is still added, from the first micro-batch's zero
     assert len(calls) == 1 and metrics["batch_size"] == 0 and new.step == 1
     assert any(not torch.equal(new.params[k], state.params[k]) for k in state.params)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes need Python 3.11")
+@pytest.mark.parametrize("mode", ["vmap", "ghost"])
+def test_an_error_in_the_loss_names_the_line_and_says_what_to_do(mode):
+    model = nn.Linear(3, 2)
+    apply_fn, params, buffers = fdp.functionalize(model)
+
+    def loss_fn(params, buffers, x, y):
+        out = apply_fn(params, buffers, x[None])
+        if out.sum() > 0:  # data-dependent control flow: vmap cannot branch per example
+            out = -out
+        return F.cross_entropy(out, y[None])
+
+    privatizer = fdp.chain(fdp.clip(1.0), fdp.aggregate())
+    step = fdp.make_train_step(
+        loss_fn, privatizer, optim.sgd(0.1), performance=fdp.Performance(mode=mode)
+    )
+    state = fdp.TrainState.create(
+        params,
+        buffers=buffers,
+        privatizer=privatizer,
+        optimizer=optim.sgd(0.1),
+        key=fdp.random.key(0),
+    )
+    with pytest.raises(RuntimeError) as caught:
+        step(state, _batch())
+    (note,) = caught.value.__notes__
+    line = loss_fn.__code__.co_firstlineno + 2  # the `if`
+    assert f"test_train.py:{line} in loss_fn" in note
+    assert "data-dependent Python control flow" in note
+
+
+def test_funcdp_errors_get_no_note():
+    wrong = fdp.clip_by(lambda norms: norms[:, 0], 1.0)  # factors [B], not [B, G]
+    model = nn.Linear(3, 2)
+    apply_fn, params, buffers = fdp.functionalize(model)
+
+    def loss_fn(params, buffers, x, y):
+        return F.cross_entropy(apply_fn(params, buffers, x[None]), y[None])
+
+    privatizer = fdp.chain(wrong, fdp.aggregate())
+    step = fdp.make_train_step(loss_fn, privatizer, optim.sgd(0.1))
+    state = fdp.TrainState.create(
+        params,
+        buffers=buffers,
+        privatizer=privatizer,
+        optimizer=optim.sgd(0.1),
+        key=fdp.random.key(0),
+    )
+    with pytest.raises(ValueError, match="factor_fn must return") as caught:
+        step(state, _batch())
+    assert not getattr(caught.value, "__notes__", [])
