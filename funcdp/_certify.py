@@ -10,8 +10,7 @@ of Numerical Algorithms", 2002, section 3.1): a sum of n terms computed in any o
 - `squares_upper`: sums of squares over the last dimension: in float64 for small tensors (exact
   squares, so no underflow or overflow), else by float32 blocks of `BLOCK` elements (relative
   error <= gamma_(BLOCK+3)) whose results are added in float64, so a million-element leaf costs
-  one float32 pass and still has a relative error near 4e-6 (rows up to `ONE_REDUCTION` long:
-  one float32 reduction).
+  one float32 pass and still has a relative error near 4e-6.
 - `round_up`: a float64 bound cast to a narrower dtype without rounding it down.
 - `with_margin`: clip factors shrunk by the rounding of the float multiplications that apply
   them, so that factor * gradient, as computed, stays within the bound the rule promises.
@@ -22,9 +21,6 @@ from __future__ import annotations
 import torch
 
 BLOCK = 64
-# Rows up to this long are summed in one float32 reduction (relative error <= gamma_(n+3), 6e-5
-# at 1024): fewer operations than blocks, which a small model's step notices.
-ONE_REDUCTION = 1024
 # Up to this many elements, widening to float64 costs less than the checks of the float32 path.
 SMALL_TENSOR = 1 << 16
 _U64 = 2.0**-53
@@ -104,7 +100,7 @@ def _blocked_squares(x: torch.Tensor) -> torch.Tensor:
     """Upper bounds on the sums of squares of `x`, ignoring underflow and overflow."""
     n = x.shape[-1]
     u = unit_roundoff(x.dtype)
-    if x.dtype == torch.float64 or n <= ONE_REDUCTION:
+    if x.dtype == torch.float64 or n <= BLOCK:
         block = max(n, 1)
         squares = torch.linalg.vector_norm(x, dim=-1).double().square()
     else:

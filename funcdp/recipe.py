@@ -6,6 +6,7 @@ training as the command.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -109,11 +110,7 @@ def fit(
         steps=steps,
         method=recipe.accountant,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_model(data.num_features, data.num_classes, recipe.hidden)
-    apply_fn, params, buffers = fdp.functionalize(model)
-    loss_fn, metric_fn = classifier_loss_and_metrics(apply_fn)
+    model, params, buffers, loss_fn, metric_fn = seeded_classifier(data, recipe, seed)
     privatizer = fdp.chain(
         fdp.clip(max_norm=recipe.clip),
         fdp.aggregate(),
@@ -121,17 +118,7 @@ def fit(
         fdp.normalize(expected_batch_size=recipe.batch_size),
         fdp.account(sample_rate=q),
     )
-    optimizer = fdp.optim.sgd(learning_rate=recipe.lr)
-    step = fdp.make_train_step(loss_fn, privatizer, optimizer, process_group=process_group)
-    eval_step = fdp.make_eval_step(metric_fn)
     root = fdp.random.key(seed)
-    state = fdp.TrainState.create(
-        params,
-        buffers=buffers,
-        privatizer=privatizer,
-        optimizer=optimizer,
-        key=fdp.random.fold_in(root, 0),
-    )
     loader = fdp.PoissonLoader(
         (data.x_train, data.y_train),
         q,
@@ -140,24 +127,61 @@ def fit(
         rank=rank,
         world_size=world_size,
     )
-    test_batch = fdp.Batch(
-        (data.x_test, data.y_test), torch.ones(len(data.y_test), dtype=torch.bool)
+    batches = itertools.chain.from_iterable(loader for _ in range(recipe.epochs))
+    optimizer = fdp.optim.sgd(learning_rate=recipe.lr)
+    step = fdp.make_train_step(loss_fn, privatizer, optimizer, process_group=process_group)
+    run = Run(model, step, fdp.make_eval_step(metric_fn), sigma, steps_per_epoch)
+    state = fdp.TrainState.create(
+        params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=run_key(root)
     )
-    result = None
-    for epoch in range(1, recipe.epochs + 1):
-        for batch in loader:
-            state, _ = step(state, batch)  # the metrics come from private data: not released
+    return run.train(state, batches, data, recipe, on_epoch=on_epoch, on_step=on_step)
+
+
+def seeded_classifier(data: datasets.Split, recipe: Recipe, seed: int):
+    """`build_model` initialized from `seed` (torch's global RNG left as it was), its parameters
+    and buffers, and the loss of one example and its metrics:
+    (model, params, buffers, loss_fn, metric_fn)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(data.num_features, data.num_classes, recipe.hidden)
+    apply_fn, params, buffers = fdp.functionalize(model)
+    return (model, params, buffers, *classifier_loss_and_metrics(apply_fn))
+
+
+def run_key(root: torch.Tensor) -> torch.Tensor:
+    """The train state's key of a run seeded by `root` (the sampler takes `fold_in(root, 1)`)."""
+    return fdp.random.fold_in(root, 0)
+
+
+class Run(NamedTuple):
+    """One training run of the recipe: its model, step functions, sigma and epoch length."""
+
+    model: nn.Module
+    step: Callable
+    eval_step: Callable
+    noise_multiplier: float
+    steps_per_epoch: int
+
+    def train(self, state, batches, data, recipe, *, on_epoch=None, on_step=None) -> TrainResult:
+        """Steps through `batches`, scoring on the test split after each epoch that `on_epoch`
+        sees (without it, only the last); the epsilon is read from the state's ledger."""
+        test = fdp.Batch((data.x_test, data.y_test), torch.ones(len(data.y_test), dtype=torch.bool))
+        total, result = recipe.epochs * self.steps_per_epoch, None
+        for batch in batches:
+            state, _ = self.step(state, batch)  # the metrics come from private data: not released
             if on_step is not None:
-                on_step(state.step, steps)
-        if on_epoch is None and epoch < recipe.epochs:
-            continue  # nobody reads this epoch's scores
-        scores = eval_step(state, test_batch)
-        spent = fdp.epsilon(state.ledger, delta=recipe.delta, method=recipe.accountant)
-        trained = fdp.to_module(model, state)
-        result = TrainResult(trained, state, sigma, scores["loss"], scores["accuracy"], spent)
-        if on_epoch is not None:
-            on_epoch(epoch, result)
-    return result
+                on_step(state.step, total)
+            epoch, position = divmod(state.step, self.steps_per_epoch)
+            if position or (on_epoch is None and epoch < recipe.epochs):
+                continue  # mid-epoch, or nobody reads this epoch's scores
+            scores = self.eval_step(state, test)
+            spent = fdp.epsilon(state.ledger, delta=recipe.delta, method=recipe.accountant)
+            trained = fdp.to_module(self.model, state)
+            sigma = self.noise_multiplier
+            result = TrainResult(trained, state, sigma, scores["loss"], scores["accuracy"], spent)
+            if on_epoch is not None:
+                on_epoch(epoch, result)
+        return result
 
 
 def classifier_loss_and_metrics(apply_fn: Callable[..., torch.Tensor]) -> tuple[Callable, Callable]:

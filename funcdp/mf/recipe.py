@@ -10,16 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 import funcdp as fdp
 from funcdp import datasets
 from funcdp.data import cyclic_poisson_batches, default_steps
 from funcdp.mf.accounting import mechanism as strategy_mechanism
 from funcdp.mf.builders import banded, blt, tree
 from funcdp.mf.strategies import Strategy
-from funcdp.recipe import Recipe, TrainResult, build_model, check_batch_size
-from funcdp.recipe import classifier_loss_and_metrics as _loss_and_metrics
+from funcdp.recipe import Recipe, Run, TrainResult, check_batch_size, run_key, seeded_classifier
 from funcdp.transforms.correlated_noise import correlated_noise
 
 MECHANISMS = ("bandmf", "blt", "tree")
@@ -87,11 +84,7 @@ def fit_correlated(
         method=recipe.accountant,
         mechanism=strategy_mechanism(strategy, min_separation=groups),
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_model(data.num_features, data.num_classes, recipe.hidden)
-    apply_fn, params, buffers = fdp.functionalize(model)
-    loss_fn, metric_fn = _loss_and_metrics(apply_fn)
+    model, params, buffers, loss_fn, metric_fn = seeded_classifier(data, recipe, seed)
     privatizer = fdp.chain(
         fdp.clip(max_norm=recipe.clip),
         fdp.aggregate(),
@@ -101,32 +94,15 @@ def fit_correlated(
     )
     optimizer = fdp.optim.sgd(learning_rate=recipe.lr)
     step = fdp.make_train_step(loss_fn, privatizer, optimizer)
-    eval_step = fdp.make_eval_step(metric_fn)
+    run = Run(model, step, fdp.make_eval_step(metric_fn), sigma, steps_per_epoch)
     root = fdp.random.key(seed)
     state = fdp.TrainState.create(
-        params,
-        buffers=buffers,
-        privatizer=privatizer,
-        optimizer=optimizer,
-        key=fdp.random.fold_in(root, 0),
+        params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=run_key(root)
     )
-    batches = cyclic_poisson_batches(
+    indices = cyclic_poisson_batches(
         n_train, q, key=fdp.random.fold_in(root, 1), min_separation=groups, steps=steps
     )
-    test = fdp.Batch((data.x_test, data.y_test), torch.ones(len(data.y_test), dtype=torch.bool))
-    result = None
-    for index in batches:
-        inputs = (data.x_train[index.indices], data.y_train[index.indices])
-        state, _ = step(state, fdp.Batch(inputs, index.mask))  # metrics are private: dropped
-        if on_step is not None:
-            on_step(state.step, steps)
-        epoch, position = divmod(state.step, steps_per_epoch)
-        if position or (on_epoch is None and epoch < recipe.epochs):
-            continue
-        scores = eval_step(state, test)
-        spent = fdp.epsilon(state.ledger, delta=recipe.delta, method=recipe.accountant)
-        trained = fdp.to_module(model, state)
-        result = TrainResult(trained, state, sigma, scores["loss"], scores["accuracy"], spent)
-        if on_epoch is not None:
-            on_epoch(epoch, result)
-    return result
+    batches = (
+        fdp.Batch((data.x_train[i.indices], data.y_train[i.indices]), i.mask) for i in indices
+    )
+    return run.train(state, batches, data, recipe, on_epoch=on_epoch, on_step=on_step)
