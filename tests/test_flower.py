@@ -44,8 +44,12 @@ class Federation:
         home = workdir / "flwr-home"
         home.mkdir(parents=True)
         pythonpath = [str(ROOT), os.environ.get("PYTHONPATH", "")]
+        # Flower's processes start others by name (the SuperLink runs `flower-superexec`): this
+        # interpreter's scripts come first on PATH, as in an activated environment.
+        path = [str(BIN), os.environ.get("PATH", "")]
         self.env = dict(
             os.environ,
+            PATH=os.pathsep.join(filter(None, path)),
             PYTHONPATH=os.pathsep.join(filter(None, pythonpath)),
             FLWR_HOME=str(home),
             FLWR_TELEMETRY_ENABLED="0",
