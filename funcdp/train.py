@@ -144,7 +144,7 @@ def make_train_step(
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         inputs, mask = check_batch(batch, process_group)
-        step_key = fdr.fold_in(_checked_state(state).key, state.step)
+        step_key = fdr.fold_in(checked_state(state).key, state.step)
         example_key, loss_key = fdr.split(step_key, 2)
         compute = lambda: local_sum(state, inputs, mask, example_key)  # noqa: E731
         with _seeded(loss_key, state.params, process_group):
@@ -220,7 +220,8 @@ def _seeded(key, params, process_group):
         yield
 
 
-def _checked_state(state: TrainState) -> TrainState:
+def checked_state(state: TrainState) -> TrainState:
+    """`state`, checked: a TrainState whose step (which selects the step's noise) is an int >= 0."""
     if not isinstance(state, TrainState):
         raise TypeError(f"state must be a funcdp.TrainState, got {type(state).__name__}")
     step = state.step

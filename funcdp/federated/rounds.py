@@ -22,6 +22,7 @@ from funcdp import random as fdr
 from funcdp.data import Batch
 from funcdp.optim import apply_updates
 from funcdp.train import NonFiniteError, TrainState, check_batch
+from funcdp.train import checked_state as check_state
 from funcdp.transforms.base import GradientTransformation, Split, split_at_reduce
 from funcdp.tree import per_example_norms, tree_add, tree_map
 
@@ -134,17 +135,6 @@ def server_step(split: Split, server_optimizer, state: TrainState, total, pre_st
         privacy_state=(*pre_state, *post_state),
         step=state.step + 1,
     )
-
-
-def check_state(state: TrainState) -> None:
-    """Raises unless `state` is a TrainState whose step (the round count) is an int >= 0."""
-    if not isinstance(state, TrainState):
-        raise TypeError(f"state must be a funcdp.TrainState, got {type(state).__name__}")
-    step = state.step
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise ValueError(
-            f"state.step must be an int >= 0 (it selects the round's noise), got {step!r}"
-        )
 
 
 def _metrics(norms: torch.Tensor, mask: torch.Tensor, clip_norm: float | None) -> dict[str, Any]:
