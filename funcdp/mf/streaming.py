@@ -18,11 +18,9 @@ def banded_step(
 
     The buffer holds the last `bands - 1` outputs, newest first.
     """
-    y = z.clone()
-    for lag, c in enumerate(coefficients[1:]):
-        y.sub_(buffer[lag], alpha=c)
     if buffer.shape[0] == 0:
-        return y, buffer
+        return z, buffer
+    y = z - _weighted(coefficients[1:], buffer)
     return y, torch.cat([y[None], buffer[:-1]])
 
 
@@ -33,15 +31,23 @@ def blt_step(
     sum_i omega_i theta_i^(m-1)): y_t = z_t - sum_i omega_i S_i.
 
     Buffer i holds S_i = sum_{s < t} theta_i^(t-1-s) y_s and is updated S_i <- theta_i S_i + y_t
-    (McMahan, Xu & Zhang 2024, arXiv:2405.13763; run on the outputs to solve C y = z).
+    (McMahan, Xu & Zhang 2024, arXiv:2405.13763; run on the outputs to solve C y = z). All
+    buffers are updated by one broadcast operation, not one per buffer.
     """
-    y = z.clone()
-    for i, omega in enumerate(omegas):
-        y.sub_(buffer[i], alpha=omega)
-    new = torch.empty_like(buffer)
-    for i, theta in enumerate(thetas):  # one pass per buffer, no host-to-device copy
-        torch.add(y, buffer[i], alpha=theta, out=new[i])
-    return y, new
+    y = z - _weighted(omegas, buffer)
+    scale = _column(thetas, buffer)
+    return y, torch.addcmul(y.unsqueeze(0), scale, buffer)
+
+
+def _weighted(weights: tuple[float, ...], buffer: torch.Tensor) -> torch.Tensor:
+    """sum_i weights[i] buffer[i], in one contraction."""
+    return torch.tensordot(_column(weights, buffer).flatten(), buffer, dims=1)
+
+
+def _column(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
+    """`values` as a [m, 1, ..., 1] tensor of `like`'s dtype and device (broadcasts over it)."""
+    shape = (len(values),) + (1,) * (like.dim() - 1)
+    return torch.tensor(values, dtype=like.dtype, device=like.device).reshape(shape)
 
 
 def tree_step(

@@ -113,7 +113,7 @@ def _update(strategy: Strategy, std: float):
         noisy, new_buffers = [], []
         for leaf, buffer, z in zip(leaves, buffers, draws, strict=True):
             y, buffer = strategy.stream_step(buffer, z, index)
-            noisy.append(leaf + std * y)
+            noisy.append(torch.add(leaf, y, alpha=std))
             new_buffers.append(buffer)
         new_state = CorrelatedNoiseState(index + 1, tree_unflatten(buffer_spec, new_buffers))
         return tree_unflatten(spec, noisy), new_state
