@@ -180,9 +180,23 @@ def note_loss_error(error: Exception) -> None:
     frame, caller = _failing_frames(error)
     if frame is None or not hasattr(error, "add_note"):
         return
+    module = _innermost_module(error)
+    inside = f" inside {module}" if module else ""
     called = f" (called from {caller})" if caller else ""
     fix, _ = _error_fix(_message(error), frame)
-    error.add_note(f"funcdp: the loss raised this under vmap at {frame}{called}; {fix}")
+    error.add_note(f"funcdp: the loss raised this under vmap{inside} at {frame}{called}; {fix}")
+
+
+def _innermost_module(error: Exception) -> str | None:
+    """The class of the innermost `nn.Module` whose method was running when `error` was raised
+    (a functional loss runs the module's own forward, so its frames name it)."""
+    found, tb = None, error.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Module):
+            found = f"{type(owner).__module__}.{type(owner).__qualname__}"
+        tb = tb.tb_next
+    return found
 
 
 def _error_fix(message: str, frame: str | None) -> tuple[str, bool]:

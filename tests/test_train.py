@@ -653,3 +653,42 @@ def test_funcdp_errors_get_no_note():
     with pytest.raises(ValueError, match="factor_fn must return") as caught:
         step(state, _batch())
     assert not getattr(caught.value, "__notes__", [])
+
+
+class _ItemInForward(nn.Module):
+    """A layer whose forward reads a tensor's value in Python, which vmap cannot do."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        scale = 2.0 if x.sum().item() > 0 else 1.0
+        return self.fc(x) * scale
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes need Python 3.11")
+def test_an_error_in_a_module_names_the_module_and_its_line():
+    model = nn.Sequential(_ItemInForward())
+    apply_fn, params, buffers = fdp.functionalize(model)
+
+    def loss_fn(params, buffers, x, y):
+        return F.cross_entropy(apply_fn(params, buffers, x[None]), y[None])
+
+    privatizer = fdp.chain(fdp.clip(1.0), fdp.aggregate())
+    step = fdp.make_train_step(
+        loss_fn, privatizer, optim.sgd(0.1), performance=fdp.Performance(mode="vmap")
+    )
+    state = fdp.TrainState.create(
+        params,
+        buffers=buffers,
+        privatizer=privatizer,
+        optimizer=optim.sgd(0.1),
+        key=fdp.random.key(0),
+    )
+    with pytest.raises(RuntimeError) as caught:
+        step(state, _batch())
+    (note,) = caught.value.__notes__
+    line = _ItemInForward.forward.__code__.co_firstlineno + 1
+    assert "inside test_train._ItemInForward" in note
+    assert f"test_train.py:{line} in forward" in note and ".item()" in note
