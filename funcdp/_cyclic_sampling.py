@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-import funcdp.data as _data
+import funcdp._batches as _data
 from funcdp import random as fdr
 from funcdp._checks import check_sample_rate
 
@@ -61,7 +61,7 @@ def cyclic_poisson_batches(
     largest = math.ceil(num_examples / min_separation)
     if bucket_size is None:
         bucket_size = _data.default_bucket_size(largest, sample_rate)
-    _data._check_counts(steps=steps, bucket_size=bucket_size, start=start)
+    _data.check_counts(steps=steps, bucket_size=bucket_size, start=start)
     order = torch.argsort(fdr.uniform(fdr.fold_in(key, _GROUPS), (num_examples,)))
     groups = torch.tensor_split(order, min_separation)
     step_key = fdr.fold_in(key, _STEPS)
@@ -108,7 +108,7 @@ def balls_in_bins_batches(
     rate = 1.0 / steps_per_epoch
     if bucket_size is None:
         bucket_size = _data.default_bucket_size(num_examples, rate)
-    _data._check_counts(steps=steps, bucket_size=bucket_size, start=start)
+    _data.check_counts(steps=steps, bucket_size=bucket_size, start=start)
     fdr.fold_in(key, 0)  # validates the key
     return _bins(num_examples, key, steps_per_epoch, range(start, start + steps), bucket_size)
 

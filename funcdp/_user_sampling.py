@@ -16,8 +16,10 @@ from typing import NamedTuple
 import torch
 
 from funcdp import random as fdr
+from funcdp._batches import Batch, default_bucket_size, default_steps
+from funcdp._batches import check_counts as _check_counts
+from funcdp._batches import num_examples as _num_examples
 from funcdp._checks import check_sample_rate
-from funcdp.data import Batch, _check_counts, _num_examples, default_bucket_size, default_steps
 
 
 class UserIndexBatch(NamedTuple):

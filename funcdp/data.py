@@ -10,41 +10,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from funcdp import random as fdr
+from funcdp._batches import Batch as Batch
+from funcdp._batches import IndexBatch as IndexBatch
+from funcdp._batches import check_counts as _check_counts
+from funcdp._batches import default_bucket_size as default_bucket_size
+from funcdp._batches import default_steps as default_steps
+from funcdp._batches import num_examples as _num_examples
 from funcdp._checks import check_sample_rate
 from funcdp._cyclic_sampling import balls_in_bins_batches as balls_in_bins_batches
 from funcdp._cyclic_sampling import cyclic_poisson_batches as cyclic_poisson_batches
-
-
-class IndexBatch(NamedTuple):
-    """Indices of a Poisson batch padded to a bucket size, and the mask of the real rows."""
-
-    indices: torch.Tensor
-    mask: torch.Tensor
-
-
-class Batch(NamedTuple):
-    """A fixed-shape batch: a tuple of input tensors [B, ...] and a bool mask [B].
-
-    `shard` is (rank, world_size) when the batch is one rank's share of a logical batch
-    (`PoissonLoader(..., rank=, world_size=)`); None for a whole batch. A train step with a
-    process group refuses a batch that is not its rank's shard.
-    """
-
-    inputs: tuple[torch.Tensor, ...]
-    mask: torch.Tensor
-    shard: tuple[int, int] | None = None
-
-
-def default_bucket_size(num_examples: int, sample_rate: float) -> int:
-    """A padded size that a Poisson batch exceeds with negligible probability (mean + 6 sd)."""
-    mean = num_examples * sample_rate
-    sd = math.sqrt(num_examples * sample_rate * (1.0 - sample_rate))
-    return max(1, min(num_examples, math.ceil(mean + 6.0 * sd + 1.0)))
+from funcdp._user_sampling import UserIndexBatch as UserIndexBatch
+from funcdp._user_sampling import UserLoader as UserLoader
+from funcdp._user_sampling import user_batches as user_batches
 
 
 def poisson_batches(
@@ -136,15 +118,6 @@ def _generate(
         yield IndexBatch(full, mask)
 
 
-def _check_counts(**counts: int | None) -> None:
-    for name, value in counts.items():
-        minimum = 1 if name == "bucket_size" else 0
-        if value is None and name != "start":
-            continue  # the default applies
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
 def shuffled_batches(
     num_examples: int,
     batch_size: int,
@@ -199,11 +172,6 @@ def _check_shard(rank: int, world_size: int) -> None:
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
     if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
-
-
-def default_steps(sample_rate: float) -> int:
-    """Steps in one epoch: round(1 / sample_rate)."""
-    return max(1, round(1.0 / sample_rate))
 
 
 class PoissonLoader:
@@ -270,26 +238,9 @@ class PoissonLoader:
             yield Batch(inputs, index_batch.mask, (self.rank, self.world_size))
 
 
-def _num_examples(data: Any) -> int:
-    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, (tuple, list)):
-        return len(data)
-    if not isinstance(data, (tuple, list)) or not data:
-        raise TypeError("data must be a non-empty tuple of tensors or a torch Dataset")
-    sizes = {len(t) for t in data}
-    if len(sizes) != 1:
-        raise ValueError(
-            f"the tensors in data must share their first dimension, got sizes {sorted(sizes)}"
-        )
-    return sizes.pop()
-
-
 def _gather(data: Any, indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
     if isinstance(data, (tuple, list)):
         return tuple(t[indices] for t in data)
     items = [data[i] for i in indices.tolist()]
     items = [item if isinstance(item, (tuple, list)) else (item,) for item in items]
     return tuple(torch.stack([torch.as_tensor(x[j]) for x in items]) for j in range(len(items[0])))
-
-
-# User-level sampling lives in its own file; it builds on the names above.
-from funcdp._user_sampling import UserIndexBatch, UserLoader, user_batches  # noqa: E402, F401

@@ -1,0 +1,68 @@
+"""The batch types and sizes every sampler shares (`funcdp.data` re-exports the public ones).
+
+Kept apart so that the samplers (`data`, `_cyclic_sampling`, `_user_sampling`) import it and not
+each other: the imports run one way.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+
+
+class IndexBatch(NamedTuple):
+    """Indices of a Poisson batch padded to a bucket size, and the mask of the real rows."""
+
+    indices: torch.Tensor
+    mask: torch.Tensor
+
+
+class Batch(NamedTuple):
+    """A fixed-shape batch: a tuple of input tensors [B, ...] and a bool mask [B].
+
+    `shard` is (rank, world_size) when the batch is one rank's share of a logical batch
+    (`PoissonLoader(..., rank=, world_size=)`); None for a whole batch. A train step with a
+    process group refuses a batch that is not its rank's shard.
+    """
+
+    inputs: tuple[torch.Tensor, ...]
+    mask: torch.Tensor
+    shard: tuple[int, int] | None = None
+
+
+def default_bucket_size(num_examples: int, sample_rate: float) -> int:
+    """A padded size that a Poisson batch exceeds with negligible probability (mean + 6 sd)."""
+    mean = num_examples * sample_rate
+    sd = math.sqrt(num_examples * sample_rate * (1.0 - sample_rate))
+    return max(1, min(num_examples, math.ceil(mean + 6.0 * sd + 1.0)))
+
+
+def check_counts(**counts: int | None) -> None:
+    """Raises unless each count is an int >= 0 (bucket_size >= 1); None takes the default."""
+    for name, value in counts.items():
+        minimum = 1 if name == "bucket_size" else 0
+        if value is None and name != "start":
+            continue  # the default applies
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def default_steps(sample_rate: float) -> int:
+    """Steps in one epoch: round(1 / sample_rate)."""
+    return max(1, round(1.0 / sample_rate))
+
+
+def num_examples(data: Any) -> int:
+    """The number of examples of a tuple of equal-length tensors or a torch Dataset."""
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, (tuple, list)):
+        return len(data)
+    if not isinstance(data, (tuple, list)) or not data:
+        raise TypeError("data must be a non-empty tuple of tensors or a torch Dataset")
+    sizes = {len(t) for t in data}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"the tensors in data must share their first dimension, got sizes {sorted(sizes)}"
+        )
+    return sizes.pop()
