@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_time  # noqa: E402
@@ -39,25 +38,10 @@ def _noises() -> dict[str, fdp.GradientTransformation]:
 
 def _step(model, inputs, targets, noise):
     """A timed step closure and its state holder for one noise transform."""
-    apply_fn, params, buffers = fdp.functionalize(model)
-
-    def loss_fn(params, buffers, *example):
-        *xs, y = example
-        return F.cross_entropy(apply_fn(params, buffers, *(x[None] for x in xs)), y[None])
-
     batch = targets.shape[0]
     privatizer = fdp.chain(fdp.clip(1.0), fdp.aggregate(), noise, fdp.normalize(batch))
-    optimizer = fdp.optim.sgd(0.1)
-    train_step = fdp.make_train_step(loss_fn, privatizer, optimizer)
-    holder = [
-        fdp.TrainState.create(
-            params,
-            buffers=buffers,
-            privatizer=privatizer,
-            optimizer=optimizer,
-            key=fdp.random.key(0),
-        )
-    ]
+    train_step, state = step_time.funcdp_train_step(model, privatizer, fdp.Performance())
+    holder = [state]
     data = fdp.Batch((*inputs, targets), torch.ones(batch, dtype=torch.bool))
 
     def step():

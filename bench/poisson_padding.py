@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_time  # noqa: E402
@@ -44,11 +43,6 @@ def _data(inputs, targets, count: int):
 
 
 def _step(model, microbatch_size: int | None, expected: float, rate: float):
-    apply_fn, params, buffers = fdp.functionalize(model)
-
-    def loss_fn(params, buffers, x, y):
-        return F.cross_entropy(apply_fn(params, buffers, x[None]), y[None])
-
     privatizer = fdp.chain(
         fdp.clip(1.0),
         fdp.aggregate(),
@@ -56,13 +50,8 @@ def _step(model, microbatch_size: int | None, expected: float, rate: float):
         fdp.normalize(expected),
         fdp.account(rate),
     )
-    optimizer = fdp.optim.sgd(0.1)
     performance = fdp.Performance(microbatch_size=microbatch_size)
-    train_step = fdp.make_train_step(loss_fn, privatizer, optimizer, performance=performance)
-    state = fdp.TrainState.create(
-        params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(0)
-    )
-    return train_step, state
+    return step_time.funcdp_train_step(model, privatizer, performance)
 
 
 def _exact(batch: fdp.Batch) -> fdp.Batch:

@@ -186,12 +186,7 @@ def _nonprivate_step(model, inputs, targets):
 def _funcdp_step(model, inputs, targets, compile=False, mode="auto"):
     import funcdp as fdp
 
-    apply_fn, params, buffers = fdp.functionalize(model)
     batch = inputs[0].shape[0]
-
-    def loss_fn(params, buffers, x, y):
-        return F.cross_entropy(apply_fn(params, buffers, x[None]), y[None])
-
     privatizer = fdp.chain(
         fdp.clip(1.0),
         fdp.aggregate(),
@@ -199,24 +194,33 @@ def _funcdp_step(model, inputs, targets, compile=False, mode="auto"):
         fdp.normalize(batch),
         fdp.account(0.01),
     )
-    optimizer = fdp.optim.sgd(0.1)
     performance = fdp.Performance(mode=mode, compile=compile)
-    train_step = fdp.make_train_step(loss_fn, privatizer, optimizer, performance=performance)
-    holder = [
-        fdp.TrainState.create(
-            params,
-            buffers=buffers,
-            privatizer=privatizer,
-            optimizer=optimizer,
-            key=fdp.random.key(0),
-        )
-    ]
+    train_step, state = funcdp_train_step(model, privatizer, performance)
+    holder = [state]
     data = fdp.Batch((*inputs, targets), torch.ones(batch, dtype=torch.bool, device=targets.device))
 
     def step():
         holder[0], _ = train_step(holder[0], data)
 
     return step
+
+
+def funcdp_train_step(model, privatizer, performance):
+    """funcdp's step on `model`'s cross-entropy (one input, one label per example), SGD at 0.1,
+    and the state before its first step (key 0); the other benchmarks build theirs here too."""
+    import funcdp as fdp
+
+    apply_fn, params, buffers = fdp.functionalize(model)
+
+    def loss_fn(params, buffers, x, y):
+        return F.cross_entropy(apply_fn(params, buffers, x[None]), y[None])
+
+    optimizer = fdp.optim.sgd(0.1)
+    train_step = fdp.make_train_step(loss_fn, privatizer, optimizer, performance=performance)
+    state = fdp.TrainState.create(
+        params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(0)
+    )
+    return train_step, state
 
 
 def _opacus_step(mode):
