@@ -147,11 +147,12 @@ def make_engine(loss_fn, split: Split, performance: Performance, *, zero_nonfini
 def _auto_engine(ghost: Engine, vmapped: Engine) -> Engine:
     """Ghost clipping where it runs, vmap where it cannot: a loss that ghost clipping's capture
     cannot follow (a `vmap` inside the loss, a path that changes between examples) raises on its
-    first batch of a shape, and that shape takes the vmap engine from then on, with a warning."""
+    first batch of an example shape, and that shape takes the vmap engine from then on (whatever
+    the number of rows), with a warning."""
     chosen: dict[tuple, Engine] = {}
 
     def engine(params, buffers, rows, mask, state, key):
-        shapes = tuple((tuple(x.shape), x.dtype) for x in rows)
+        shapes = tuple((tuple(x.shape[1:]), x.dtype) for x in rows)
         if shapes in chosen:
             return chosen[shapes](params, buffers, rows, mask, state, key)
         try:

@@ -198,3 +198,42 @@ def test_an_amplifying_example_does_not_move_another_examples_share(monkeypatch,
         assert excess > 1e-6
     else:
         assert excess <= 1e-6 * C
+
+
+@pytest.mark.parametrize("mode", ["vmap", "ghost", "two_pass"])
+@settings(max_examples=25, deadline=None)
+@given(problem=sequence_examples(max_batch=4), padding=st.integers(1, 3), data=st.data())
+def test_the_step_computes_real_rows_only_and_stays_within_the_bound(mode, problem, padding, data):
+    """The step's local sum cuts the padding after the last real row (eager mode), so removing
+    a sampled example shifts the others and shortens what is computed. The sum still moves by at
+    most C (plus the float sum's slack) on crafted examples."""
+    from funcdp._local_sum import local_sum_fn
+    from funcdp.transforms.base import split_at_reduce
+
+    privatizer = fdp.chain(fdp.clip(C), fdp.aggregate())
+    optimizer = fdp.optim.sgd(1.0)
+    state = fdp.TrainState.create(
+        problem.params, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(0)
+    )
+    local_sum = local_sum_fn(
+        lambda params, buffers, *example: problem.loss_fn(params, *example),
+        split_at_reduce(privatizer),
+        fdp.Performance(mode=mode),
+        "raise",
+    )
+    size = problem.batch[0].shape[0]
+    removed = data.draw(st.integers(0, size - 1))
+
+    def padded_sum(rows: list[int]):
+        """The sum over `rows`, then `padding` rows (copies of row 0) with mask false."""
+        index = torch.tensor(rows + [0] * padding, dtype=torch.long)
+        mask = torch.arange(len(index)) < len(rows)
+        inputs = tuple(x[index] for x in problem.batch)
+        return local_sum(state, inputs, mask, fdp.random.key(1)).total
+
+    full = padded_sum(list(range(size)))
+    rest = padded_sum([i for i in range(size) if i != removed])
+    moved = math.sqrt(
+        sum(float((full[k].double() - rest[k].double()).square().sum()) for k in full)
+    )
+    assert moved <= C * (1 + 1e-6 + 2 * size * size * 2.0**-24)

@@ -140,7 +140,8 @@ def test_auto_takes_vmap_where_ghost_clipping_cannot_follow_the_loss():
     for name, value in expected.grads.items():
         torch.testing.assert_close(first.grads[name], value)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # said once per shape
+        warnings.simplefilter("error")  # said once per example shape, whatever the rows
         auto(params, buffers, x, y)
+        auto(params, buffers, x[:3], y[:3])
     with pytest.raises(RuntimeError):
         fdp.clipped_sum(unit_loss, max_norm=0.5, mode="ghost")(params, buffers, x, y)
