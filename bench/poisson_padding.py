@@ -5,9 +5,9 @@ A Poisson batch of expected size B is padded to a bucket (mean + 6 sd: 67 rows f
 that shapes stay fixed. Timed per model, on the same sequence of sampled batches:
 
 - `exact`: the real rows only (a shape per batch; the baseline);
-- `bucket`: the padded batch as the loader gives it (the default; in eager mode the step cuts
-  the rows after the last real one before computing);
-- `micro-M`: the padded batch in micro-batches of M rows (`Performance(microbatch_size=M)`).
+- `bucket`: the padded batch in one piece (the default);
+- `micro-M`: the padded batch in micro-batches of M rows (`Performance(microbatch_size=M)`),
+  where a micro-batch of padding only is skipped, so padding costs at most one micro-batch.
 
     python bench/poisson_padding.py --models transformer mlp --steps 20
 """

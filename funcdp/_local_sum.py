@@ -36,19 +36,14 @@ def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: 
     """`local_sum(state, inputs, mask, key) -> LocalSum` over micro-batches.
 
     Micro-batch k hands the privatizer's per-example part the key `fold_in(key, k)`, so a
-    transform that draws randomness draws anew in each micro-batch. In eager mode padding costs
-    no compute: the rows after the last real one are cut off before any engine runs (samplers put
-    the real rows first), and a micro-batch of padded rows only (after the first) is skipped; both
-    contribute exactly zero. A compiled step keeps the fixed shape, which spares recompiling.
-    Cutting changes the shapes the kernels see, so an example's gradient may round differently
-    with the number of real rows; the clip bound does not rest on that, since each computed
-    gradient's norm is certified as computed.
+    transform that draws randomness draws anew in each micro-batch. In eager mode a micro-batch
+    of padded rows only (after the first) is not computed: its contribution is exactly zero, so
+    padding costs nothing beyond the micro-batch that holds the last real row. Every computed
+    micro-batch keeps its fixed shape, so no example's gradient depends on how many rows are real.
     """
     engine = make_engine(loss_fn, split, performance, zero_nonfinite=on_nonfinite == "zero")
 
     def local_sum(state, inputs, mask: torch.Tensor, key) -> LocalSum:
-        if not torch.compiler.is_compiling():
-            inputs, mask = _real_prefix(inputs, mask)
         size = mask.shape[0]
         micro = performance.microbatch_size or size
         total, parts = None, []
@@ -77,15 +72,6 @@ def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: 
         return LocalSum(total, pre_state, _stats(losses, norms, computed, finite, clipped), 0)
 
     return local_sum
-
-
-def _real_prefix(inputs, mask: torch.Tensor):
-    """The rows up to the last real one (at least one row, so that every engine has a batch)."""
-    real = mask.nonzero()
-    end = int(real[-1]) + 1 if len(real) else 1
-    if end == mask.shape[0]:
-        return inputs, mask
-    return tuple(x[:end] for x in inputs), mask[:end]
 
 
 def _stats(losses, norms, mask, finite, clipped) -> torch.Tensor:

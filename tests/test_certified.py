@@ -200,40 +200,77 @@ def test_an_amplifying_example_does_not_move_another_examples_share(monkeypatch,
         assert excess <= 1e-6 * C
 
 
-@pytest.mark.parametrize("mode", ["vmap", "ghost", "two_pass"])
-@settings(max_examples=25, deadline=None)
-@given(problem=sequence_examples(max_batch=4), padding=st.integers(1, 3), data=st.data())
-def test_the_step_computes_real_rows_only_and_stays_within_the_bound(mode, problem, padding, data):
-    """The step's local sum cuts the padding after the last real row (eager mode), so removing
-    a sampled example shifts the others and shortens what is computed. The sum still moves by at
-    most C (plus the float sum's slack) on crafted examples."""
+def _step_sum(problem_loss, params, mode: str):
+    """`sum(batch, rows, padding)`: the train step's clipped sum (its local sum, no noise) over
+    `rows` of `batch` followed by `padding` padded rows (copies of row 0, mask false)."""
     from funcdp._local_sum import local_sum_fn
     from funcdp.transforms.base import split_at_reduce
 
     privatizer = fdp.chain(fdp.clip(C), fdp.aggregate())
-    optimizer = fdp.optim.sgd(1.0)
     state = fdp.TrainState.create(
-        problem.params, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(0)
+        params, privatizer=privatizer, optimizer=fdp.optim.sgd(1.0), key=fdp.random.key(0)
     )
     local_sum = local_sum_fn(
-        lambda params, buffers, *example: problem.loss_fn(params, *example),
+        lambda params, buffers, *example: problem_loss(params, *example),
         split_at_reduce(privatizer),
         fdp.Performance(mode=mode),
         "raise",
     )
-    size = problem.batch[0].shape[0]
-    removed = data.draw(st.integers(0, size - 1))
 
-    def padded_sum(rows: list[int]):
-        """The sum over `rows`, then `padding` rows (copies of row 0) with mask false."""
+    def total(batch, rows: list[int], padding: int):
         index = torch.tensor(rows + [0] * padding, dtype=torch.long)
         mask = torch.arange(len(index)) < len(rows)
-        inputs = tuple(x[index] for x in problem.batch)
-        return local_sum(state, inputs, mask, fdp.random.key(1)).total
+        return local_sum(state, tuple(x[index] for x in batch), mask, fdp.random.key(1)).total
 
-    full = padded_sum(list(range(size)))
-    rest = padded_sum([i for i in range(size) if i != removed])
-    moved = math.sqrt(
-        sum(float((full[k].double() - rest[k].double()).square().sum()) for k in full)
+    return total
+
+
+def _distance(a, b) -> float:
+    return math.sqrt(sum(float((a[k].double() - b[k].double()).square().sum()) for k in a))
+
+
+@pytest.mark.parametrize("mode", ["vmap", "ghost", "two_pass"])
+def test_removing_an_example_moves_the_step_by_at_most_c_when_another_is_rounding_noise(mode):
+    """Example 1's conv inputs share a 1e6 common part under output gradients that cancel, so
+    its computed gradient is mostly rounding, and the rounding depends on the kernel's batch
+    shape. The step keeps the padded batch's shape, so removing example 0 leaves example 1's
+    contribution bit for bit the same. Computing only the real rows (2 rows, then 1) moved the
+    sum by up to 1.18 C on 28 of 40 such seeds."""
+    gen = torch.Generator().manual_seed(20)
+    channels, out, kernel, length = 3, 4, 3, 16
+    params = {
+        "weight": torch.randn(out, channels, kernel, generator=gen),
+        "bias": torch.randn(out, generator=gen),
+    }
+    x = torch.randn(2, channels, length, generator=gen)
+    x[1] = 1e6 * torch.randn(channels, 1, generator=gen) + torch.randn(
+        channels, length, generator=gen
     )
-    assert moved <= C * (1 + 1e-6 + 2 * size * size * 2.0**-24)
+    positions = length - kernel + 1
+    v = 1e6 * torch.randn(out, 1, generator=gen)
+    g = torch.randn(2, out, positions, generator=gen)
+    g[1] = torch.cat([v, -v] * (positions // 2), dim=1)
+
+    def loss(params, x, g):
+        return (F.conv1d(x[None], params["weight"], params["bias"])[0] * g).sum()
+
+    total = _step_sum(loss, params, mode)
+    full, rest = total((x, g), [0, 1], 2), total((x, g), [1], 2)
+    assert _distance(full, rest) <= C * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("mode", ["vmap", "ghost", "two_pass"])
+@settings(max_examples=25, deadline=None)
+@given(problem=sequence_examples(max_batch=4), padding=st.integers(1, 3), data=st.data())
+def test_removing_a_sampled_example_shifts_the_rows_and_stays_within_the_bound(
+    mode, problem, padding, data
+):
+    """As the step sees neighbouring Poisson batches: without a sampled example the rows after
+    it move up and one more padded row ends the batch. The sum moves by at most C plus the float
+    sum's slack, on crafted examples, through every engine."""
+    size = problem.batch[0].shape[0]
+    removed = data.draw(st.integers(0, size - 1))
+    total = _step_sum(problem.loss_fn, problem.params, mode)
+    full = total(problem.batch, list(range(size)), padding)
+    rest = total(problem.batch, [i for i in range(size) if i != removed], padding + 1)
+    assert _distance(full, rest) <= C * (1 + 1e-6 + 2 * size * size * 2.0**-24)
