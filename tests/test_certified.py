@@ -31,6 +31,15 @@ def test_every_engine_bounds_crafted_examples(layer):
     check_engine_sensitivity(sequence_examples(layers=(layer,)), max_norm=C, max_examples=60)
 
 
+def test_every_engine_bounds_crafted_linear_examples_in_the_gram_form(monkeypatch):
+    """Small linear ops mostly take the formed gradient (fewer operations); here every one that
+    is not smaller formed goes through the Gram form and its error bounds."""
+    from funcdp.ghost import bounds
+
+    monkeypatch.setattr(bounds, "EXPLICIT_ELEMENTS", 0)
+    check_engine_sensitivity(sequence_examples(layers=("linear",)), max_norm=C, max_examples=60)
+
+
 def _crafted_linear(scale: float, size: int = 3):
     """Linear over two positions: inputs ~scale differing by 10, output gradients +v, -v."""
     gen = torch.Generator().manual_seed(0)
@@ -182,6 +191,7 @@ def test_an_amplifying_example_does_not_move_another_examples_share(monkeypatch,
     from funcdp.ghost import bounds
 
     monkeypatch.setattr(bounds, "AMPLIFICATION", amplification)
+    monkeypatch.setattr(bounds, "EXPLICIT_ELEMENTS", 0)  # the Gram form, not the formed gradient
     params, x, g = _amplifier_batch()
 
     def loss(params, buffers, x, g):

@@ -8,9 +8,12 @@ directly from A, G and the factors c [B] (book-keeping, Bu et al. 2023): one con
 examples and positions, no second backward.
 
 - linear / conv: per example g = G^T A over positions T (conv: A unfolded, im2col); the norm
-  is <A A^T, G G^T> (ghost norm, cost O(T^2 (d + p))) when 2 T^2 < p d, else the explicit
-  [B, p, d] gradient is formed, and both its norm and its share of the sum are read from it
-  (Li et al. 2022, Bu et al. 2023).
+  is <A A^T, G G^T> (ghost norm, cost O(T^2 (d + p)) and then the book's O(T p d)), or the
+  explicit [B, p, d] gradient is formed (O(T p d)) and both its norm and its share of the sum
+  are read from it (Li et al. 2022, Bu et al. 2023). Formed where it is no larger than the
+  Grams (2 T^2 >= p d), or, where the batch's gradients fit `bounds.EXPLICIT_ELEMENTS`, where
+  it takes fewer operations (p d < T (p + d): long sequences) or the Grams are too wide to
+  certify in float32 (`bounds.WIDE_GRAMS`: a language model's output layer).
 - embedding: row v of g is the sum of G over positions holding token v, so ||g||^2 is
   sum_{t,s} [id_t = id_s] <G_t, G_s>; positions holding `padding_idx` get no gradient.
 - layer_norm / group_norm: g_weight = sum over positions of G * x_hat (the normalized input),
@@ -52,6 +55,7 @@ class Piece(NamedTuple):
     float32 A and G, `rounding` [B] what the book-keeping's rounding adds to its norm, `reach`
     [B] the size of the terms that can cancel (sum over positions of |A_t| |G_t|); `exact` is
     inf on rows whose gradient was formed instead (what they add is not the book's).
+    Explicit pieces keep their per-example gradients [B, ...] in `formed`.
     """
 
     name: str
@@ -60,6 +64,7 @@ class Piece(NamedTuple):
     exact: torch.Tensor | None = None
     rounding: torch.Tensor | None = None
     reach: torch.Tensor | None = None
+    formed: torch.Tensor | None = None
 
 
 _U64 = 2.0**-53
@@ -98,7 +103,7 @@ def _linear(spec, inputs, grads, shapes, real):
     if spec.weight is not None:
         out.append(_matmul_piece(spec.weight, a, g, shapes[spec.weight], real))
     if spec.bias is not None:
-        out.append(_explicit_piece(spec.bias, g.sum(1).flatten(1), shapes[spec.bias]))
+        out.append(explicit_piece(spec.bias, g.sum(1).flatten(1), shapes[spec.bias]))
     return out
 
 
@@ -125,7 +130,7 @@ def _one_position(spec, a: torch.Tensor, g: torch.Tensor, shapes) -> list[Piece]
         squared = a_squares * g_squares * (1.0 + 4.0 * _U64)
         out.append(Piece(spec.weight, squared, _outer_book(a, g, shapes[spec.weight])))
     if spec.bias is not None:
-        out.append(_explicit_piece(spec.bias, g, shapes[spec.bias], g_squares))
+        out.append(explicit_piece(spec.bias, g, shapes[spec.bias], g_squares))
     return out
 
 
@@ -153,7 +158,7 @@ def _conv(spec, inputs, grads, shapes, real):
         a = windows.reshape(size, -1, groups, windows.shape[-1] // groups)
         out.append(_matmul_piece(spec.weight, a, g, shape, real))
     if spec.bias is not None:
-        out.append(_explicit_piece(spec.bias, g.sum(1).flatten(1), shapes[spec.bias]))
+        out.append(explicit_piece(spec.bias, g.sum(1).flatten(1), shapes[spec.bias]))
     return out
 
 
@@ -269,14 +274,14 @@ def _affine(spec, x_hat, grads, positions, shapes):
     out = []
     if spec.weight is not None:
         weight = (grads * x_hat).sum(positions) if positions else grads * x_hat
-        out.append(_explicit_piece(spec.weight, weight, shapes[spec.weight]))
+        out.append(explicit_piece(spec.weight, weight, shapes[spec.weight]))
     if spec.bias is not None:
         bias = grads.sum(positions) if positions else grads
-        out.append(_explicit_piece(spec.bias, bias, shapes[spec.bias]))
+        out.append(explicit_piece(spec.bias, bias, shapes[spec.bias]))
     return out
 
 
-def _explicit_piece(name: str, per_example: torch.Tensor, shape, squared=None) -> Piece:
+def explicit_piece(name: str, per_example: torch.Tensor, shape, squared=None) -> Piece:
     """A parameter whose per-example gradient [B, ...] is small enough to form (`squared`: its
     squared norms' bounds, when already known)."""
     flat = per_example.reshape(per_example.shape[0], -1)
@@ -285,7 +290,7 @@ def _explicit_piece(name: str, per_example: torch.Tensor, shape, squared=None) -
     def book(factors):
         return (factors.to(flat.dtype) @ flat).reshape(shape)
 
-    return Piece(name, squared, book)
+    return Piece(name, squared, book, formed=per_example)
 
 
 def _matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real) -> Piece:
@@ -297,9 +302,9 @@ def _matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real) -> P
         return Piece(name, squared, _book(a, g, shape, p, d, groups, None))
     a_rows = a.transpose(1, 2).reshape(size * groups, positions, d)
     g_rows = g.transpose(1, 2).reshape(size * groups, positions, p)
-    if 2 * positions * positions >= p * d:  # the gradient is no larger than the Grams: form it
+    if _formed_is_cheaper(size * groups, positions, p, d):
         explicit = torch.bmm(g_rows.transpose(1, 2), a_rows)  # [B * groups, p, d]
-        return _explicit_piece(name, explicit.reshape(size, -1), shape)
+        return explicit_piece(name, explicit.reshape(size, -1), shape)
     if size * groups * positions**2 * (d + p) <= SMALL_GRAMS:  # cheap in float64: near exact
         a_rows, g_rows = a_rows.double(), g_rows.double()
     gram_a = torch.bmm(a_rows, a_rows.transpose(1, 2))
@@ -326,6 +331,18 @@ def _matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real) -> P
     squared = bound.square() * (1.0 + 2.0 * _U64)
     book = _book(a, g, shape, p, d, groups, formed)
     return Piece(name, squared, book, exact, rounding, reach)
+
+
+def _formed_is_cheaper(count: int, positions: int, p: int, d: int) -> bool:
+    """Whether `count` per-example [p, d] gradients over `positions` are better formed than
+    their Gram matrices: no larger; or, within the memory allowed, fewer operations, or Grams
+    too wide to certify in float32 (every example would be formed after them anyway)."""
+    if 2 * positions * positions >= p * d:
+        return True
+    if count * p * d > bounds.EXPLICIT_ELEMENTS:
+        return False
+    wide = p + d >= bounds.WIDE_GRAMS and count * positions**2 * (d + p) > SMALL_GRAMS
+    return wide or p * d < positions * (p + d)
 
 
 def _formed_matmul(a, g, flagged):

@@ -15,8 +15,10 @@ bound on the cross term (E: its a priori rounding error),
 
     ||what the example adds|| <= sqrt(S_e + S_l + 2 (X + E)) + R_e + R_l.
 
+Where the output layer's gradient is formed (`rules._formed_is_cheaper`: long sequences), the
+embedding's rows are added into it and the tied gradient's norm is read from the formed sum.
 The triangle inequality, N_e + N_l (each piece's own certified bound), holds always; it is used
-where the first bound is not available (formed rows, one-position or explicit pieces), not
+where the first bound is not available (formed rows, one-position pieces), not
 finite, or where the two uses' terms (their `reach`) exceed AMPLIFICATION times the first
 bound: such terms would round the other examples' shares in the float32 books (`bounds.flagged`);
 the triangle bound clips such an example by the size of its terms instead. Any other repeated
@@ -30,7 +32,7 @@ import torch
 from funcdp._certify import gamma, matmul_roundoff, sqrt_upper, squares_upper
 from funcdp.ghost.bounds import AMPLIFICATION, SMALL_GRAMS
 from funcdp.ghost.capture import EMBEDDING, LINEAR
-from funcdp.ghost.rules import Piece
+from funcdp.ghost.rules import Piece, explicit_piece
 
 _U64 = 2.0**-53
 
@@ -43,6 +45,9 @@ def combine(name: str, entries: list[tuple]) -> Piece:
     embedding = next(e for e in entries if e[0].kind == EMBEDDING)
     linear = next(e for e in entries if e[0].kind == LINEAR)
     piece_e, piece_l = embedding[3], linear[3]
+    if piece_l.formed is not None:
+        tied = _formed_tied(embedding, piece_l.formed)
+        return explicit_piece(name, tied, tied.shape[1:])
     norm_e, norm_l = sqrt_upper(piece_e.squared_norms), sqrt_upper(piece_l.squared_norms)
     triangle = (norm_e + norm_l) * (1.0 + 2.0 * _U64)
     bound = triangle
@@ -65,16 +70,34 @@ def combine(name: str, entries: list[tuple]) -> Piece:
     return Piece(name, bound.square() * (1.0 + 2.0 * _U64), book)
 
 
+def _formed_tied(embedding, formed: torch.Tensor) -> torch.Tensor:
+    """The tied per-example gradient [B, V, d]: the output layer's formed gradient, plus each
+    position's embedding output gradient added into its token's row."""
+    spec_e, ids, grads_e, _ = embedding
+    size = formed.shape[0]
+    ge = _embedding_grads(spec_e, ids.reshape(size, -1), grads_e)
+    index = ids.reshape(size, -1, 1).expand(-1, -1, ge.shape[-1])
+    tied = formed.reshape(size, -1, ge.shape[-1])  # [B, V, d]
+    return tied.scatter_add(1, index, ge.to(tied.dtype))
+
+
+def _embedding_grads(spec_e, ids: torch.Tensor, grads_e: torch.Tensor) -> torch.Tensor:
+    """[B, T, d], the embedding's output gradients with `padding_idx` positions zeroed (as the
+    embedding rule: they get no gradient)."""
+    ge = grads_e.reshape(ids.shape[0], ids.shape[1], -1)
+    padding = spec_e.config["padding_idx"]
+    if padding is not None:
+        ge = torch.where((ids != padding)[..., None], ge, torch.zeros((), dtype=ge.dtype))
+    return ge
+
+
 def _cross_term(embedding, linear) -> tuple[torch.Tensor, torch.Tensor]:
     """X [B], the cross term <g_e, g_l> as computed, and E [B], a bound on its error."""
     spec_e, ids, grads_e, _ = embedding
     _, inputs, grads_l, _ = linear
     size = grads_e.shape[0]
     ids = ids.reshape(size, -1)
-    ge = grads_e.reshape(size, ids.shape[1], -1)
-    padding = spec_e.config["padding_idx"]
-    if padding is not None:  # as the embedding rule: padding_idx positions get no gradient
-        ge = torch.where((ids != padding)[..., None], ge, torch.zeros((), dtype=ge.dtype))
+    ge = _embedding_grads(spec_e, ids, grads_e)
     a = inputs.reshape(size, -1, inputs.shape[-1])
     gl = grads_l.reshape(size, a.shape[1], -1)
     positions, others, d = ids.shape[1], a.shape[1], a.shape[-1]
