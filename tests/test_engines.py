@@ -7,6 +7,7 @@ rule from norms [B, G] to factors [B, G].
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -145,3 +146,41 @@ def test_auto_takes_vmap_where_ghost_clipping_cannot_follow_the_loss():
         auto(params, buffers, x[:3], y[:3])
     with pytest.raises(RuntimeError):
         fdp.clipped_sum(unit_loss, max_norm=0.5, mode="ghost")(params, buffers, x, y)
+
+
+def _bound_between(low: float, high: float, under: torch.Tensor) -> float:
+    """A bound in (low, high) where min(1, C / n) in float32, as computed before, came out one
+    unit below 1 for a norm n under it."""
+    for step in range(1, 1000):
+        bound = low + (high - low) * step / 1000
+        if bool((bound / torch.clamp(under, min=bound) < 1).any()):
+            return bound
+    raise AssertionError("no such bound")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_example_under_a_bound_that_is_not_a_float32_value_is_not_clipped(mode):
+    """C between two examples' norms and not a float32 value: the examples under it keep
+    factor 1 (they were scaled by one unit below 1, and reported clipped)."""
+    loss_fn, params, buffers, x, y = _setup()
+    norms = fdp.clipped_sum(loss_fn, max_norm=1.0, mode="vmap")(params, buffers, x, y).norms
+    ordered = norms.sort().values
+    bound = _bound_between(float(ordered[2]), float(ordered[3]), ordered[:3])
+    result = fdp.clipped_sum(loss_fn, max_norm=bound, mode=mode)(params, buffers, x, y)
+    assert result.clipped.tolist() == (norms.double() > bound).tolist()
+    assert int(result.clipped.sum()) == len(norms) - 3
+
+
+def test_flat_factors_are_exactly_one_under_the_bound_and_c_over_n_above():
+    from funcdp._rules import flat_factors
+
+    gen = torch.Generator().manual_seed(0)
+    for bound in (torch.rand(200, generator=gen, dtype=torch.float64) * 10 + 0.01).tolist():
+        norms = torch.tensor([0.5 * bound, bound, 2.0 * bound, math.inf, math.nan])
+        factors = flat_factors(bound)(norms.float())
+        wide = norms.float().double()
+        under = wide <= bound
+        assert factors[under].eq(1).all()
+        over = ~under & torch.isfinite(wide)
+        torch.testing.assert_close(factors[over].double(), bound / wide[over], rtol=1e-7, atol=0)
+        assert factors[3] == 0 and math.isnan(factors[4])
