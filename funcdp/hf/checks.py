@@ -10,14 +10,16 @@ from torch import nn
 
 from funcdp._findings import Change, Finding
 from funcdp.hf.attention import SWITCH, model_configs
+from funcdp.hf.attention import vmap_attention as vmap_attention  # validate runs models in it
 
 HF_ATTENTION = "hf_attention"
 
 ATTENTION_FIX = (
     "train through funcdp.hf.causal_lm(model) or funcdp.hf.sequence_classification(model), "
     "which run HF's attention as funcdp_sdpa/funcdp_eager (the same function, mask always "
-    "built, torch's kernel as matmuls) while the loss runs; or use funcdp.fix(model), which "
-    "switches the copy's config"
+    "built, torch's kernel as matmuls) while the loss runs; in a loss of your own, call the "
+    "model inside funcdp.hf.vmap_attention(model); or use funcdp.fix(model), which switches "
+    "the copy's config"
 )
 MASK_CAUSE = (
     "transformers builds the attention mask with a Python branch on the 2-D attention_mask's "
@@ -25,15 +27,28 @@ MASK_CAUSE = (
 )
 
 
-def attention_findings(root_label: str, module: nn.Module) -> list[Finding]:
-    """One finding per attention implementation of `module` that fails or loops under vmap."""
+def attention_findings(root_label: str, module: nn.Module, *, ran: bool) -> list[Finding]:
+    """One finding per attention implementation of `module` that fails or loops under vmap.
+
+    "sdpa" (HF's default) and "eager" fail only when the model is called as it is; funcdp.hf
+    runs them under `vmap_attention`, and so does `validate`'s run (`ran`): with a run, the run
+    is the check, and only the implementations funcdp cannot switch are reported.
+    """
     names = sorted({c._attn_implementation for c in model_configs(module)} - {None})
     findings = []
     for name in names:
-        if name == "sdpa":
+        if name in SWITCH and not ran:
+            kernel = (
+                ", and on CPU torch's fused scaled-dot-product kernel has no batching rule (a "
+                "slow loop over examples)"
+                if name == "sdpa"
+                else ""
+            )
             problem = (
-                f"HF attention 'sdpa' (the default): {MASK_CAUSE}, and on CPU torch's fused "
-                "scaled-dot-product kernel has no batching rule (a slow loop over examples)"
+                f"HF attention {name!r}, called as it is (e.g. through funcdp.functionalize in a "
+                f"loss of your own), fails under vmap: {MASK_CAUSE}{kernel}; funcdp.hf runs it "
+                "as the same function that vmap batches (pass example inputs to validate to run "
+                "the model that way)"
             )
             findings.append(Finding(root_label, problem, ATTENTION_FIX, HF_ATTENTION, True))
         elif name not in SWITCH and name not in SWITCH.values():
