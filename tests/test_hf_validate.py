@@ -30,7 +30,7 @@ def _inputs() -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-@pytest.mark.parametrize("build", BUILDS, ids=lambda b: b.__name__)
+@pytest.mark.parametrize("build", [*BUILDS, hf_models.gpt2_classifier], ids=lambda b: b.__name__)
 def test_with_inputs_a_model_funcdp_hf_trains_has_no_finding(build) -> None:
     model = build()
     assert model.config._attn_implementation == "sdpa"  # HF's default
@@ -56,6 +56,13 @@ def test_fix_switches_the_attention_of_a_copy_to_the_same_function(build) -> Non
         got = fixed.eval()(**inputs).logits
     real = inputs["attention_mask"].bool() if expected.dim() == 3 else slice(None)
     torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+
+
+def test_input_ids_without_their_mask_are_named_as_the_cause() -> None:
+    model = hf_models.gpt2_classifier()  # has a pad_token_id: HF looks for it in input_ids
+    [finding] = fdp.validate(model, example_inputs=_inputs()["input_ids"])
+    assert finding.kind == VMAP_ERROR and "warn_if_padding_and_no_attention_mask" in finding.problem
+    assert finding.fix.startswith("pass the attention_mask")
 
 
 class _ItemMLP(nn.Module):

@@ -26,6 +26,12 @@ MASK_CAUSE = (
     "values (masking_utils: skip the mask when no token is padded), which vmap cannot take"
 )
 
+NO_MASK_FIX = (
+    "pass the attention_mask (1 on real tokens) with the input_ids, as funcdp.hf's tasks do: "
+    "without one, transformers looks for padding tokens in input_ids with a Python branch "
+    "(warn_if_padding_and_no_attention_mask), which vmap cannot take"
+)
+
 
 def attention_findings(root_label: str, module: nn.Module, *, ran: bool) -> list[Finding]:
     """One finding per attention implementation of `module` that fails or loops under vmap.
@@ -61,6 +67,11 @@ def attention_findings(root_label: str, module: nn.Module, *, ran: bool) -> list
 def is_mask_error(frame: str | None) -> bool:
     """Whether an error raised at `frame` ("path:line in function") is HF's mask branch."""
     return frame is not None and "masking_utils" in frame and "transformers" in frame
+
+
+def is_no_mask_error(frame: str | None) -> bool:
+    """Whether an error raised at `frame` is HF's look for padding when no mask was passed."""
+    return frame is not None and frame.endswith(" in warn_if_padding_and_no_attention_mask")
 
 
 def fix_attention(module: nn.Module, changes: list[Change]) -> None:
