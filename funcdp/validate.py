@@ -54,8 +54,8 @@ def validate(
     attention switched to the same function in a form vmap batches (`funcdp.hf.vmap_attention`),
     so an empty list says the model trains through `funcdp.hf.causal_lm` or
     `sequence_classification`. A loss of your own that calls the model as it is must call it
-    inside `funcdp.hf.vmap_attention(model)` too (or train `funcdp.fix(model)`); without inputs,
-    `validate` reports that attention, which then fails under vmap.
+    inside `funcdp.hf.vmap_attention(model)` too (or train `funcdp.fix(model)`): without inputs,
+    `validate` names HF's default attention, which fails under vmap when called as it is.
 
     Args:
       module: the model to check; it is never modified.

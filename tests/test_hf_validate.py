@@ -43,6 +43,17 @@ def test_with_inputs_a_model_funcdp_hf_trains_has_no_finding(build) -> None:
     assert "funcdp.hf" in static.fix and "vmap_attention" in static.fix
 
 
+def test_eager_attention_of_a_bidirectional_model_runs_as_funcdp_hf_runs_it() -> None:
+    import transformers
+
+    config = hf_models.bert().config
+    eager = transformers.BertForSequenceClassification._from_config(
+        config, attn_implementation="eager"
+    )
+    assert fdp.validate(eager, example_kwargs=_inputs()) == []
+    assert eager.config._attn_implementation == "eager"
+
+
 @pytest.mark.parametrize("build", BUILDS, ids=lambda b: b.__name__)
 def test_fix_switches_the_attention_of_a_copy_to_the_same_function(build) -> None:
     model = build()

@@ -36,25 +36,21 @@ NO_MASK_FIX = (
 def attention_findings(root_label: str, module: nn.Module, *, ran: bool) -> list[Finding]:
     """One finding per attention implementation of `module` that fails or loops under vmap.
 
-    "sdpa" (HF's default) and "eager" fail only when the model is called as it is; funcdp.hf
-    runs them under `vmap_attention`, and so does `validate`'s run (`ran`): with a run, the run
-    is the check, and only the implementations funcdp cannot switch are reported.
+    "sdpa" (HF's default) fails only when the model is called as it is (so does "eager" in
+    bidirectional models such as BERT, which only a run shows); funcdp.hf runs both under
+    `vmap_attention`, and so does `validate`'s run (`ran`): with a run, the run is the check,
+    and only the implementations funcdp cannot switch are reported.
     """
     names = sorted({c._attn_implementation for c in model_configs(module)} - {None})
     findings = []
     for name in names:
-        if name in SWITCH and not ran:
-            kernel = (
-                ", and on CPU torch's fused scaled-dot-product kernel has no batching rule (a "
-                "slow loop over examples)"
-                if name == "sdpa"
-                else ""
-            )
+        if name == "sdpa" and not ran:
             problem = (
-                f"HF attention {name!r}, called as it is (e.g. through funcdp.functionalize in a "
-                f"loss of your own), fails under vmap: {MASK_CAUSE}{kernel}; funcdp.hf runs it "
-                "as the same function that vmap batches (pass example inputs to validate to run "
-                "the model that way)"
+                "HF attention 'sdpa' (the default), called as it is (e.g. through "
+                f"funcdp.functionalize in a loss of your own), fails under vmap: {MASK_CAUSE}, "
+                "and on CPU torch's fused scaled-dot-product kernel has no batching rule (a slow "
+                "loop over examples); funcdp.hf runs it as the same function that vmap batches "
+                "(pass example inputs to validate to run the model that way)"
             )
             findings.append(Finding(root_label, problem, ATTENTION_FIX, HF_ATTENTION, True))
         elif name not in SWITCH and name not in SWITCH.values():
