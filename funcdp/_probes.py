@@ -202,10 +202,18 @@ def _innermost_module(error: Exception) -> str | None:
 def _error_fix(message: str, frame: str | None) -> tuple[str, bool]:
     """What to do about an error under vmap, for the known causes; and whether fix() does it."""
     if "transformers" in sys.modules and frame is not None:
-        from funcdp.hf.checks import ATTENTION_FIX, MASK_CAUSE, is_mask_error
+        from funcdp.hf.checks import (
+            ATTENTION_FIX,
+            MASK_CAUSE,
+            NO_MASK_FIX,
+            is_mask_error,
+            is_no_mask_error,
+        )
 
         if is_mask_error(frame):
             return f"{MASK_CAUSE}: {ATTENTION_FIX}", True
+        if is_no_mask_error(frame):
+            return NO_MASK_FIX, False
     if "data-dependent control flow" in message or ".item()" in message:
         where = f" at {frame}" if frame else ""
         return (

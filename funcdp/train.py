@@ -239,6 +239,12 @@ def make_eval_step(
 
     `metric_fn(params, buffers, *example)` returns a scalar (reported as "loss") or a dict of
     scalars for ONE example, e.g. `{"loss": ..., "accuracy": ...}`.
+
+    Evaluate a model in eval mode (`model.eval()`): its metrics are then deterministic. A model
+    left in training mode runs its random layers (dropout) as the train step does, each example
+    with its own draws, taken from the state's key (`split(fold_in(key, step), 3)[2]`, a key the
+    train step never uses) and never from torch's global RNG: the same state and batch give the
+    same metrics, and torch's generators are left as they were.
     """
 
     def as_dict(params, buffers, *example):
@@ -247,11 +253,12 @@ def make_eval_step(
 
     def eval_step(state: TrainState, batch: Batch) -> dict[str, float]:
         inputs, mask = check_batch(batch)
-        with torch.no_grad():
+        eval_key = fdr.split(fdr.fold_in(state.key, state.step), 3)[2]
+        with torch.no_grad(), _seeded(eval_key, state.params, None):
             in_dims = (None, None) + (0,) * len(inputs)
-            values = torch.func.vmap(as_dict, in_dims=in_dims, chunk_size=chunk_size)(
-                state.params, state.buffers, *inputs
-            )
+            values = torch.func.vmap(
+                as_dict, in_dims=in_dims, chunk_size=chunk_size, randomness="different"
+            )(state.params, state.buffers, *inputs)
         count = max(int(mask.sum()), 1)
         return {
             name: float(torch.where(mask, v.float(), 0.0).sum() / count)

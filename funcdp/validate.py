@@ -9,6 +9,7 @@ repaired copy and says what it changed; `check_supported` raises if anything is 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -49,6 +50,13 @@ def validate(
     Face model's attention implementation); a model can still fail in its forward, so an empty
     list then proves little: pass inputs.
 
+    A Hugging Face model is run as `funcdp.hf`'s losses run it: its "sdpa" (default) or "eager"
+    attention switched to the same function in a form vmap batches (`funcdp.hf.vmap_attention`),
+    so an empty list says the model trains through `funcdp.hf.causal_lm` or
+    `sequence_classification`. A loss of your own that calls the model as it is must call it
+    inside `funcdp.hf.vmap_attention(model)` too (or train `funcdp.fix(model)`): without inputs,
+    `validate` names HF's default attention, which fails under vmap when called as it is.
+
     Args:
       module: the model to check; it is never modified.
       example_inputs: optional batch (a tensor or a tuple of tensors, at least one row) to run a
@@ -66,15 +74,20 @@ def validate(
     findings = []
     for name, sub in module.named_modules():
         findings.extend(_static_findings(_label(module, name), sub))
+    ran = example_inputs is not None or bool(example_kwargs)
     hf = _hf_checks()
     if hf is not None:
-        findings.extend(hf.attention_findings(_label(module, ""), module))
-    if example_inputs is not None or example_kwargs:
+        findings.extend(hf.attention_findings(_label(module, ""), module, ran=ran))
+    if ran:
         inputs = () if example_inputs is None else _as_tuple(example_inputs)
+        # HF models run as funcdp.hf runs them: attention under vmap_attention (same function).
+        context = contextlib.nullcontext() if hf is None else hf.vmap_attention(module)
+        with context:
+            run = _run_findings(module, inputs, example_kwargs)
         # A run confirms what the types already told; keep the typed finding, which knows the fix.
         explained = {f.submodule for f in findings}
         seen = set(findings)
-        for finding in _run_findings(module, inputs, example_kwargs):
+        for finding in run:
             if finding.kind != UNUSED_PARAMETER and finding.submodule in explained:
                 continue
             if hf is not None and _explained_by_hf(finding, findings, hf):

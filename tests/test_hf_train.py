@@ -118,3 +118,45 @@ def test_tasks_refuse_frozen_models_and_flash_attention() -> None:
     model.config._attn_implementation_internal = "flex_attention"
     with pytest.raises(ValueError, match="flex_attention"):
         fdh.causal_lm(model)
+
+
+@pytest.mark.slow  # inductor compiles the HF step: ~1.5-2.5 minutes per mode on 2 CPU cores
+@pytest.mark.parametrize("mode", ["auto", "vmap"])  # auto: ghost clipping for every LoRA matrix
+def test_a_compiled_gpt2_lora_step_gives_the_eager_parameters(mode) -> None:
+    torch.manual_seed(0)
+    task = fdh.causal_lm(hf_models.gpt2_lora().train())
+    ids, mask = hf_models.padded_batch(size=8)
+    rows = torch.ones(8, dtype=torch.bool)
+    rows[-1] = False  # a padded row
+    batch = fdp.Batch((ids, mask, fdh.causal_lm_labels(ids, mask)), rows)
+
+    def run(performance):
+        privatizer = fdp.chain(
+            fdp.clip(max_norm=0.1),  # below every example's norm: all are clipped
+            fdp.aggregate(),
+            fdp.gaussian_noise(noise_multiplier=1.0),
+            fdp.normalize(expected_batch_size=8),
+            fdp.account(sample_rate=0.5),
+        )
+        optimizer = fdp.optim.adam(learning_rate=1e-2)
+        step = fdp.make_train_step(task.loss_fn, privatizer, optimizer, performance=performance)
+        state = fdp.TrainState.create(
+            task.params, buffers=task.buffers, privatizer=privatizer, optimizer=optimizer,
+            key=fdp.random.key(0),
+        )  # fmt: skip
+        metrics = []
+        for _ in range(3):
+            state, info = step(state, batch)
+            metrics.append(info)
+        return state, metrics
+
+    eager, eager_metrics = run(fdp.Performance(mode=mode))
+    compiled, compiled_metrics = run(fdp.Performance(mode=mode, compile=True))
+    assert compiled.step == eager.step == 3
+    assert any(not torch.equal(eager.params[n], task.params[n]) for n in task.params)
+    for name, value in eager.params.items():
+        torch.testing.assert_close(compiled.params[name], value, rtol=1e-5, atol=1e-5, msg=name)
+    assert fdp.epsilon(compiled.ledger, delta=1e-5) == fdp.epsilon(eager.ledger, delta=1e-5)
+    for got, want in zip(compiled_metrics, eager_metrics, strict=True):
+        assert got["batch_size"] == want["batch_size"] == 7 and got["clipped_fraction"] == 1.0
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)

@@ -668,3 +668,28 @@ def test_an_error_in_a_module_names_the_module_and_its_line():
     line = _ItemInForward.forward.__code__.co_firstlineno + 1
     assert "inside test_train._ItemInForward" in note
     assert f"test_train.py:{line} in forward" in note and ".item()" in note
+
+
+def test_eval_step_runs_dropout_in_training_mode_purely_and_per_example():
+    model = nn.Sequential(nn.Dropout(p=0.5))  # training mode: dropout is live
+    apply_fn, params, buffers = fdp.functionalize(model)
+
+    def metric_fn(params, buffers, x):
+        kept = (apply_fn(params, buffers, x[None]) != 0).float().mean()
+        return {"kept": kept, "kept_squared": kept**2}
+
+    rows = 8
+    batch = Batch((torch.ones(rows, 1000),), torch.ones(rows, dtype=torch.bool))
+    state = fdp.TrainState(params, buffers, None, None, fdp.random.key(0), 0)
+    evaluate = fdp.make_eval_step(metric_fn, chunk_size=3)
+    rng = torch.get_rng_state()
+    first = evaluate(state, batch)
+    assert torch.equal(torch.get_rng_state(), rng)  # torch's generator is left as it was
+    assert evaluate(state, batch) == first  # the same state and batch: the same metrics
+    assert evaluate(state._replace(step=1), batch) != first  # the key moves with the step
+    # 8000 Bernoulli(1/2) draws: the mean is within 6 standard deviations (0.0056) of 1/2.
+    assert abs(first["kept"] - 0.5) < 0.034
+    # Each example draws its own mask: the kept fractions differ across identical rows.
+    assert first["kept_squared"] - first["kept"] ** 2 > 1e-6
+    model.eval()  # eval mode: no dropout, deterministic
+    assert evaluate(state, batch) == {"kept": 1.0, "kept_squared": 1.0}

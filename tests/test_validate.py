@@ -355,7 +355,8 @@ def test_resnet18_is_fixed_validated_and_trains_a_dp_step() -> None:
     assert new_state.ledger.records[0].steps == 1
 
 
-# ------------------------------------------------- keyword inputs, whole messages, HF attention
+# ------------------------------------------------- keyword inputs, whole messages
+# (Hugging Face models: tests/test_hf_validate.py)
 
 
 class _ItemInForward(nn.Module):
@@ -397,47 +398,3 @@ def test_keyword_inputs_reach_the_forward_by_name() -> None:
         TwoInputs(), example_kwargs={"x": torch.randn(3, 2), "scale": torch.ones(3, 1)}
     )
     assert _kinds(found) == {("unused", UNUSED_PARAMETER)}
-
-
-def test_hf_attention_is_found_without_inputs_and_fixed() -> None:
-    pytest.importorskip("transformers")
-    pytest.importorskip("peft")
-    from tests import hf_models
-
-    ids, mask = hf_models.padded_batch()
-    inputs = {"input_ids": ids, "attention_mask": mask}
-    for build in (hf_models.gpt2, hf_models.bert, hf_models.llama, hf_models.gpt2_lora):
-        model = build()
-        [static] = fdp.validate(model)
-        assert static.kind == "hf_attention" and static.fixable and "funcdp.hf" in static.fix
-        assert fdp.validate(model, example_kwargs=inputs) == [static]
-        fixed, changes = fdp.fix(model, return_changes=True)
-        assert changes and all(not c.changes_function for c in changes)
-        assert fdp.validate(fixed, example_kwargs=inputs) == [], build.__name__
-        assert model.config._attn_implementation == "sdpa"  # the original is untouched
-        with torch.no_grad():
-            expected = model.eval()(**inputs).logits
-            got = fixed.eval()(**inputs).logits
-        real = mask.bool() if expected.dim() == 3 else slice(None)
-        torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
-
-
-def test_a_run_names_hf_mask_building_as_the_cause() -> None:
-    transformers = pytest.importorskip("transformers")
-    from tests import hf_models
-
-    bert = hf_models.bert()
-    eager = transformers.BertForSequenceClassification._from_config(
-        bert.config, attn_implementation="eager"
-    )
-    ids, mask = hf_models.padded_batch()
-    [finding] = fdp.validate(eager, example_kwargs={"input_ids": ids, "attention_mask": mask})
-    assert finding.kind == VMAP_ERROR and finding.fixable
-    assert (
-        "masking_utils.py:" in finding.problem
-        and "funcdp.hf.sequence_classification" in finding.fix
-    )
-    assert (
-        fdp.validate(fdp.fix(eager), example_kwargs={"input_ids": ids, "attention_mask": mask})
-        == []
-    )
