@@ -9,13 +9,14 @@ choice comes from a probe of the loss on the first example (`funcdp.ghost.captur
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
 
 from funcdp.data import Batch
-from funcdp.ghost import capture
+from funcdp.ghost import capture, rules
 
 GHOST, VMAP = "ghost", "vmap"
 
@@ -71,18 +72,39 @@ def explain(
         inputs,
         conv_explicit=conv_explicit,
     )
+    forms = _matmul_forms(plan, params, inputs[0].shape[0])
     out = []
     for name in params:
         uses = plan.uses.get(name, ())
         engine = GHOST if name in plan.ghost else VMAP
-        out.append(Explanation(name, engine, uses, _reason(engine, uses)))
+        reason = _reason(engine, uses)
+        if engine == GHOST and name in forms:
+            reason = f"{reason}; {forms[name]}"
+        out.append(Explanation(name, engine, uses, reason))
     return out
+
+
+def _matmul_forms(plan, params, size: int) -> dict[str, str]:
+    """For each linear (or addmm) weight, how its norm is taken at this batch's size and
+    sequence length (`rules.matmul_form`): Gram matrices over positions, or the gradient formed."""
+    forms = {}
+    for op in plan.ops:
+        if op.kind not in (capture.LINEAR, capture.ADDMM) or op.weight is None:
+            continue
+        p = op.out_shape[-1] if op.out_shape else 1
+        positions = math.prod(op.out_shape[:-1])
+        d = params[op.weight].numel() // p
+        if positions == 1:
+            forms[op.weight] = "one position: the norm of an outer product"
+        else:
+            forms[op.weight] = rules.matmul_form(size, positions, p, d)
+    return forms
 
 
 def _reason(engine: str, uses: tuple[str, ...]) -> str:
     if engine == GHOST:
         if len(uses) > 1:
-            return "an embedding tied to a linear output layer; the cross term is certified"
+            return "an embedding tied to a linear output layer: the norm of the summed gradient"
         return uses[0].removeprefix("ghost ")
     if not uses:
         return "the forward never reads it (its gradient is zero); freeze it"

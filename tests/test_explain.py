@@ -77,3 +77,27 @@ def test_explain_reports_a_conv_sent_to_vmap_for_speed():
     assert "batched conv backward" in found.reason
     (kept,) = explain(loss_fn, params, (torch.randn(4, 3, 50),), conv_explicit="unfold")
     assert kept.engine == "ghost" and kept.reason == "conv.weight"
+
+
+@pytest.mark.parametrize(
+    "width, out, positions, batch, form",
+    [
+        (8, 4, 1, 4, "one position"),
+        (8, 4, 16, 4, "formed: no larger"),
+        (64, 512, 4, 4, "Gram form"),
+        (180, 180, 100, 4, "formed: fewer operations"),
+        (256, 8000, 40, 8, "formed: too wide"),
+    ],
+)
+def test_explain_says_how_each_linear_weight_norm_is_taken(width, out, positions, batch, form):
+    """Gram matrices over the positions, or the per-example gradient formed, and why: chosen
+    by the op's shape at this batch's size and sequence length."""
+    params = {"weight": torch.zeros(out, width)}
+
+    def loss_fn(params, buffers, x):
+        del buffers
+        return F.linear(x, params["weight"]).sum()
+
+    shape = (batch, width) if positions == 1 else (batch, positions, width)
+    (found,) = explain(loss_fn, params, (torch.randn(shape),))
+    assert found.engine == "ghost" and form in found.reason, found.reason

@@ -333,16 +333,27 @@ def _matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real) -> P
     return Piece(name, squared, book, exact, rounding, reach)
 
 
-def _formed_is_cheaper(count: int, positions: int, p: int, d: int) -> bool:
-    """Whether `count` per-example [p, d] gradients over `positions` are better formed than
-    their Gram matrices: no larger; or, within the memory allowed, fewer operations, or Grams
-    too wide to certify in float32 (every example would be formed after them anyway)."""
+GRAM = "Gram form"
+
+
+def matmul_form(count: int, positions: int, p: int, d: int) -> str:
+    """How ghost clipping takes `count` per-example [p, d] gradients over `positions`: GRAM,
+    or why it forms them instead: no larger than their Gram matrices; or, within the memory
+    allowed, fewer operations, or Grams too wide to certify in float32 (every example would be
+    formed after them anyway)."""
     if 2 * positions * positions >= p * d:
-        return True
+        return "formed: no larger than its Gram matrices"
     if count * p * d > bounds.EXPLICIT_ELEMENTS:
-        return False
-    wide = p + d >= bounds.WIDE_GRAMS and count * positions**2 * (d + p) > SMALL_GRAMS
-    return wide or p * d < positions * (p + d)
+        return GRAM
+    if p * d < positions * (p + d):
+        return "formed: fewer operations than its Gram matrices"
+    if p + d >= bounds.WIDE_GRAMS and count * positions**2 * (d + p) > SMALL_GRAMS:
+        return "formed: too wide to certify its Gram matrices in float32"
+    return GRAM
+
+
+def _formed_is_cheaper(count: int, positions: int, p: int, d: int) -> bool:
+    return matmul_form(count, positions, p, d) != GRAM
 
 
 def _formed_matmul(a, g, flagged):
