@@ -15,6 +15,7 @@ from funcdp import datasets
 from funcdp.data import cyclic_poisson_batches, default_steps
 from funcdp.mf.accounting import mechanism as strategy_mechanism
 from funcdp.mf.builders import banded, blt, tree
+from funcdp.mf.choose import choose_strategy
 from funcdp.mf.strategies import Strategy
 from funcdp.recipe import Recipe, Run, TrainResult, check_batch_size, run_key, seeded_classifier
 from funcdp.transforms.correlated_noise import correlated_noise
@@ -29,6 +30,8 @@ def build_strategy(mechanism: str, *, steps: int, steps_per_epoch: int, size: in
     Raises:
       ValueError: an unknown mechanism, or bands beyond one epoch's steps.
     """
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"size must be a positive int or 'auto' (bandmf only), got {size!r}")
     if mechanism == "bandmf":
         if size > steps_per_epoch:
             raise ValueError(
@@ -47,7 +50,7 @@ def fit_correlated(
     recipe: Recipe,
     *,
     mechanism: str,
-    size: int = 4,
+    size: int | str = "auto",
     seed: int = 0,
     on_epoch: Callable[[int, TrainResult], None] | None = None,
     on_step: Callable[[int, int], None] | None = None,
@@ -58,7 +61,9 @@ def fit_correlated(
     The examples are split into b groups (b = bands for BandMF, the steps of one epoch for BLT
     and the tree); group t mod b is sampled at step t with rate min(1, batch_size * b / n), so
     the expected batch size is the recipe's. Sigma is calibrated for the strategy's mechanism
-    (`funcdp.mf.mechanism`), and the epsilon is read from the ledger.
+    (`funcdp.mf.mechanism`), and the epsilon is read from the ledger. `size="auto"` (BandMF
+    only) takes the bands that `funcdp.mf.choose_strategy` predicts best for the run's epsilon,
+    delta, sample rate and steps; one band (DP-SGD) is among the candidates.
 
     Raises:
       ValueError: a bad mechanism or size, a batch larger than the training set, or a process
@@ -73,17 +78,8 @@ def fit_correlated(
     check_batch_size(recipe, n_train)
     steps_per_epoch = default_steps(recipe.batch_size / n_train)
     steps = recipe.epochs * steps_per_epoch
-    strategy = build_strategy(mechanism, steps=steps, steps_per_epoch=steps_per_epoch, size=size)
+    strategy, q, sigma = _strategy_and_noise(recipe, mechanism, size, steps=steps, n_train=n_train)
     groups = strategy.min_separation
-    q = min(1.0, recipe.batch_size * groups / n_train)
-    sigma = fdp.calibrate_noise(
-        target_epsilon=recipe.epsilon,
-        delta=recipe.delta,
-        sample_rate=q,
-        steps=steps,
-        method=recipe.accountant,
-        mechanism=strategy_mechanism(strategy, min_separation=groups),
-    )
     model, params, buffers, loss_fn, metric_fn = seeded_classifier(data, recipe, seed)
     privatizer = fdp.chain(
         fdp.clip(max_norm=recipe.clip),
@@ -106,3 +102,35 @@ def fit_correlated(
         fdp.Batch((data.x_train[i.indices], data.y_train[i.indices]), i.mask) for i in indices
     )
     return run.train(state, batches, data, recipe, on_epoch=on_epoch, on_step=on_step)
+
+
+def _strategy_and_noise(
+    recipe: Recipe, mechanism: str, size: int | str, *, steps: int, n_train: int
+) -> tuple[Strategy, float, float]:
+    """(strategy, its groups' sample rate, calibrated sigma) for the run."""
+    sample_rate = recipe.batch_size / n_train
+    if size == "auto":
+        if mechanism != "bandmf":
+            raise ValueError(
+                f"size='auto' chooses BandMF's bands; give mechanism={mechanism!r} an int size"
+            )
+        choice = choose_strategy(
+            epsilon=recipe.epsilon,
+            delta=recipe.delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            method=recipe.accountant,
+        )
+        return choice.strategy, choice.sample_rate, choice.noise_multiplier
+    steps_per_epoch = default_steps(sample_rate)
+    strategy = build_strategy(mechanism, steps=steps, steps_per_epoch=steps_per_epoch, size=size)
+    q = min(1.0, recipe.batch_size * strategy.min_separation / n_train)
+    sigma = fdp.calibrate_noise(
+        target_epsilon=recipe.epsilon,
+        delta=recipe.delta,
+        sample_rate=q,
+        steps=steps,
+        method=recipe.accountant,
+        mechanism=strategy_mechanism(strategy, min_separation=strategy.min_separation),
+    )
+    return strategy, q, sigma
