@@ -48,8 +48,6 @@ def test_build_strategy_patterns_and_refusals():
         build_strategy("bandmf", steps=40, steps_per_epoch=10, size=11)
     with pytest.raises(ValueError, match="mechanism must be one of"):
         build_strategy("dpftrl", steps=40, steps_per_epoch=10, size=2)
-    with pytest.raises(ValueError, match="runs in one process"):
-        fit_correlated(datasets.load_digits(), Recipe(), mechanism="blt", process_group=object())
 
 
 def test_bad_bands_exit_2_with_one_line(capsys):

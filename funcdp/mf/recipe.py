@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch.distributed as dist
+
 import funcdp as fdp
 from funcdp import datasets
 from funcdp.data import cyclic_poisson_batches, default_steps
@@ -65,15 +67,18 @@ def fit_correlated(
     only) takes the bands that `funcdp.mf.choose_strategy` predicts best for the run's epsilon,
     delta, sample rate and steps; one band (DP-SGD) is among the candidates.
 
+    Under a process group (torchrun) every rank draws the same logical batch and trains on its
+    shard (`cyclic_poisson_batches(rank=, world_size=)`); the noise, drawn from the replicated
+    key, is the same on every rank.
+
     Raises:
-      ValueError: a bad mechanism or size, a batch larger than the training set, or a process
-        group (the cyclic sampler has no shards yet).
+      ValueError: a bad mechanism or size, or a batch larger than the training set.
     """
-    if process_group is not None:
-        raise ValueError(
-            "correlated noise runs in one process for now: cyclic_poisson_batches has no "
-            "rank/world_size shards; run without torchrun or use --mechanism dpsgd"
-        )
+    rank, world_size = (
+        (0, 1)
+        if process_group is None
+        else (dist.get_rank(process_group), dist.get_world_size(process_group))
+    )
     n_train = len(data.y_train)
     check_batch_size(recipe, n_train)
     steps_per_epoch = default_steps(recipe.batch_size / n_train)
@@ -89,17 +94,25 @@ def fit_correlated(
         fdp.account(q, min_separation=groups),
     )
     optimizer = fdp.optim.sgd(learning_rate=recipe.lr)
-    step = fdp.make_train_step(loss_fn, privatizer, optimizer)
+    step = fdp.make_train_step(loss_fn, privatizer, optimizer, process_group=process_group)
     run = Run(model, step, fdp.make_eval_step(metric_fn), sigma, steps_per_epoch)
     root = fdp.random.key(seed)
     state = fdp.TrainState.create(
         params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=run_key(root)
     )
     indices = cyclic_poisson_batches(
-        n_train, q, key=fdp.random.fold_in(root, 1), min_separation=groups, steps=steps
+        n_train,
+        q,
+        key=fdp.random.fold_in(root, 1),
+        min_separation=groups,
+        steps=steps,
+        rank=rank,
+        world_size=world_size,
     )
+    shard = None if process_group is None else (rank, world_size)
     batches = (
-        fdp.Batch((data.x_train[i.indices], data.y_train[i.indices]), i.mask) for i in indices
+        fdp.Batch((data.x_train[i.indices], data.y_train[i.indices]), i.mask, shard)
+        for i in indices
     )
     return run.train(state, batches, data, recipe, on_epoch=on_epoch, on_step=on_step)
 
