@@ -92,3 +92,5 @@ def test_refusals_name_the_argument():
         choose_strategy(epsilon=1.0, delta=1e-5, sample_rate=0.1, steps=0)
     with pytest.raises(TypeError, match="Toeplitz strategy \\(banded, blt\\), got TreeStrategy"):
         prefix_sum_error(mf.tree(8), 1.0)
+    with pytest.raises(TypeError, match="Toeplitz strategies \\(banded, blt\\), got TreeStrategy"):
+        choose_strategy(epsilon=1.0, delta=1e-5, sample_rate=0.1, steps=8, candidates=[mf.tree(8)])

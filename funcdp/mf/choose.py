@@ -106,7 +106,8 @@ def choose_strategy(
 
     Raises:
       ValueError: an argument outside its range, no candidates, or a candidate built for
-        another number of steps.
+        another number of steps (checked before any calibration).
+      TypeError: a candidate that is not Toeplitz (the tree).
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
@@ -116,6 +117,11 @@ def choose_strategy(
     if not candidates:
         raise ValueError("candidates must hold at least one strategy, got none")
     for strategy in candidates:
+        if not isinstance(strategy, BandedStrategy | BltStrategy):
+            raise TypeError(
+                f"candidates must be Toeplitz strategies (banded, blt), got "
+                f"{type(strategy).__name__}"
+            )
         if strategy.steps != steps:
             raise ValueError(
                 f"every candidate must be built for steps={steps}, got one for {strategy.steps}"
