@@ -47,7 +47,7 @@ def _subtract_weighted(
 ) -> torch.Tensor:
     """z - sum_i weights[i] buffer[i], in one matrix-vector product over the flattened buffer."""
     vector = _constant(weights, 1, buffer.dtype, buffer.device)
-    rows = buffer.reshape(buffer.shape[0], -1)
+    rows = buffer.reshape(buffer.shape[0], z.numel())  # numel, not -1: empty leaves too
     return torch.addmv(z.reshape(-1), rows.T, vector, alpha=-1).reshape(z.shape)
 
 
