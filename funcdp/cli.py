@@ -180,7 +180,10 @@ def _mechanism_note(args: argparse.Namespace, record) -> str:
     """ "; BandMF, 2 bands (auto)" and the like for the header line; "" for DP-SGD."""
     if args.mechanism == "bandmf":
         chosen = " (auto)" if args.bands == "auto" else ""
-        return f"; BandMF, {record.min_separation} bands{chosen}"
+        bands = record.min_separation
+        if bands == 1:
+            return f"; BandMF, 1 band: DP-SGD's independent noise{chosen}"
+        return f"; BandMF, {bands} bands{chosen}"
     if args.mechanism == "blt":
         return f"; BLT, {args.buffers} buffers"
     return "; tree" if args.mechanism == "tree" else ""

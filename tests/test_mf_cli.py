@@ -70,6 +70,10 @@ def test_bands_auto_is_the_default_and_trains_with_the_chosen_strategy(capsys):
         f"noise multiplier {choice.noise_multiplier:.4g} (pld); BandMF, {bands} bands (auto)"
     )
     assert FINAL.match(lines[-1])
+    # with little budget the choice is one band, DP-SGD, and the header says so
+    assert cli.main([*argv, "--epsilon", "0.5"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.endswith("; BandMF, 1 band: DP-SGD's independent noise (auto)")
 
 
 def test_fit_correlated_auto_records_the_choice():
