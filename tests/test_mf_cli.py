@@ -89,6 +89,8 @@ def test_fit_correlated_auto_records_the_choice():
     assert result.epsilon <= 0.3 + 1e-6
     with pytest.raises(ValueError, match="give mechanism='blt' an int size"):
         fit_correlated(split, recipe, mechanism="blt", size="auto")
+    with pytest.raises(ValueError, match="mechanism must be one of"):
+        fit_correlated(split, recipe, mechanism="dpftrl", size="auto")
 
 
 def test_bands_must_be_auto_or_a_positive_int(capsys):

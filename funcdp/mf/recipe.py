@@ -122,6 +122,8 @@ def _strategy_and_noise(
 ) -> tuple[Strategy, float, float]:
     """(strategy, its groups' sample rate, calibrated sigma) for the run."""
     sample_rate = recipe.batch_size / n_train
+    if mechanism not in MECHANISMS:
+        raise ValueError(f"mechanism must be one of {MECHANISMS}, got {mechanism!r}")
     if size == "auto":
         if mechanism != "bandmf":
             raise ValueError(
