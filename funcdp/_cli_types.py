@@ -45,3 +45,14 @@ def non_negative(kind: type):
 
 delta = ranged(float, 0, 1, closed_low=False, closed_high=False)
 sample_rate = ranged(float, 0, 1, closed_low=False, closed_high=True)
+
+
+def positive_or_auto(kind: type):
+    """An argparse type: "auto", or a positive `kind`."""
+    number = positive(kind)
+
+    def parse(text: str) -> Any:
+        return "auto" if text == "auto" else number(text)
+
+    parse.__name__ = f"{kind.__name__} or auto"
+    return parse

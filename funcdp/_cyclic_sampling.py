@@ -28,6 +28,8 @@ def cyclic_poisson_batches(
     steps: int | None = None,
     bucket_size: int | None = None,
     start: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[_data.IndexBatch]:
     """Yields cyclic Poisson batches: b groups, group t mod b Poisson-sampled at step t.
 
@@ -36,7 +38,9 @@ def cyclic_poisson_batches(
     independently with probability q. A unit can then only join steps b apart, at most
     ceil(steps / b) of them: the participation that amplified BandMF assumes (Choquette-Choo et
     al. 2023). Account with `account(q, min_separation=b)`, and normalize by the expected batch
-    size q * num_examples / b.
+    size q * num_examples / b. With `world_size > 1` every rank draws the same logical batch
+    and keeps every world_size-th of its examples from position `rank`, as `poisson_batches`
+    does: each sampled example lands on exactly one rank.
 
     Args:
       num_examples: size of the data set, >= min_separation.
@@ -44,8 +48,11 @@ def cyclic_poisson_batches(
       key: a `funcdp.random` key.
       min_separation: b >= 1, the number of groups (1 is `poisson_batches`' sampling).
       steps: number of batches; default b * round(1 / q) (every group's expected epoch).
-      bucket_size: padded batch size; default the Poisson bound of the largest group.
+      bucket_size: padded batch size; default the Poisson bound of the largest group, divided
+        among the ranks.
       start: index of the first step to yield.
+      rank: this process's rank, in [0, world_size).
+      world_size: number of ranks sharing each logical batch.
 
     Raises:
       ValueError: an argument outside its range, raised when called.
@@ -57,22 +64,26 @@ def cyclic_poisson_batches(
         raise ValueError(
             f"min_separation must be <= num_examples={num_examples}, got {min_separation}"
         )
+    _check_int("world_size", world_size, 1)
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
     steps = min_separation * _data.default_steps(sample_rate) if steps is None else steps
     largest = math.ceil(num_examples / min_separation)
     if bucket_size is None:
-        bucket_size = _data.default_bucket_size(largest, sample_rate)
+        bucket_size = math.ceil(_data.default_bucket_size(largest, sample_rate) / world_size)
     _data.check_counts(steps=steps, bucket_size=bucket_size, start=start)
     order = torch.argsort(fdr.uniform(fdr.fold_in(key, _GROUPS), (num_examples,)))
     groups = torch.tensor_split(order, min_separation)
     step_key = fdr.fold_in(key, _STEPS)
-    return _cyclic(groups, sample_rate, step_key, range(start, start + steps), bucket_size)
+    shard = slice(rank, None, world_size)
+    return _cyclic(groups, sample_rate, step_key, range(start, start + steps), bucket_size, shard)
 
 
-def _cyclic(groups, sample_rate, key, step_range, bucket) -> Iterator[_data.IndexBatch]:
+def _cyclic(groups, sample_rate, key, step_range, bucket, shard) -> Iterator[_data.IndexBatch]:
     for t in step_range:
         group = groups[t % len(groups)]
         chosen = fdr.uniform(fdr.fold_in(key, t), (len(group),)) < sample_rate
-        yield _padded(group[chosen], bucket)
+        yield _padded(group[chosen][shard], bucket)
 
 
 def balls_in_bins_batches(

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 import funcdp as fdp
 from funcdp import datasets
-from funcdp._cli_types import Parser, non_negative, positive
+from funcdp._cli_types import Parser, non_negative, positive, positive_or_auto
 from funcdp._cli_types import delta as delta_type
 from funcdp._cli_types import sample_rate as sample_rate_type
 from funcdp.audit import command as audit_command
@@ -156,7 +156,14 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         help="noise independent across steps (dpsgd) or correlated: bandmf (cyclic Poisson over "
         "--bands groups, amplified), blt or tree (one step per epoch); default %(default)s",
     )
-    parser.add_argument("--bands", type=positive(int), default=4, help="BandMF's bands (default 4)")
+    parser.add_argument(
+        "--bands",
+        type=positive_or_auto(int),
+        default="auto",
+        help="BandMF's bands, or auto: the bands (1 is DP-SGD) whose calibrated noise has the "
+        "smallest predicted error for this epsilon, delta, sample rate and steps "
+        "(funcdp.mf.choose_strategy); default %(default)s",
+    )
     parser.add_argument(
         "--buffers", type=positive(int), default=4, help="BLT's buffers (default 4)"
     )
@@ -167,6 +174,19 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         help="write the trained model's state_dict here (checked before training; written to a "
         "temporary file beside PATH and renamed onto it, so PATH is never left half-written)",
     )
+
+
+def _mechanism_note(args: argparse.Namespace, record) -> str:
+    """ "; BandMF, 2 bands (auto)" and the like for the header line; "" for DP-SGD."""
+    if args.mechanism == "bandmf":
+        chosen = " (auto)" if args.bands == "auto" else ""
+        bands = record.min_separation
+        if bands == 1:
+            return f"; BandMF, 1 band: DP-SGD's independent noise{chosen}"
+        return f"; BandMF, {bands} bands{chosen}"
+    if args.mechanism == "blt":
+        return f"; BLT, {args.buffers} buffers"
+    return "; tree" if args.mechanism == "tree" else ""
 
 
 def train(args: argparse.Namespace) -> int:
@@ -207,6 +227,7 @@ def train(args: argparse.Namespace) -> int:
                 f"{len(data.y_train)} train / {len(data.y_test)} test examples; sample rate "
                 f"{record.sample_rate:.4g}, {steps} steps, noise multiplier "
                 f"{result.noise_multiplier:.4g} ({recipe.accountant}){world}"
+                f"{_mechanism_note(args, record)}"
             )
         print(
             f"epoch {epoch:>{len(str(recipe.epochs))}}/{recipe.epochs}  "

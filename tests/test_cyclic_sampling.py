@@ -72,6 +72,20 @@ def test_one_group_is_plain_poisson_membership():
     assert all(len(m) > 10 for m in members)  # every example may join every step
 
 
+def test_rank_shards_partition_the_logical_batch():
+    kwargs = dict(key=fdp.random.key(4), min_separation=3, steps=6)
+    whole = list(cyclic_poisson_batches(60, 0.5, **kwargs))
+    shards = [
+        list(cyclic_poisson_batches(60, 0.5, rank=r, world_size=3, **kwargs)) for r in range(3)
+    ]
+    for t, batch in enumerate(whole):
+        real = batch.indices[batch.mask].tolist()
+        parts = [shard[t].indices[shard[t].mask].tolist() for shard in shards]
+        assert [real[r::3] for r in range(3)] == parts  # disjoint, and together the batch
+    default = len(whole[0].mask)
+    assert len(shards[0][0].mask) == math.ceil(default / 3)  # the default bucket is divided
+
+
 def test_balls_in_bins_puts_each_example_in_one_step_per_epoch():
     n, per_epoch = 37, 5
     batches = balls_in_bins_batches(
@@ -107,6 +121,11 @@ def test_balls_in_bins_needs_the_flag_and_correlated_noise_refuses_it():
         ({"min_separation": 11}, "min_separation must be <= num_examples=10, got 11"),
         ({"min_separation": 2, "steps": -1}, "steps must be an int >= 0"),
         ({"min_separation": 2, "bucket_size": 0}, "bucket_size must be an int >= 1"),
+        ({"min_separation": 2, "world_size": 0}, "world_size must be an int >= 1, got 0"),
+        (
+            {"min_separation": 2, "rank": 2, "world_size": 2},
+            "rank must be an int in \\[0, 2\\), got 2",
+        ),
     ],
 )
 def test_bad_arguments_are_refused(kwargs, match):

@@ -67,6 +67,19 @@ def test_streaming_noise_equals_dense_inverse(strategies, name):
     torch.testing.assert_close(product, eye, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("name", ["banded", "blt"])
+@pytest.mark.parametrize("shape", [(), (0, 3)], ids=["scalar", "empty"])
+def test_streaming_handles_scalar_and_empty_leaves(strategies, name, shape):
+    strategy = strategies[name]
+    z = torch.randn(strategy.steps, *shape, dtype=torch.float64)
+    state, streamed = strategy.stream_init(z[0]), []
+    for t in range(strategy.steps):
+        y, state = strategy.stream_step(state, z[t], t)
+        streamed.append(y)
+    dense = (strategy.inverse_matrix() @ z.reshape(strategy.steps, -1)).reshape(z.shape)
+    torch.testing.assert_close(torch.stack(streamed), dense, rtol=0, atol=1e-6)
+
+
 def test_stream_state_is_small(strategies):
     like = torch.zeros(5, 7)
     assert strategies["banded"].stream_init(like).shape == (3, 5, 7)  # bands - 1

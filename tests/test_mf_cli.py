@@ -9,6 +9,7 @@ import torch
 
 import funcdp as fdp
 from funcdp import cli, datasets, mf
+from funcdp.mf.choose import choose_strategy
 from funcdp.mf.recipe import build_strategy, fit_correlated
 from funcdp.recipe import Recipe
 
@@ -18,7 +19,7 @@ FINAL = re.compile(r"^final: test_accuracy=(\d\.\d{3}) epsilon=(\d+\.\d{2}) delt
 @pytest.mark.parametrize("mechanism", ["bandmf", "blt", "tree"])
 def test_train_with_correlated_noise_reports_accuracy_and_epsilon(capsys, mechanism):
     argv = ["train", "--mechanism", mechanism, "--epochs", "2", "--batch-size", "64", "--lr", "1"]
-    assert cli.main(argv) == 0
+    assert cli.main([*argv, "--bands", "3"] if mechanism == "bandmf" else argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("1437 train / 360 test examples") and "44 steps" in lines[0]
     accuracy, epsilon, delta = (float(g) for g in FINAL.match(lines[-1]).groups())
@@ -47,8 +48,6 @@ def test_build_strategy_patterns_and_refusals():
         build_strategy("bandmf", steps=40, steps_per_epoch=10, size=11)
     with pytest.raises(ValueError, match="mechanism must be one of"):
         build_strategy("dpftrl", steps=40, steps_per_epoch=10, size=2)
-    with pytest.raises(ValueError, match="runs in one process"):
-        fit_correlated(datasets.load_digits(), Recipe(), mechanism="blt", process_group=object())
 
 
 def test_bad_bands_exit_2_with_one_line(capsys):
@@ -57,3 +56,45 @@ def test_bad_bands_exit_2_with_one_line(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bands must be at most the steps of one epoch (22), got 100" in err[0]
+
+
+def test_bands_auto_is_the_default_and_trains_with_the_chosen_strategy(capsys):
+    # q = 480 / 1437, 3 steps per epoch: the candidates are 1 and 2 bands
+    argv = ["train", "--mechanism", "bandmf", "--epochs", "2", "--batch-size", "480"]
+    assert cli.main([*argv, "--epsilon", "8"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    choice = choose_strategy(epsilon=8.0, delta=1e-5, sample_rate=480 / 1437, steps=6)
+    bands = choice.strategy.bands
+    assert bands > 1  # at epsilon 8 correlated noise is predicted better than DP-SGD here
+    assert lines[0].endswith(
+        f"noise multiplier {choice.noise_multiplier:.4g} (pld); BandMF, {bands} bands (auto)"
+    )
+    assert FINAL.match(lines[-1])
+    # with little budget the choice is one band, DP-SGD, and the header says so
+    assert cli.main([*argv, "--epsilon", "0.5"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.endswith("; BandMF, 1 band: DP-SGD's independent noise (auto)")
+
+
+def test_fit_correlated_auto_records_the_choice():
+    split = datasets.load_digits()
+    recipe = Recipe(epsilon=0.3, epochs=2, batch_size=360, lr=1.0)
+    result = fit_correlated(split, recipe, mechanism="bandmf", size="auto")
+    choice = choose_strategy(epsilon=0.3, delta=1e-5, sample_rate=360 / 1437, steps=8)
+    assert choice.strategy == mf.banded(8, 1)  # little budget: DP-SGD's identity
+    (record,) = result.state.ledger.records
+    assert record == fdp.LedgerRecord(
+        choice.noise_multiplier, 360 / 1437, 8, True, *mf.mechanism(choice.strategy)
+    )
+    assert result.epsilon <= 0.3 + 1e-6
+    with pytest.raises(ValueError, match="give mechanism='blt' an int size"):
+        fit_correlated(split, recipe, mechanism="blt", size="auto")
+    with pytest.raises(ValueError, match="mechanism must be one of"):
+        fit_correlated(split, recipe, mechanism="dpftrl", size="auto")
+
+
+def test_bands_must_be_auto_or_a_positive_int(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--mechanism", "bandmf", "--bands", "many"])
+    assert exit_info.value.code == 2
+    assert "argument --bands: expected an integer, got 'many'" in capsys.readouterr().err

@@ -1,10 +1,12 @@
-"""correlated_noise across 2 gloo processes: the same noise on every rank, as in one process."""
+"""correlated_noise across 2 gloo processes: the same noise on every rank, as in one process;
+`fit_correlated` (what `funcdp train --mechanism ...` runs under torchrun) on rank shards."""
 
 from __future__ import annotations
 
 import datetime
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -12,9 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import funcdp as fdp
-from funcdp import mf
+from funcdp import datasets, mf
 from funcdp.data import PoissonLoader
 from funcdp.distributed import broadcast_state
+from funcdp.mf.recipe import fit_correlated
+from funcdp.recipe import Recipe
 from funcdp.transforms import correlated_noise
 
 WORLD, N, Q, STEPS = 2, 32, 0.25, 4
@@ -79,3 +83,39 @@ def test_two_processes_add_the_same_correlated_noise_as_one(tmp_path):
     for name, value in single.params.items():
         assert torch.equal(ranks[0][name], ranks[1][name])  # bit-identical across ranks
         torch.testing.assert_close(ranks[0][name], value, rtol=0, atol=1e-6)
+
+
+RECIPE = Recipe(epsilon=3.0, epochs=1, batch_size=128, lr=1.0)
+
+
+def _fit_worker(rank, init_file, out_dir):
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    torch.set_num_threads(1)
+    result = fit_correlated(
+        datasets.load_digits(), RECIPE, mechanism="bandmf", size=2, process_group=dist.group.WORLD
+    )
+    torch.save((result.model.state_dict(), result.epsilon), f"{out_dir}/fit{rank}.pt")
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+@pytest.mark.slow  # two spawned processes and three calibrations: about 15-30 s
+def test_fit_correlated_on_rank_shards_trains_as_one_process(tmp_path):
+    mp.start_processes(
+        _fit_worker,
+        args=(str(tmp_path / "init"), str(tmp_path)),
+        nprocs=WORLD,
+        start_method="spawn",
+    )
+    ranks = [torch.load(tmp_path / f"fit{rank}.pt") for rank in range(WORLD)]
+    single = fit_correlated(datasets.load_digits(), RECIPE, mechanism="bandmf", size=2)
+    assert ranks[0][1] == ranks[1][1] == single.epsilon <= 3.0
+    for name, value in single.model.state_dict().items():
+        assert torch.equal(ranks[0][0][name], ranks[1][0][name])
+        torch.testing.assert_close(ranks[0][0][name], value, rtol=0, atol=1e-5)

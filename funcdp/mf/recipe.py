@@ -10,11 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch.distributed as dist
+
 import funcdp as fdp
 from funcdp import datasets
 from funcdp.data import cyclic_poisson_batches, default_steps
 from funcdp.mf.accounting import mechanism as strategy_mechanism
 from funcdp.mf.builders import banded, blt, tree
+from funcdp.mf.choose import choose_strategy
 from funcdp.mf.strategies import Strategy
 from funcdp.recipe import Recipe, Run, TrainResult, check_batch_size, run_key, seeded_classifier
 from funcdp.transforms.correlated_noise import correlated_noise
@@ -29,6 +32,8 @@ def build_strategy(mechanism: str, *, steps: int, steps_per_epoch: int, size: in
     Raises:
       ValueError: an unknown mechanism, or bands beyond one epoch's steps.
     """
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"size must be a positive int or 'auto' (bandmf only), got {size!r}")
     if mechanism == "bandmf":
         if size > steps_per_epoch:
             raise ValueError(
@@ -47,7 +52,7 @@ def fit_correlated(
     recipe: Recipe,
     *,
     mechanism: str,
-    size: int = 4,
+    size: int | str = "auto",
     seed: int = 0,
     on_epoch: Callable[[int, TrainResult], None] | None = None,
     on_step: Callable[[int, int], None] | None = None,
@@ -58,32 +63,28 @@ def fit_correlated(
     The examples are split into b groups (b = bands for BandMF, the steps of one epoch for BLT
     and the tree); group t mod b is sampled at step t with rate min(1, batch_size * b / n), so
     the expected batch size is the recipe's. Sigma is calibrated for the strategy's mechanism
-    (`funcdp.mf.mechanism`), and the epsilon is read from the ledger.
+    (`funcdp.mf.mechanism`), and the epsilon is read from the ledger. `size="auto"` (BandMF
+    only) takes the bands that `funcdp.mf.choose_strategy` predicts best for the run's epsilon,
+    delta, sample rate and steps; one band (DP-SGD) is among the candidates.
+
+    Under a process group (torchrun) every rank draws the same logical batch and trains on its
+    shard (`cyclic_poisson_batches(rank=, world_size=)`); the noise, drawn from the replicated
+    key, is the same on every rank.
 
     Raises:
-      ValueError: a bad mechanism or size, a batch larger than the training set, or a process
-        group (the cyclic sampler has no shards yet).
+      ValueError: a bad mechanism or size, or a batch larger than the training set.
     """
-    if process_group is not None:
-        raise ValueError(
-            "correlated noise runs in one process for now: cyclic_poisson_batches has no "
-            "rank/world_size shards; run without torchrun or use --mechanism dpsgd"
-        )
+    rank, world_size = (
+        (0, 1)
+        if process_group is None
+        else (dist.get_rank(process_group), dist.get_world_size(process_group))
+    )
     n_train = len(data.y_train)
     check_batch_size(recipe, n_train)
     steps_per_epoch = default_steps(recipe.batch_size / n_train)
     steps = recipe.epochs * steps_per_epoch
-    strategy = build_strategy(mechanism, steps=steps, steps_per_epoch=steps_per_epoch, size=size)
+    strategy, q, sigma = _strategy_and_noise(recipe, mechanism, size, steps=steps, n_train=n_train)
     groups = strategy.min_separation
-    q = min(1.0, recipe.batch_size * groups / n_train)
-    sigma = fdp.calibrate_noise(
-        target_epsilon=recipe.epsilon,
-        delta=recipe.delta,
-        sample_rate=q,
-        steps=steps,
-        method=recipe.accountant,
-        mechanism=strategy_mechanism(strategy, min_separation=groups),
-    )
     model, params, buffers, loss_fn, metric_fn = seeded_classifier(data, recipe, seed)
     privatizer = fdp.chain(
         fdp.clip(max_norm=recipe.clip),
@@ -93,16 +94,58 @@ def fit_correlated(
         fdp.account(q, min_separation=groups),
     )
     optimizer = fdp.optim.sgd(learning_rate=recipe.lr)
-    step = fdp.make_train_step(loss_fn, privatizer, optimizer)
+    step = fdp.make_train_step(loss_fn, privatizer, optimizer, process_group=process_group)
     run = Run(model, step, fdp.make_eval_step(metric_fn), sigma, steps_per_epoch)
     root = fdp.random.key(seed)
     state = fdp.TrainState.create(
         params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=run_key(root)
     )
     indices = cyclic_poisson_batches(
-        n_train, q, key=fdp.random.fold_in(root, 1), min_separation=groups, steps=steps
+        n_train,
+        q,
+        key=fdp.random.fold_in(root, 1),
+        min_separation=groups,
+        steps=steps,
+        rank=rank,
+        world_size=world_size,
     )
+    shard = None if process_group is None else (rank, world_size)
     batches = (
-        fdp.Batch((data.x_train[i.indices], data.y_train[i.indices]), i.mask) for i in indices
+        fdp.Batch((data.x_train[i.indices], data.y_train[i.indices]), i.mask, shard)
+        for i in indices
     )
     return run.train(state, batches, data, recipe, on_epoch=on_epoch, on_step=on_step)
+
+
+def _strategy_and_noise(
+    recipe: Recipe, mechanism: str, size: int | str, *, steps: int, n_train: int
+) -> tuple[Strategy, float, float]:
+    """(strategy, its groups' sample rate, calibrated sigma) for the run."""
+    sample_rate = recipe.batch_size / n_train
+    if mechanism not in MECHANISMS:
+        raise ValueError(f"mechanism must be one of {MECHANISMS}, got {mechanism!r}")
+    if size == "auto":
+        if mechanism != "bandmf":
+            raise ValueError(
+                f"size='auto' chooses BandMF's bands; give mechanism={mechanism!r} an int size"
+            )
+        choice = choose_strategy(
+            epsilon=recipe.epsilon,
+            delta=recipe.delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            method=recipe.accountant,
+        )
+        return choice.strategy, choice.sample_rate, choice.noise_multiplier
+    steps_per_epoch = default_steps(sample_rate)
+    strategy = build_strategy(mechanism, steps=steps, steps_per_epoch=steps_per_epoch, size=size)
+    q = min(1.0, recipe.batch_size * strategy.min_separation / n_train)
+    sigma = fdp.calibrate_noise(
+        target_epsilon=recipe.epsilon,
+        delta=recipe.delta,
+        sample_rate=q,
+        steps=steps,
+        method=recipe.accountant,
+        mechanism=strategy_mechanism(strategy, min_separation=strategy.min_separation),
+    )
+    return strategy, q, sigma

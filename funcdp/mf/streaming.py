@@ -8,6 +8,8 @@ each against the dense `strategy.inverse_matrix(n) @ z`.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -20,7 +22,7 @@ def banded_step(
     """
     if buffer.shape[0] == 0:
         return z, buffer
-    y = z - _weighted(coefficients[1:], buffer)
+    y = _subtract_weighted(z, coefficients[1:], buffer)
     return y, torch.cat([y[None], buffer[:-1]])
 
 
@@ -31,23 +33,32 @@ def blt_step(
     sum_i omega_i theta_i^(m-1)): y_t = z_t - sum_i omega_i S_i.
 
     Buffer i holds S_i = sum_{s < t} theta_i^(t-1-s) y_s and is updated S_i <- theta_i S_i + y_t
-    (McMahan, Xu & Zhang 2024, arXiv:2405.13763; run on the outputs to solve C y = z). All
-    buffers are updated by one broadcast operation, not one per buffer.
+    (McMahan, Xu & Zhang 2024, arXiv:2405.13763; run on the outputs to solve C y = z). Two
+    passes over the buffers: one matrix-vector product for y, one fused multiply-add that
+    writes every new buffer (the old ones stay as they were: the state is never mutated).
     """
-    y = z - _weighted(omegas, buffer)
-    scale = _column(thetas, buffer)
+    y = _subtract_weighted(z, omegas, buffer)
+    scale = _constant(thetas, buffer.dim(), buffer.dtype, buffer.device)
     return y, torch.addcmul(y.unsqueeze(0), scale, buffer)
 
 
-def _weighted(weights: tuple[float, ...], buffer: torch.Tensor) -> torch.Tensor:
-    """sum_i weights[i] buffer[i], in one contraction."""
-    return torch.tensordot(_column(weights, buffer).flatten(), buffer, dims=1)
+def _subtract_weighted(
+    z: torch.Tensor, weights: tuple[float, ...], buffer: torch.Tensor
+) -> torch.Tensor:
+    """z - sum_i weights[i] buffer[i], in one matrix-vector product over the flattened buffer."""
+    vector = _constant(weights, 1, buffer.dtype, buffer.device)
+    rows = buffer.reshape(buffer.shape[0], z.numel())  # numel, not -1: empty leaves too
+    return torch.addmv(z.reshape(-1), rows.T, vector, alpha=-1).reshape(z.shape)
 
 
-def _column(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
-    """`values` as a [m, 1, ..., 1] tensor of `like`'s dtype and device (broadcasts over it)."""
-    shape = (len(values),) + (1,) * (like.dim() - 1)
-    return torch.tensor(values, dtype=like.dtype, device=like.device).reshape(shape)
+@functools.lru_cache(maxsize=256)
+def _constant(
+    values: tuple[float, ...], dim: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """`values` as a [m, 1, ..., 1] tensor with `dim` dimensions (it broadcasts over a buffer),
+    built once per dtype and device rather than at every step. Never written to."""
+    shape = (len(values),) + (1,) * (dim - 1)
+    return torch.tensor(values, dtype=dtype, device=device).reshape(shape)
 
 
 def tree_step(
