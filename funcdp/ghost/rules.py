@@ -11,9 +11,11 @@ examples and positions, no second backward.
   is <A A^T, G G^T> (ghost norm, cost O(T^2 (d + p)) and then the book's O(T p d)), or the
   explicit [B, p, d] gradient is formed (O(T p d)) and both its norm and its share of the sum
   are read from it (Li et al. 2022, Bu et al. 2023). Formed where it is no larger than the
-  Grams (2 T^2 >= p d), or, where the batch's gradients fit `bounds.EXPLICIT_ELEMENTS`, where
-  it takes fewer operations (p d < T (p + d): long sequences) or the Grams are too wide to
-  certify in float32 (`bounds.WIDE_GRAMS`: a language model's output layer).
+  Grams (2 T^2 >= p d), or, where the batch's gradients fit `bounds.EXPLICIT_ELEMENTS`, on long
+  sequences (`bounds.LONG_SEQUENCE`), where it takes fewer operations (p d < T (p + d)), or where
+  the Grams are too wide to certify in float32 (`bounds.WIDE_GRAMS`: a language model's output
+  layer). Forming costs T p d and a sum over examples; the Gram form T^2 (p + d), its error
+  bounds (more T^2 work) and then the book's T p d.
 - embedding: row v of g is the sum of G over positions holding token v, so ||g||^2 is
   sum_{t,s} [id_t = id_s] <G_t, G_s>; positions holding `padding_idx` get no gradient.
 - layer_norm / group_norm: g_weight = sum over positions of G * x_hat (the normalized input),
@@ -339,12 +341,14 @@ GRAM = "Gram form"
 def matmul_form(count: int, positions: int, p: int, d: int) -> str:
     """How ghost clipping takes `count` per-example [p, d] gradients over `positions`: GRAM,
     or why it forms them instead: no larger than their Gram matrices; or, within the memory
-    allowed, fewer operations, or Grams too wide to certify in float32 (every example would be
-    formed after them anyway)."""
+    allowed, a long sequence, fewer operations, or Grams too wide to certify in float32 (every
+    example would be formed after them anyway)."""
     if 2 * positions * positions >= p * d:
         return "formed: no larger than its Gram matrices"
     if count * p * d > bounds.EXPLICIT_ELEMENTS:
         return GRAM
+    if positions >= bounds.LONG_SEQUENCE:
+        return "formed: a long sequence, where the Gram form costs more"
     if p * d < positions * (p + d):
         return "formed: fewer operations than its Gram matrices"
     if p + d >= bounds.WIDE_GRAMS and count * positions**2 * (d + p) > SMALL_GRAMS:

@@ -72,13 +72,19 @@ def combine(name: str, entries: list[tuple]) -> Piece:
 
 def _formed_tied(embedding, formed: torch.Tensor) -> torch.Tensor:
     """The tied per-example gradient [B, V, d]: the output layer's formed gradient, plus each
-    position's embedding output gradient added into its token's row."""
+    position's embedding output gradient added into its token's row.
+
+    Added in place: `formed` is the output layer's piece's own fresh tensor, which nothing
+    reads once the tied piece replaces it (a copy of a language model's [B, V, d] costs more
+    than the whole addition)."""
     spec_e, ids, grads_e, _ = embedding
     size = formed.shape[0]
-    ge = _embedding_grads(spec_e, ids.reshape(size, -1), grads_e)
-    index = ids.reshape(size, -1, 1).expand(-1, -1, ge.shape[-1])
+    ids = ids.reshape(size, -1)
+    ge = _embedding_grads(spec_e, ids, grads_e)
     tied = formed.reshape(size, -1, ge.shape[-1])  # [B, V, d]
-    return tied.scatter_add(1, index, ge.to(tied.dtype))
+    rows = (ids + tied.shape[1] * torch.arange(size, device=ids.device)[:, None]).flatten()
+    tied.view(-1, ge.shape[-1]).index_add_(0, rows, ge.reshape(-1, ge.shape[-1]).to(tied.dtype))
+    return tied
 
 
 def _embedding_grads(spec_e, ids: torch.Tensor, grads_e: torch.Tensor) -> torch.Tensor:
