@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import math
 import os
 
@@ -17,6 +16,7 @@ from torch import nn
 import funcdp as fdp
 from funcdp.data import PoissonLoader, poisson_batches
 from funcdp.distributed import RankFailedError, broadcast_state
+from tests import gloo
 
 WORLD = 2
 N, Q, SIGMA, CLIP, STEPS = 64, 0.25, 1.3, 0.5, 4
@@ -92,14 +92,7 @@ def _zero_gradient_noise(group, coordinates=6000):
 
 
 def _worker(rank, init_file, out_dir):
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    torch.set_num_threads(1)
+    gloo.join(rank, init_file, WORLD)
     group = dist.group.WORLD
     results = {}
     state, step = _setup(group)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import datetime
 import os
 
 import pytest
@@ -20,6 +19,7 @@ from funcdp.distributed import broadcast_state
 from funcdp.mf.recipe import fit_correlated
 from funcdp.recipe import Recipe
 from funcdp.transforms import correlated_noise
+from tests import gloo
 
 WORLD, N, Q, STEPS = 2, 32, 0.25, 4
 
@@ -58,14 +58,7 @@ def _train(state, step, rank, world):
 
 
 def _worker(rank, init_file, out_dir):
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    torch.set_num_threads(1)
+    gloo.join(rank, init_file, WORLD)
     state, step = _setup(dist.group.WORLD)
     final = _train(broadcast_state(state, dist.group.WORLD), step, rank, WORLD)
     torch.save(final.params, f"{out_dir}/{rank}.pt")
@@ -89,14 +82,7 @@ RECIPE = Recipe(epsilon=3.0, epochs=1, batch_size=128, lr=1.0)
 
 
 def _fit_worker(rank, init_file, out_dir):
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    torch.set_num_threads(1)
+    gloo.join(rank, init_file, WORLD)
     result = fit_correlated(
         datasets.load_digits(), RECIPE, mechanism="bandmf", size=2, process_group=dist.group.WORLD
     )
