@@ -1,4 +1,4 @@
-"""The largest batch whose DP step fits a memory budget: non-private, funcdp's default, Opacus ghost.
+"""The largest batch whose step fits a memory budget: non-private, funcdp's default, Opacus ghost.
 
 For each model and engine the batch doubles from --start until a step's peak memory exceeds the
 budget (or the step runs out of memory), then bisection between the last batch that fit and the

@@ -11,11 +11,11 @@ and the engine's library imported).
     python bench/step_time.py --rounds 3          # each engine 3 times, round-robin; medians
     python bench/step_time.py --models gpt2-128 gpt2-lora-512 --batch 8 --warmup 1 --repeats 3
 
-Models: the zoo below (MLP, CNN, LSTM, transformer encoder, ResNet-18) and Hugging Face models
-from `hf_models.py` at sequence 128 or 512 (`gpt2-*`: a GPT-2 causal LM fully fine-tuned;
-`gpt2-lora-*`: with LoRA adapters, only they trainable; `bert-*`: a classifier), HF's default
-attention, padded batches with a 2-D mask, their steps from `hf_step.py`. An engine that fails
-on a model gets a row with its error's first line.
+Models: the zoo of `zoo_models.py` (MLP, CNN, LSTM, transformer encoder, ResNet-18) and Hugging
+Face models from `hf_models.py` at sequence 128 or 512 (`gpt2-*`: a GPT-2 causal LM fully
+fine-tuned; `gpt2-lora-*`: with LoRA adapters, only they trainable; `bert-*`: a classifier),
+HF's default attention, padded batches with a 2-D mask, their steps from `hf_step.py`. An engine
+that fails on a model gets a row with its error's first line.
 
 On a shared machine one run's figures can be off by tens of percent; with --rounds the engines
 of a model take turns, each row gives the median over rounds, the ratio is the median of each
@@ -46,7 +46,6 @@ import torch
 import torch.nn.functional as F
 import zoo_models
 from torch import nn
-from zoo_models import MODELS
 
 ENGINES = [
     "nonprivate",
@@ -60,6 +59,7 @@ ENGINES = [
 ]
 
 
+MODELS = zoo_models.MODELS
 # Hugging Face models (`hf_models.py`: built from configs, HF's default attention, padded batches
 # with a 2-D mask): name -> (hf_models name, sequence length); their steps are `hf_step.STEPS`.
 HF_MODELS = {
