@@ -117,12 +117,11 @@ STEPS = {
 ENGINES = ["nonprivate", "funcdp", "funcdp-vmap", "opacus-hooks", "opacus-ghost"]
 
 
-def build_step(name: str, engine: str, *, seq: int, batch_size: int, device: str = "cpu"):
-    """A fresh model `name` on `device` and `engine`'s step on one padded batch of it."""
+def build_case(name: str, *, seq: int, batch_size: int, device: str = "cpu"):
+    """A fresh model `name` on `device`, its kind and one padded batch of it."""
     model, kind = hf_models.build(name, seq)
     model.to(device).train()
-    batch = tuple(t.to(device) for t in hf_models.batch(kind, batch_size, seq))
-    return STEPS[engine](model, kind, batch)
+    return model, kind, tuple(t.to(device) for t in hf_models.batch(kind, batch_size, seq))
 
 
 def _time(step, steps: int) -> float:
@@ -148,7 +147,8 @@ def main() -> None:
             baseline = None
             for engine in args.engines:
                 try:
-                    step = build_step(name, engine, seq=seq, batch_size=args.batch)
+                    case = build_case(name, seq=seq, batch_size=args.batch)
+                    step = STEPS[engine](*case)
                     seconds = _time(step, args.steps)
                 except Exception as error:  # noqa: BLE001 - reported, the others still run
                     first = (str(error).splitlines() or [type(error).__name__])[0]

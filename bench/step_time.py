@@ -40,7 +40,6 @@ import subprocess
 import sys
 import time
 
-import hf_models
 import hf_step
 import torch
 import torch.nn.functional as F
@@ -187,10 +186,8 @@ def prepare(model_name: str, engine: str, device: str, batch: int | None = None)
     torch.manual_seed(0)
     if model_name in HF_MODELS:
         name, seq = HF_MODELS[model_name]
-        model, kind = hf_models.build(name, seq)
-        model.to(device).train()
-        data = tuple(t.to(device) for t in hf_models.batch(kind, batch or HF_BATCH, seq))
-        return lambda: hf_step.STEPS[engine](model, kind, data)
+        case = hf_step.build_case(name, seq=seq, batch_size=batch or HF_BATCH, device=device)
+        return lambda: hf_step.STEPS[engine](*case)
     model, inputs, targets = MODELS[model_name](*([batch] if batch else []))
     model, inputs, targets = (
         _prepare(model, engine).to(device),
