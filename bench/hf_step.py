@@ -1,11 +1,14 @@
 """Time one DP-SGD step on Hugging Face models with HF's default attention, beside non-private.
 
-Models are built from configs (nothing downloaded): GPT-2 with LoRA adapters (peft), GPT-2 fully
+Models (`hf_models.py`, built from configs): GPT-2 with LoRA adapters (peft), GPT-2 fully
 fine-tuned, and a BERT classifier, each on a padded batch with a 2-D attention mask. Engines:
 `nonprivate` (one backward of the batch's mean loss, an SGD update), `funcdp` (make_train_step's
-defaults: ghost clipping where it applies), `funcdp-vmap` (every example's gradient formed) and
-`opacus-hooks` (Opacus's GradSampleModule, per-example clipping and noise by hand). Printed:
-median seconds per step and the ratio to the non-private step.
+defaults: ghost clipping where it applies), `funcdp-vmap` (every example's gradient formed),
+`opacus-hooks` (Opacus's GradSampleModule and DPOptimizer) and `opacus-ghost` (Opacus's ghost
+clipping: GradSampleModuleFastGradientClipping, two backward passes). Every engine clips at 1,
+adds noise of sigma 1 (the private ones) and takes an SGD step. Printed: median seconds per step
+and the ratio to the non-private step. `step_time.py` times these same steps (its `gpt2-*`
+models), each engine in its own process and in rounds.
 
     python bench/hf_step.py --models gpt2-lora bert --seq 128 512 --batch 8
 """
@@ -16,68 +19,31 @@ import argparse
 import statistics
 import time
 
+import hf_models
 import torch
 
-import funcdp as fdp
-import funcdp.hf as fdh
-
-ENGINES = ["nonprivate", "funcdp", "funcdp-vmap", "opacus-hooks"]
-MODELS = ["gpt2-lora", "gpt2", "bert"]
+LEARNING_RATE = 0.01
 
 
-def _model(name: str, seq: int):
-    import peft
-    import transformers
-
-    torch.manual_seed(0)
-    if name == "bert":
-        config = transformers.BertConfig(
-            vocab_size=8000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-            intermediate_size=1024, max_position_embeddings=max(seq, 512), num_labels=2,
-        )  # fmt: skip
-        return transformers.BertForSequenceClassification(config), "classification"
-    config = transformers.GPT2Config(
-        vocab_size=8000, n_positions=max(seq, 512), n_embd=256, n_layer=4, n_head=4,
-        bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
-    model = transformers.GPT2LMHeadModel(config)
-    if name == "gpt2-lora":
-        lora = peft.LoraConfig(r=8, target_modules=["c_attn"], fan_in_fan_out=True)
-        model = peft.get_peft_model(model, lora)
-    return model, "causal"
-
-
-def _batch(kind: str, size: int, seq: int):
-    generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, 8000, (size, seq), generator=generator)
-    lengths = torch.randint(seq // 2, seq + 1, (size, 1), generator=generator)
-    mask = (torch.arange(seq) < lengths).long()
-    ids = ids * mask
-    labels = fdh.causal_lm_labels(ids, mask) if kind == "causal" else torch.arange(size) % 2
-    return ids, mask, labels
-
-
-def _example_loss(kind: str):
-    return fdh.causal_lm_loss if kind == "causal" else fdh.classification_loss
-
-
-def _nonprivate(model, kind, batch):
+def nonprivate(model, kind, batch):
+    """One step of the batch's mean loss (per-example losses averaged), plain SGD."""
     ids, mask, labels = batch
-    params = [p for p in model.parameters() if p.requires_grad]
-    loss_of = _example_loss(kind)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], LEARNING_RATE)
 
     def step():
+        optimizer.zero_grad(set_to_none=True)
         logits = model(input_ids=ids, attention_mask=mask).logits
-        loss = torch.stack([loss_of(logits[i], labels[i]) for i in range(len(ids))]).mean()
-        grads = torch.autograd.grad(loss, params)
-        with torch.no_grad():
-            for p, g in zip(params, grads, strict=True):
-                p.sub_(0.01 * g)
+        hf_models.example_losses(kind, logits, labels).mean().backward()
+        optimizer.step()
 
     return step
 
 
-def _funcdp(model, kind, batch, mode):
+def funcdp_step(model, kind, batch, *, mode="auto", compile=False):
+    """funcdp's step through `funcdp.hf`'s task (trainable parameters only)."""
+    import funcdp as fdp
+    import funcdp.hf as fdh
+
     task = fdh.causal_lm(model) if kind == "causal" else fdh.sequence_classification(model)
     privatizer = fdp.chain(
         fdp.clip(max_norm=1.0),
@@ -86,10 +52,9 @@ def _funcdp(model, kind, batch, mode):
         fdp.normalize(expected_batch_size=len(batch[0])),
         fdp.account(sample_rate=0.01),
     )
-    optimizer = fdp.optim.sgd(learning_rate=0.01)
-    step = fdp.make_train_step(
-        task.loss_fn, privatizer, optimizer, performance=fdp.Performance(mode=mode)
-    )
+    optimizer = fdp.optim.sgd(learning_rate=LEARNING_RATE)
+    performance = fdp.Performance(mode=mode, compile=compile)
+    train_step = fdp.make_train_step(task.loss_fn, privatizer, optimizer, performance=performance)
     holder = [
         fdp.TrainState.create(
             task.params,
@@ -99,38 +64,64 @@ def _funcdp(model, kind, batch, mode):
             key=fdp.random.key(0),
         )  # fmt: skip
     ]
-    full = fdp.Batch(batch, torch.ones(len(batch[0]), dtype=torch.bool))
-
-    def run():
-        holder[0], _ = step(holder[0], full)
-
-    return run
-
-
-def _opacus_hooks(model, kind, batch):
-    from opacus import GradSampleModule
-
-    ids, mask, labels = batch
-    wrapped = GradSampleModule(model, loss_reduction="mean")
-    params = [p for p in wrapped.parameters() if p.requires_grad]
-    loss_of = _example_loss(kind)
-    generator = torch.Generator().manual_seed(0)
+    full = fdp.Batch(batch, torch.ones(len(batch[0]), dtype=torch.bool, device=batch[0].device))
 
     def step():
-        logits = wrapped(input_ids=ids, attention_mask=mask).logits
-        loss = torch.stack([loss_of(logits[i], labels[i]) for i in range(len(ids))]).mean()
-        loss.backward()
-        samples = [p.grad_sample.flatten(1) for p in params]
-        norms = torch.cat(samples, 1).norm(dim=1)
-        factors = (1.0 / (norms + 1e-6)).clamp(max=1.0)
-        with torch.no_grad():
-            for p, s in zip(params, samples, strict=True):
-                noisy = (factors @ s).reshape(p.shape)
-                noisy += torch.randn(p.shape, generator=generator)
-                p.sub_(0.01 * noisy / len(ids))
-                p.grad, p.grad_sample = None, None
+        holder[0], _ = train_step(holder[0], full)
 
     return step
+
+
+def opacus_step(model, kind, batch, *, mode):
+    """Opacus's step: `mode` "hooks" or "functorch" (GradSampleModule, DPOptimizer) or "ghost"
+    (GradSampleModuleFastGradientClipping, DPOptimizerFastGradientClipping; the loss's two
+    backward passes run in `DPTensorFastGradientClipping.backward`)."""
+    from opacus import GradSampleModule
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+    ids, mask, labels = batch
+    sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], LEARNING_RATE)
+    options = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "expected_batch_size": len(ids)}
+    if mode == "ghost":
+        wrapped = GradSampleModuleFastGradientClipping(model, max_grad_norm=1.0)
+        optimizer = DPOptimizerFastGradientClipping(sgd, **options)
+    else:
+        wrapped = GradSampleModule(model, force_functorch=mode == "functorch")
+        optimizer = DPOptimizer(sgd, **options)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        logits = wrapped(input_ids=ids, attention_mask=mask).logits
+        losses = hf_models.example_losses(kind, logits, labels)
+        if mode == "ghost":
+            DPTensorFastGradientClipping(wrapped, optimizer, losses).backward()
+        else:
+            losses.mean().backward()
+        optimizer.step()
+
+    return step
+
+
+STEPS = {
+    "nonprivate": nonprivate,
+    "funcdp": funcdp_step,
+    "funcdp-vmap": lambda *args: funcdp_step(*args, mode="vmap"),
+    "funcdp-compiled": lambda *args: funcdp_step(*args, compile=True),
+    "funcdp-vmap-compiled": lambda *args: funcdp_step(*args, mode="vmap", compile=True),
+    "opacus-hooks": lambda *args: opacus_step(*args, mode="hooks"),
+    "opacus-functorch": lambda *args: opacus_step(*args, mode="functorch"),
+    "opacus-ghost": lambda *args: opacus_step(*args, mode="ghost"),
+}
+ENGINES = ["nonprivate", "funcdp", "funcdp-vmap", "opacus-hooks", "opacus-ghost"]
+
+
+def build_case(name: str, *, seq: int, batch_size: int, device: str = "cpu"):
+    """A fresh model `name` on `device`, its kind and one padded batch of it."""
+    model, kind = hf_models.build(name, seq)
+    model.to(device).train()
+    return model, kind, tuple(t.to(device) for t in hf_models.batch(kind, batch_size, seq))
 
 
 def _time(step, steps: int) -> float:
@@ -145,8 +136,8 @@ def _time(step, steps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
-    parser.add_argument("--engines", nargs="+", default=ENGINES, choices=ENGINES)
+    parser.add_argument("--models", nargs="+", default=hf_models.NAMES, choices=hf_models.NAMES)
+    parser.add_argument("--engines", nargs="+", default=ENGINES, choices=list(STEPS))
     parser.add_argument("--seq", nargs="+", type=int, default=[128, 512])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
@@ -155,20 +146,13 @@ def main() -> None:
         for seq in args.seq:
             baseline = None
             for engine in args.engines:
-                model, kind = _model(name, seq)
-                model.train()
-                batch = _batch(kind, args.batch, seq)
                 try:
-                    if engine == "nonprivate":
-                        step = _nonprivate(model, kind, batch)
-                    elif engine == "opacus-hooks":
-                        step = _opacus_hooks(model, kind, batch)
-                    else:
-                        mode = "vmap" if engine == "funcdp-vmap" else "auto"
-                        step = _funcdp(model, kind, batch, mode)
+                    case = build_case(name, seq=seq, batch_size=args.batch)
+                    step = STEPS[engine](*case)
                     seconds = _time(step, args.steps)
                 except Exception as error:  # noqa: BLE001 - reported, the others still run
-                    print(f"{name:10s} seq {seq:4d} {engine:13s} failed: {error!s:.120}")
+                    first = (str(error).splitlines() or [type(error).__name__])[0]
+                    print(f"{name:10s} seq {seq:4d} {engine:13s} failed: {first:.120}")
                     continue
                 baseline = seconds if engine == "nonprivate" else baseline
                 ratio = f"{seconds / baseline:5.2f}x" if baseline else "    -"

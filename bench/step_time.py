@@ -9,6 +9,13 @@ and the engine's library imported).
     python bench/step_time.py                     # all models and engines, on CUDA if available
     python bench/step_time.py --models mlp cnn --engines nonprivate funcdp opacus-hooks
     python bench/step_time.py --rounds 3          # each engine 3 times, round-robin; medians
+    python bench/step_time.py --models gpt2-128 gpt2-lora-512 --batch 8 --warmup 1 --repeats 3
+
+Models: the zoo of `zoo_models.py` (MLP, CNN, LSTM, transformer encoder, ResNet-18) and Hugging
+Face models from `hf_models.py` at sequence 128 or 512 (`gpt2-*`: a GPT-2 causal LM fully
+fine-tuned; `gpt2-lora-*`: with LoRA adapters, only they trainable; `bert-*`: a classifier),
+HF's default attention, padded batches with a 2-D mask, their steps from `hf_step.py`. An engine
+that fails on a model gets a row with its error's first line.
 
 On a shared machine one run's figures can be off by tens of percent; with --rounds the engines
 of a model take turns, each row gives the median over rounds, the ratio is the median of each
@@ -33,8 +40,10 @@ import subprocess
 import sys
 import time
 
+import hf_step
 import torch
 import torch.nn.functional as F
+import zoo_models
 from torch import nn
 
 ENGINES = [
@@ -49,111 +58,13 @@ ENGINES = [
 ]
 
 
-def _mlp():
-    model = nn.Sequential(
-        nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
-    )
-    return model, (torch.randn(256, 64),), torch.randint(0, 10, (256,))
-
-
-def _cnn():
-    model = nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(64, 64, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(4),
-        nn.Flatten(),
-        nn.Linear(64 * 16, 10),
-    )
-    return model, (torch.randn(64, 3, 32, 32),), torch.randint(0, 10, (64,))
-
-
-class _Encoder(nn.Module):
-    def __init__(self, vocab=5000, d=128, heads=4, layers=2, classes=2):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.head = nn.Linear(d, classes)
-
-    def forward(self, tokens):
-        return self.head(self.encoder(self.embed(tokens)).mean(1))
-
-
-def _transformer():
-    return _Encoder(), (torch.randint(0, 5000, (32, 64)),), torch.randint(0, 2, (32,))
-
-
-class _TextLSTM(nn.Module):
-    """Embedding, one LSTM layer, a linear head on the mean of the outputs.
-
-    `rnn` is torch's `nn.LSTM`; each engine swaps in the layer it can differentiate per example
-    (`_prepare`): funcdp its vmap-friendly `funcdp.nn.LSTM`, Opacus its `DPLSTM`.
-    """
-
-    def __init__(self, vocab=5000, d=128, hidden=128, classes=2):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        self.rnn = nn.LSTM(d, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, classes)
-
-    def forward(self, tokens):
-        out, _ = self.rnn(self.embed(tokens))
-        return self.head(out.mean(1))
-
-
-def _lstm():
-    return _TextLSTM(), (torch.randint(0, 5000, (64, 64)),), torch.randint(0, 2, (64,))
-
-
-class _Block(nn.Module):
-    """ResNet's BasicBlock with GroupNorm(32) in place of BatchNorm."""
-
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.norm1 = nn.GroupNorm(32, cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.norm2 = nn.GroupNorm(32, cout)
-        self.shortcut = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.GroupNorm(32, cout)
-            )
-
-    def forward(self, x):
-        out = torch.relu(self.norm1(self.conv1(x)))
-        return torch.relu(self.norm2(self.conv2(out)) + self.shortcut(x))
-
-
-def _resnet18():
-    """ResNet-18 (torchvision's layout, 11.2M parameters) with GroupNorm, on 3x32x32, batch 32."""
-    layers = [
-        nn.Conv2d(3, 64, 7, 2, 3, bias=False),
-        nn.GroupNorm(32, 64),
-        nn.ReLU(),
-        nn.MaxPool2d(3, 2, 1),
-    ]
-    cin = 64
-    for i, width in enumerate([64, 128, 256, 512]):
-        layers += [_Block(cin, width, 1 if i == 0 else 2), _Block(width, width, 1)]
-        cin = width
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10)]
-    return nn.Sequential(*layers), (torch.randn(32, 3, 32, 32),), torch.randint(0, 10, (32,))
-
-
-MODELS = {
-    "mlp": _mlp,
-    "cnn": _cnn,
-    "lstm": _lstm,
-    "transformer": _transformer,
-    "resnet18": _resnet18,
+MODELS = zoo_models.MODELS
+# Hugging Face models (`hf_models.py`: built from configs, HF's default attention, padded batches
+# with a 2-D mask): name -> (hf_models name, sequence length); their steps are `hf_step.STEPS`.
+HF_MODELS = {
+    f"{name}-{seq}": (name, seq) for name in ("gpt2", "gpt2-lora", "bert") for seq in (128, 512)
 }
+HF_BATCH = 8
 
 
 def _prepare(model, engine):
@@ -164,7 +75,7 @@ def _prepare(model, engine):
         import funcdp
 
         return funcdp.fix(model)
-    if isinstance(model, _TextLSTM) and engine.startswith("opacus"):
+    if isinstance(model, zoo_models.TextLSTM) and engine.startswith("opacus"):
         from opacus.layers import DPLSTM
 
         rnn = model.rnn
@@ -268,20 +179,34 @@ BUILDERS = {
 }
 
 
-def run_one(model_name: str, engine: str, device: str, warmup: int, repeats: int) -> dict:
-    """Times one engine on one model in this process; returns a JSON-able record."""
+def prepare(model_name: str, engine: str, device: str, batch: int | None = None):
+    """Builds the model and its batch on `device` (`batch` rows, or the model's default) and
+    returns a function that builds `engine`'s step on them, so that the caller can tell the
+    model's memory from the step's."""
     torch.manual_seed(0)
-    model, inputs, targets = MODELS[model_name]()
+    if model_name in HF_MODELS:
+        name, seq = HF_MODELS[model_name]
+        case = hf_step.build_case(name, seq=seq, batch_size=batch or HF_BATCH, device=device)
+        return lambda: hf_step.STEPS[engine](*case)
+    model, inputs, targets = MODELS[model_name](*([batch] if batch else []))
     model, inputs, targets = (
         _prepare(model, engine).to(device),
         tuple(x.to(device) for x in inputs),
         targets.to(device),
     )
+    return lambda: BUILDERS[engine](model, inputs, targets)
+
+
+def run_one(
+    model_name: str, engine: str, device: str, warmup: int, repeats: int, batch: int | None = None
+) -> dict:
+    """Times one engine on one model in this process; returns a JSON-able record."""
+    build = prepare(model_name, engine, device, batch)
     _import_library(engine)  # the library's code is not the step's memory
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    step = BUILDERS[engine](model, inputs, targets)
+    step = build()
     _sync(device)
     start = time.perf_counter()
     step()  # the first step: compiles, if the engine compiles
@@ -325,11 +250,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    every = list(MODELS) + list(HF_MODELS)
+    parser.add_argument("--models", nargs="+", default=every, choices=every)
     parser.add_argument("--engines", nargs="+", default=ENGINES, choices=ENGINES)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help=f"rows per step (default: the model's; HF {HF_BATCH})",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -350,7 +282,11 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.one:
-        print(json.dumps(run_one(*args.one, args.device, args.warmup, args.repeats)))
+        try:
+            record = run_one(*args.one, args.device, args.warmup, args.repeats, args.batch)
+        except Exception as error:  # noqa: BLE001 - the parent prints it in the engine's row
+            record = {"error": f"{type(error).__name__}: {first_line(error)}"}
+        print(json.dumps(record))
         return
     print(
         f"# {platform.node()} {platform.processor() or platform.machine()}, device={args.device}"
@@ -359,7 +295,7 @@ def main() -> None:
     )
     print(f"# {' '.join(sys.argv)}")
     print(
-        f"{'model':<12} {'engine':<20} {'s/step':>9} {'x nonpriv':>10} {'peak MB':>9} "
+        f"{'model':<14} {'engine':<20} {'s/step':>9} {'x nonpriv':>10} {'peak MB':>9} "
         f"{'compile s':>10}" + ("   s/step over rounds" if args.rounds > 1 else "")
     )
     for model_name in args.models:
@@ -376,33 +312,30 @@ def main() -> None:
                     runs[engine].append(record)
         for engine in args.engines:
             if engine in failures:
-                print(f"{model_name:<12} {engine:<20} failed: {failures[engine]}")
+                print(f"{model_name:<14} {engine:<20} failed: {failures[engine]}")
             else:
                 print(_row(model_name, engine, runs[engine], runs.get("nonprivate")), flush=True)
 
 
 def _run_in_subprocess(model_name: str, engine: str, args) -> dict | str:
     """One (model, engine) run in a fresh process: its record, or why it failed."""
-    command = [
-        sys.executable,
-        __file__,
-        "--one",
-        model_name,
-        engine,
-        "--device",
-        args.device,
-        "--warmup",
-        str(args.warmup),
-        "--repeats",
-        str(args.repeats),
-    ] + ([] if args.threads is None else ["--threads", str(args.threads)])
+    command = [sys.executable, __file__, "--one", model_name, engine, "--device", args.device]
+    command += ["--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+    command += [] if args.threads is None else ["--threads", str(args.threads)]
+    command += [] if args.batch is None else ["--batch", str(args.batch)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
         return f"over {args.timeout:g} s"
-    if done.returncode != 0:
-        return (done.stderr.strip().splitlines() or ["failed"])[-1][:60]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    if done.returncode != 0:  # killed (out of memory?) or crashed outside the step
+        return (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    return record.get("error", record)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (a failed engine's row shows it)."""
+    return (str(error).strip().splitlines() or [""])[0]
 
 
 def _row(model_name: str, engine: str, records: list[dict], baselines: list[dict] | None) -> str:
@@ -419,7 +352,7 @@ def _row(model_name: str, engine: str, records: list[dict], baselines: list[dict
     if len(records) > 1:
         spread = "   " + " ".join(f"{r['seconds']:.4f}" for r in records)
     return (
-        f"{model_name:<12} {engine:<20} {seconds:>9.4f} {ratio:>10} {peak:>9.1f} "
+        f"{model_name:<14} {engine:<20} {seconds:>9.4f} {ratio:>10} {peak:>9.1f} "
         f"{compile_s:>10}{spread}"
     )
 
