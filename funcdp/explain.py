@@ -86,8 +86,9 @@ def explain(
 
 def _matmul_forms(plan, params, size: int) -> dict[str, str]:
     """For each linear (or addmm) weight, how its norm is taken at this batch's size and
-    sequence length (`rules.matmul_form`): Gram matrices over positions, or the gradient formed."""
-    forms = {}
+    sequence length (`rules.matmul_form`, in the pass's order and memory budget): Gram matrices
+    over positions, or the gradient formed."""
+    forms, budget = {}, rules.Budget()
     for op in plan.ops:
         if op.kind not in (capture.LINEAR, capture.ADDMM) or op.weight is None:
             continue
@@ -97,7 +98,9 @@ def _matmul_forms(plan, params, size: int) -> dict[str, str]:
         if positions == 1:
             forms[op.weight] = "one position: the norm of an outer product"
         else:
-            forms[op.weight] = rules.matmul_form(size, positions, p, d)
+            forms[op.weight] = rules.matmul_form(size, positions, p, d, budget.left)
+            if forms[op.weight] not in (rules.GRAM, rules.SMALLER):
+                budget.left -= size * p * d
     return forms
 
 

@@ -45,7 +45,7 @@ def test_full_gpt2_has_no_vmap_fallback_and_ghost_equals_vmap(formed, monkeypatc
     formed_tied = tied._formed_tied
     monkeypatch.setattr(tied, "_formed_tied", lambda *a: calls.append(1) or formed_tied(*a))
     if formed:
-        monkeypatch.setattr(rules, "_formed_is_cheaper", lambda *shape: True)
+        monkeypatch.setattr(rules, "matmul_form", lambda *shape: "formed: every op")
     task, batch = _gpt2_task()
     assert task.model.lm_head.weight is task.model.transformer.wte.weight  # tied
 
@@ -84,7 +84,7 @@ def test_tied_norm_is_the_norm_of_the_summed_gradient_not_the_sum_of_norms(
     within the memory allowed."""
     width, positions = 8, 6
     monkeypatch.setattr(bounds, "EXPLICIT_ELEMENTS", elements)
-    assert rules._formed_is_cheaper(2, width, vocab, width) == formed
+    assert (rules.matmul_form(2, width, vocab, width) != rules.GRAM) == formed
     calls = []
     formed_tied = tied._formed_tied
     monkeypatch.setattr(tied, "_formed_tied", lambda *a: calls.append(1) or formed_tied(*a))
@@ -159,8 +159,24 @@ def test_a_full_gpt2_step_in_ghost_mode_equals_the_vmap_step():
         (8, 512, 768, 256, True),  # at 512: no larger than the Grams
         (32, 64, 384, 128, False),  # the benchmark transformer's in-projection
         (64, 128, 50257, 768, False),  # GPT-2's real vocabulary at batch 64: 9.9 GB if formed
+        (8, 128, 3072, 768, True),  # GPT-2 small's MLP at batch 8: 19M elements formed
         (2, 8, 8000, 256, False),  # small Grams are computed in float64: no width problem
     ],
 )
 def test_the_gram_form_or_the_formed_gradient_by_cost(count, positions, p, d, formed):
-    assert rules._formed_is_cheaper(count, positions, p, d) == formed
+    assert (rules.matmul_form(count, positions, p, d) != rules.GRAM) == formed
+
+
+def test_a_pass_forms_gradients_for_speed_within_one_memory_budget():
+    """Every op of a pass draws on one budget: GPT-2 small's 12 MLP input layers at 128
+    positions, batch 8 (19M elements each) are formed while the pass's 2^26 elements last, then
+    take the Gram form; ops no larger than their Grams are formed whatever is left."""
+    budget = rules.Budget()
+    forms = []
+    for _ in range(12):
+        form = rules.matmul_form(8, 128, 3072, 768, budget.left)
+        forms.append(form)
+        if form not in (rules.GRAM, rules.SMALLER):
+            budget.left -= 8 * 3072 * 768
+    assert forms.count(rules.GRAM) == 9 and forms[:3] == [forms[0]] * 3 != [rules.GRAM] * 3
+    assert rules.matmul_form(8, 128, 64, 64, budget.left) == rules.SMALLER

@@ -15,8 +15,8 @@ AMPLIFICATION = 64.0
 # Up to this many multiply-adds, an op's Gram matrices are computed in float64 (their error
 # bound then nearly vanishes); above it in the working dtype, whose bound costs up to TOLERANCE.
 SMALL_GRAMS = 1 << 22
-# At most this many elements of one op's per-example gradients (over the batch; 256 MiB in
-# float32) are formed where forming takes fewer operations than Grams but more memory.
+# At most this many elements of per-example gradients (over the batch and every op of one ghost
+# pass; 256 MiB in float32) are formed where forming is faster than Grams but takes more memory.
 EXPLICIT_ELEMENTS = 1 << 26
 # From this width (p + d) on, a float32 Gram's error bound misses TOLERANCE on ordinary data, so
 # each example's gradient would be formed after the Grams: GPT-2's output layer (p + d = 8256)

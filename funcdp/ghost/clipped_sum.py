@@ -272,9 +272,10 @@ def _shares(params, plan, keep, passed: _Pass, real):
     may take the rules' exact path."""
     shapes = {name: p.shape for name, p in params.items()}
     squares, books, uses = {}, {}, {}
+    budget = rules.Budget()
     for spec, a, g in zip(plan.ops, passed.inputs, passed.taps, strict=True):
         a, g = _zero_padded(upcast_half(a), keep), _zero_padded(upcast_half(g), keep)
-        for piece in rules.pieces(spec, a, g, shapes, real):
+        for piece in rules.pieces(spec, a, g, shapes, real, budget):
             uses.setdefault(piece.name, []).append((spec, a, g, piece))
     for name, entries in uses.items():  # a tied parameter has one entry per use
         piece = entries[0][3] if len(entries) == 1 else tied.combine(name, entries)

@@ -11,7 +11,7 @@ examples and positions, no second backward.
   is <A A^T, G G^T> (ghost norm, cost O(T^2 (d + p)) and then the book's O(T p d)), or the
   explicit [B, p, d] gradient is formed (O(T p d)) and both its norm and its share of the sum
   are read from it (Li et al. 2022, Bu et al. 2023). Formed where it is no larger than the
-  Grams (2 T^2 >= p d), or, where the batch's gradients fit `bounds.EXPLICIT_ELEMENTS`, on long
+  Grams (2 T^2 >= p d), or, where the pass's formed gradients fit `bounds.EXPLICIT_ELEMENTS`, on long
   sequences (`bounds.LONG_SEQUENCE`), where it takes fewer operations (p d < T (p + d)), or where
   the Grams are too wide to certify in float32 (`bounds.WIDE_GRAMS`: a language model's output
   layer). Forming costs T p d and a sum over examples; the Gram form T^2 (p + d), its error
@@ -72,8 +72,22 @@ class Piece(NamedTuple):
 _U64 = 2.0**-53
 
 
+class Budget:
+    """What one ghost pass may still form, in elements of per-example gradients over the batch,
+    where forming is faster than Grams but takes more memory (`bounds.EXPLICIT_ELEMENTS`): the
+    formed gradients of all ops are held until the clip factors are known."""
+
+    def __init__(self, elements: int | None = None):
+        self.left = bounds.EXPLICIT_ELEMENTS if elements is None else elements
+
+
 def pieces(
-    spec: OpSpec, inputs: torch.Tensor, grads: torch.Tensor, shapes, real: torch.Tensor
+    spec: OpSpec,
+    inputs: torch.Tensor,
+    grads: torch.Tensor,
+    shapes,
+    real: torch.Tensor,
+    budget: Budget,
 ) -> list[Piece]:
     """The pieces of the ghost parameters of one op.
 
@@ -83,19 +97,17 @@ def pieces(
       grads: the gradient w.r.t. its output, [B, *spec.out_shape].
       shapes: parameter name -> shape.
       real: bool [B], the rows that may have their gradient formed (padded rows never do).
+      budget: the pass's memory for formed gradients; a linear or conv op that forms its
+        gradient for speed takes its share.
     """
-    rule = {
-        LINEAR: _linear,
-        ADDMM: _addmm,
-        CONV: _conv,
-        EMBEDDING: _embedding,
-        LAYER_NORM: _layer_norm,
-        GROUP_NORM: _group_norm,
-    }[spec.kind]
+    if spec.kind in (LINEAR, ADDMM, CONV):
+        rule = {LINEAR: _linear, ADDMM: _addmm, CONV: _conv}[spec.kind]
+        return rule(spec, inputs, grads, shapes, real, budget)
+    rule = {EMBEDDING: _embedding, LAYER_NORM: _layer_norm, GROUP_NORM: _group_norm}[spec.kind]
     return rule(spec, inputs, grads, shapes, real)
 
 
-def _linear(spec, inputs, grads, shapes, real):
+def _linear(spec, inputs, grads, shapes, real, budget):
     size = grads.shape[0]
     a = inputs.reshape(size, -1, 1, inputs.shape[-1])
     g = grads.reshape(size, -1, 1, grads.shape[-1])
@@ -103,20 +115,20 @@ def _linear(spec, inputs, grads, shapes, real):
         return _one_position(spec, a[:, 0, 0], g[:, 0, 0], shapes)
     out = []
     if spec.weight is not None:
-        out.append(_matmul_piece(spec.weight, a, g, shapes[spec.weight], real))
+        out.append(_matmul_piece(spec.weight, a, g, shapes[spec.weight], real, budget))
     if spec.bias is not None:
         out.append(explicit_piece(spec.bias, g.sum(1).flatten(1), shapes[spec.bias]))
     return out
 
 
-def _addmm(spec, inputs, grads, shapes, real):
+def _addmm(spec, inputs, grads, shapes, real, budget):
     """bias + x @ weight, weight [d, p]: the linear rule on weight^T (same norms), whose
     clipped sum is transposed back."""
     if spec.weight is None:
-        return _linear(spec, inputs, grads, shapes, real)
+        return _linear(spec, inputs, grads, shapes, real, budget)
     shapes = {**shapes, spec.weight: tuple(reversed(shapes[spec.weight]))}
     out = []
-    for piece in _linear(spec, inputs, grads, shapes, real):
+    for piece in _linear(spec, inputs, grads, shapes, real, budget):
         if piece.name == spec.weight:
             piece = piece._replace(book=lambda factors, book=piece.book: book(factors).T)
         out.append(piece)
@@ -147,7 +159,7 @@ def _outer_book(a: torch.Tensor, g: torch.Tensor, shape):
     return book
 
 
-def _conv(spec, inputs, grads, shapes, real):
+def _conv(spec, inputs, grads, shapes, real, budget):
     config, size = spec.config, grads.shape[0]
     nd, groups = config["nd"], config["groups"]
     if inputs.dim() == nd + 2:  # unbatched conv input [C, *S] for one example
@@ -158,7 +170,7 @@ def _conv(spec, inputs, grads, shapes, real):
         shape = shapes[spec.weight]
         windows = _unfold(inputs.flatten(0, 1), tuple(shape[2:]), config)
         a = windows.reshape(size, -1, groups, windows.shape[-1] // groups)
-        out.append(_matmul_piece(spec.weight, a, g, shape, real))
+        out.append(_matmul_piece(spec.weight, a, g, shape, real, budget))
     if spec.bias is not None:
         out.append(explicit_piece(spec.bias, g.sum(1).flatten(1), shapes[spec.bias]))
     return out
@@ -295,7 +307,7 @@ def explicit_piece(name: str, per_example: torch.Tensor, shape, squared=None) ->
     return Piece(name, squared, book, formed=per_example)
 
 
-def _matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real) -> Piece:
+def _matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real, budget) -> Piece:
     """g_i = sum_t G[i, t]^T A[i, t] per group; a: [B, T, groups, d], g: [B, T, groups, p]."""
     size, positions, groups, d = a.shape
     p = g.shape[-1]
@@ -304,7 +316,10 @@ def _matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real) -> P
         return Piece(name, squared, _book(a, g, shape, p, d, groups, None))
     a_rows = a.transpose(1, 2).reshape(size * groups, positions, d)
     g_rows = g.transpose(1, 2).reshape(size * groups, positions, p)
-    if _formed_is_cheaper(size * groups, positions, p, d):
+    form = matmul_form(size * groups, positions, p, d, budget.left)
+    if form != GRAM:
+        if form != SMALLER:
+            budget.left -= size * groups * p * d
         explicit = torch.bmm(g_rows.transpose(1, 2), a_rows)  # [B * groups, p, d]
         return explicit_piece(name, explicit.reshape(size, -1), shape)
     if size * groups * positions**2 * (d + p) <= SMALL_GRAMS:  # cheap in float64: near exact
@@ -336,16 +351,18 @@ def _matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real) -> P
 
 
 GRAM = "Gram form"
+SMALLER = "formed: no larger than its Gram matrices"
 
 
-def matmul_form(count: int, positions: int, p: int, d: int) -> str:
+def matmul_form(count: int, positions: int, p: int, d: int, left: int | None = None) -> str:
     """How ghost clipping takes `count` per-example [p, d] gradients over `positions`: GRAM,
-    or why it forms them instead: no larger than their Gram matrices; or, within the memory
-    allowed, a long sequence, fewer operations, or Grams too wide to certify in float32 (every
-    example would be formed after them anyway)."""
+    or why it forms them instead: no larger than their Gram matrices (SMALLER); or, within the
+    `left` elements its pass may still form, a long sequence, fewer operations, or Grams too
+    wide to certify in float32 (every example would be formed after them anyway); `left`
+    defaults to `bounds.EXPLICIT_ELEMENTS`."""
     if 2 * positions * positions >= p * d:
-        return "formed: no larger than its Gram matrices"
-    if count * p * d > bounds.EXPLICIT_ELEMENTS:
+        return SMALLER
+    if count * p * d > (bounds.EXPLICIT_ELEMENTS if left is None else left):
         return GRAM
     if positions >= bounds.LONG_SEQUENCE:
         return "formed: a long sequence, where the Gram form costs more"
@@ -354,10 +371,6 @@ def matmul_form(count: int, positions: int, p: int, d: int) -> str:
     if p + d >= bounds.WIDE_GRAMS and count * positions**2 * (d + p) > SMALL_GRAMS:
         return "formed: too wide to certify its Gram matrices in float32"
     return GRAM
-
-
-def _formed_is_cheaper(count: int, positions: int, p: int, d: int) -> bool:
-    return matmul_form(count, positions, p, d) != GRAM
 
 
 def _formed_matmul(a, g, flagged):

@@ -15,7 +15,7 @@ bound on the cross term (E: its a priori rounding error),
 
     ||what the example adds|| <= sqrt(S_e + S_l + 2 (X + E)) + R_e + R_l.
 
-Where the output layer's gradient is formed (`rules._formed_is_cheaper`: long sequences), the
+Where the output layer's gradient is formed (`rules.matmul_form`: long sequences), the
 embedding's rows are added into it and the tied gradient's norm is read from the formed sum.
 The triangle inequality, N_e + N_l (each piece's own certified bound), holds always; it is used
 where the first bound is not available (formed rows, one-position pieces), not
