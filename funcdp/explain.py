@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from funcdp.data import Batch
-from funcdp.ghost import capture, rules
+from funcdp.ghost import capture, matmul
 
 GHOST, VMAP = "ghost", "vmap"
 
@@ -86,9 +86,9 @@ def explain(
 
 def _matmul_forms(plan, params, size: int) -> dict[str, str]:
     """For each linear (or addmm) weight, how its norm is taken at this batch's size and
-    sequence length (`rules.matmul_form`, in the pass's order and memory budget): Gram matrices
+    sequence length (`matmul.matmul_form`, in the pass's order and memory budget): Gram matrices
     over positions, or the gradient formed."""
-    forms, budget = {}, rules.Budget()
+    forms, budget = {}, matmul.Budget()
     for op in plan.ops:
         if op.kind not in (capture.LINEAR, capture.ADDMM) or op.weight is None:
             continue
@@ -98,9 +98,7 @@ def _matmul_forms(plan, params, size: int) -> dict[str, str]:
         if positions == 1:
             forms[op.weight] = "one position: the norm of an outer product"
         else:
-            forms[op.weight] = rules.matmul_form(size, positions, p, d, budget.left)
-            if forms[op.weight] not in (rules.GRAM, rules.SMALLER):
-                budget.left -= size * p * d
+            forms[op.weight] = budget.choose(size, positions, p, d)
     return forms
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import funcdp as fdp
-from funcdp.ghost import bounds, capture, ghost_clipped_sum, rules, tied
+from funcdp.ghost import bounds, capture, ghost_clipped_sum, matmul, tied
 from funcdp.testing import check_engine_sensitivity, sequence_examples
 
 transformers = pytest.importorskip("transformers")
@@ -45,7 +45,7 @@ def test_full_gpt2_has_no_vmap_fallback_and_ghost_equals_vmap(formed, monkeypatc
     formed_tied = tied._formed_tied
     monkeypatch.setattr(tied, "_formed_tied", lambda *a: calls.append(1) or formed_tied(*a))
     if formed:
-        monkeypatch.setattr(rules, "matmul_form", lambda *shape: "formed: every op")
+        monkeypatch.setattr(matmul, "matmul_form", lambda *shape: "formed: every op")
     task, batch = _gpt2_task()
     assert task.model.lm_head.weight is task.model.transformer.wte.weight  # tied
 
@@ -84,7 +84,7 @@ def test_tied_norm_is_the_norm_of_the_summed_gradient_not_the_sum_of_norms(
     within the memory allowed."""
     width, positions = 8, 6
     monkeypatch.setattr(bounds, "EXPLICIT_ELEMENTS", elements)
-    assert (rules.matmul_form(2, width, vocab, width) != rules.GRAM) == formed
+    assert (matmul.matmul_form(2, width, vocab, width) != matmul.GRAM) == formed
     calls = []
     formed_tied = tied._formed_tied
     monkeypatch.setattr(tied, "_formed_tied", lambda *a: calls.append(1) or formed_tied(*a))
@@ -164,19 +164,14 @@ def test_a_full_gpt2_step_in_ghost_mode_equals_the_vmap_step():
     ],
 )
 def test_the_gram_form_or_the_formed_gradient_by_cost(count, positions, p, d, formed):
-    assert (rules.matmul_form(count, positions, p, d) != rules.GRAM) == formed
+    assert (matmul.matmul_form(count, positions, p, d) != matmul.GRAM) == formed
 
 
 def test_a_pass_forms_gradients_for_speed_within_one_memory_budget():
     """Every op of a pass draws on one budget: GPT-2 small's 12 MLP input layers at 128
     positions, batch 8 (19M elements each) are formed while the pass's 2^26 elements last, then
     take the Gram form; ops no larger than their Grams are formed whatever is left."""
-    budget = rules.Budget()
-    forms = []
-    for _ in range(12):
-        form = rules.matmul_form(8, 128, 3072, 768, budget.left)
-        forms.append(form)
-        if form not in (rules.GRAM, rules.SMALLER):
-            budget.left -= 8 * 3072 * 768
-    assert forms.count(rules.GRAM) == 9 and forms[:3] == [forms[0]] * 3 != [rules.GRAM] * 3
-    assert rules.matmul_form(8, 128, 64, 64, budget.left) == rules.SMALLER
+    budget = matmul.Budget()
+    forms = [budget.choose(8, 128, 3072, 768) for _ in range(12)]
+    assert forms.count(matmul.GRAM) == 9 and forms[:3] == [forms[0]] * 3 != [matmul.GRAM] * 3
+    assert matmul.matmul_form(8, 128, 64, 64, budget.left) == matmul.SMALLER

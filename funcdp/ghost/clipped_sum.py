@@ -11,7 +11,7 @@ from torch.func import grad, vmap
 from funcdp._certify import matmul_roundoff, norms_upper, squares_upper, with_margin
 from funcdp._checks import check_mask, check_positive
 from funcdp._rules import flat_factors
-from funcdp.ghost import capture, rules, tied
+from funcdp.ghost import capture, matmul, rules, tied
 from funcdp.memory import ChunkSize, auto_chunk_size, check_chunk_option, is_auto
 from funcdp.tree import upcast_half, zero_rows
 
@@ -272,7 +272,7 @@ def _shares(params, plan, keep, passed: _Pass, real):
     may take the rules' exact path."""
     shapes = {name: p.shape for name, p in params.items()}
     squares, books, uses = {}, {}, {}
-    budget = rules.Budget()
+    budget = matmul.Budget()
     for spec, a, g in zip(plan.ops, passed.inputs, passed.taps, strict=True):
         a, g = _zero_padded(upcast_half(a), keep), _zero_padded(upcast_half(g), keep)
         for piece in rules.pieces(spec, a, g, shapes, real, budget):

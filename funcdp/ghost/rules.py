@@ -7,15 +7,8 @@ example's gradient of that parameter, [B], and `book(c)`, the clipped sum sum_i 
 directly from A, G and the factors c [B] (book-keeping, Bu et al. 2023): one contraction over
 examples and positions, no second backward.
 
-- linear / conv: per example g = G^T A over positions T (conv: A unfolded, im2col); the norm
-  is <A A^T, G G^T> (ghost norm, cost O(T^2 (d + p)) and then the book's O(T p d)), or the
-  explicit [B, p, d] gradient is formed (O(T p d)) and both its norm and its share of the sum
-  are read from it (Li et al. 2022, Bu et al. 2023). Formed where it is no larger than the
-  Grams (2 T^2 >= p d), or, where the pass's formed gradients fit `bounds.EXPLICIT_ELEMENTS`, on long
-  sequences (`bounds.LONG_SEQUENCE`), where it takes fewer operations (p d < T (p + d)), or where
-  the Grams are too wide to certify in float32 (`bounds.WIDE_GRAMS`: a language model's output
-  layer). Forming costs T p d and a sum over examples; the Gram form T^2 (p + d), its error
-  bounds (more T^2 work) and then the book's T p d.
+- linear / conv: per example g = G^T A over positions T (conv: A unfolded, im2col), its norm
+  from Gram matrices or the formed gradient, whichever `funcdp.ghost.matmul` finds cheaper.
 - embedding: row v of g is the sum of G over positions holding token v, so ||g||^2 is
   sum_{t,s} [id_t = id_s] <G_t, G_s>; positions holding `padding_idx` get no gradient.
 - layer_norm / group_norm: g_weight = sum over positions of G * x_hat (the normalized input),
@@ -37,48 +30,18 @@ so it is clipped harder.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from funcdp._certify import gamma, matmul_roundoff, sqrt_upper, squares_upper, unit_roundoff
 from funcdp.ghost import bounds
-from funcdp.ghost.bounds import SMALL_GRAMS, certified, diagonal_norms, quadratic
+from funcdp.ghost.bounds import certified, diagonal_norms, quadratic
 from funcdp.ghost.capture import ADDMM, CONV, EMBEDDING, GROUP_NORM, LAYER_NORM, LINEAR, OpSpec
-
-
-class Piece(NamedTuple):
-    """One parameter's share: per-example squared norms [B] and the clipped-sum builder.
-
-    Gram-form pieces also say how their bound was built, for a tied parameter's cross term
-    (`funcdp.ghost.tied`): `exact` [B] bounds the squared norm of the exact gradient of the
-    float32 A and G, `rounding` [B] what the book-keeping's rounding adds to its norm, `reach`
-    [B] the size of the terms that can cancel (sum over positions of |A_t| |G_t|); `exact` is
-    inf on rows whose gradient was formed instead (what they add is not the book's).
-    Explicit pieces keep their per-example gradients [B, ...] in `formed`.
-    """
-
-    name: str
-    squared_norms: torch.Tensor
-    book: Callable[[torch.Tensor], torch.Tensor]
-    exact: torch.Tensor | None = None
-    rounding: torch.Tensor | None = None
-    reach: torch.Tensor | None = None
-    formed: torch.Tensor | None = None
-
+from funcdp.ghost.matmul import Budget, matmul_piece
+from funcdp.ghost.pieces import Piece, explicit_piece
 
 _U64 = 2.0**-53
-
-
-class Budget:
-    """What one ghost pass may still form, in elements of per-example gradients over the batch,
-    where forming is faster than Grams but takes more memory (`bounds.EXPLICIT_ELEMENTS`): the
-    formed gradients of all ops are held until the clip factors are known."""
-
-    def __init__(self, elements: int | None = None):
-        self.left = bounds.EXPLICIT_ELEMENTS if elements is None else elements
 
 
 def pieces(
@@ -115,7 +78,7 @@ def _linear(spec, inputs, grads, shapes, real, budget):
         return _one_position(spec, a[:, 0, 0], g[:, 0, 0], shapes)
     out = []
     if spec.weight is not None:
-        out.append(_matmul_piece(spec.weight, a, g, shapes[spec.weight], real, budget))
+        out.append(matmul_piece(spec.weight, a, g, shapes[spec.weight], real, budget))
     if spec.bias is not None:
         out.append(explicit_piece(spec.bias, g.sum(1).flatten(1), shapes[spec.bias]))
     return out
@@ -170,7 +133,7 @@ def _conv(spec, inputs, grads, shapes, real, budget):
         shape = shapes[spec.weight]
         windows = _unfold(inputs.flatten(0, 1), tuple(shape[2:]), config)
         a = windows.reshape(size, -1, groups, windows.shape[-1] // groups)
-        out.append(_matmul_piece(spec.weight, a, g, shape, real, budget))
+        out.append(matmul_piece(spec.weight, a, g, shape, real, budget))
     if spec.bias is not None:
         out.append(explicit_piece(spec.bias, g.sum(1).flatten(1), shapes[spec.bias]))
     return out
@@ -293,117 +256,3 @@ def _affine(spec, x_hat, grads, positions, shapes):
         bias = grads.sum(positions) if positions else grads
         out.append(explicit_piece(spec.bias, bias, shapes[spec.bias]))
     return out
-
-
-def explicit_piece(name: str, per_example: torch.Tensor, shape, squared=None) -> Piece:
-    """A parameter whose per-example gradient [B, ...] is small enough to form (`squared`: its
-    squared norms' bounds, when already known)."""
-    flat = per_example.reshape(per_example.shape[0], -1)
-    squared = squares_upper(flat) if squared is None else squared
-
-    def book(factors):
-        return (factors.to(flat.dtype) @ flat).reshape(shape)
-
-    return Piece(name, squared, book, formed=per_example)
-
-
-def _matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real, budget) -> Piece:
-    """g_i = sum_t G[i, t]^T A[i, t] per group; a: [B, T, groups, d], g: [B, T, groups, p]."""
-    size, positions, groups, d = a.shape
-    p = g.shape[-1]
-    if positions == 1:  # one position: the gradient is an outer product, ||g||^2 ||a||^2
-        squared = (squares_upper(a) * squares_upper(g)).sum((1, 2)) * (1.0 + 4.0 * _U64)
-        return Piece(name, squared, _book(a, g, shape, p, d, groups, None))
-    a_rows = a.transpose(1, 2).reshape(size * groups, positions, d)
-    g_rows = g.transpose(1, 2).reshape(size * groups, positions, p)
-    form = matmul_form(size * groups, positions, p, d, budget.left)
-    if form != GRAM:
-        if form != SMALLER:
-            budget.left -= size * groups * p * d
-        explicit = torch.bmm(g_rows.transpose(1, 2), a_rows)  # [B * groups, p, d]
-        return explicit_piece(name, explicit.reshape(size, -1), shape)
-    if size * groups * positions**2 * (d + p) <= SMALL_GRAMS:  # cheap in float64: near exact
-        a_rows, g_rows = a_rows.double(), g_rows.double()
-    gram_a = torch.bmm(a_rows, a_rows.transpose(1, 2))
-    gram_g = torch.bmm(g_rows, g_rows.transpose(1, 2))
-    estimate = (gram_a.double() * gram_g.double()).reshape(size, -1).sum(1)
-    v = matmul_roundoff(gram_a.dtype, gram_a.device)
-    na, ng = diagonal_norms(gram_a, d, v), diagonal_norms(gram_g, p, v)  # [B * groups, T]
-    # reach: sum over positions of |A_t| |G_t|, the size of the terms that can cancel
-    reach = (na * ng).sum(1).double().reshape(size, groups).square().sum(1).sqrt()
-    reach = reach * (1.0 + 2.0 * gamma(positions + 3, unit_roundoff(na.dtype)))
-    # |error of a Gram entry| <= gamma_d |A_t| |A_s| (gamma_p for G); then the float64 sum
-    error = gamma(d, v) * quadratic(na, gram_g.abs()) + gamma(p, v) * quadratic(ng, gram_a.abs())
-    cross = 3.0 * gamma(d, v) * gamma(p, v) + gamma(positions**2 + 1, _U64)
-    error = error.reshape(size, groups).sum(1) + cross * 2.0 * reach.square()
-    # the book-keeping product's rounding, at the precision torch runs it with
-    u = matmul_roundoff(a.dtype, a.device)
-    bound = certified(estimate, error, reach, positions, u)
-    exact, rounding = estimate + error, gamma(positions, u) * reach
-    flagged = bounds.flagged(bound, estimate, real, reach)
-    formed = None if torch.compiler.is_compiling() else _formed_matmul(a, g, flagged)
-    if formed is not None:
-        bound = bound.index_put((formed[0],), formed[2])
-        exact = exact.index_fill(0, formed[0], float("inf"))
-    squared = bound.square() * (1.0 + 2.0 * _U64)
-    book = _book(a, g, shape, p, d, groups, formed)
-    return Piece(name, squared, book, exact, rounding, reach)
-
-
-GRAM = "Gram form"
-SMALLER = "formed: no larger than its Gram matrices"
-
-
-def matmul_form(count: int, positions: int, p: int, d: int, left: int | None = None) -> str:
-    """How ghost clipping takes `count` per-example [p, d] gradients over `positions`: GRAM,
-    or why it forms them instead: no larger than their Gram matrices (SMALLER); or, within the
-    `left` elements its pass may still form, a long sequence, fewer operations, or Grams too
-    wide to certify in float32 (every example would be formed after them anyway); `left`
-    defaults to `bounds.EXPLICIT_ELEMENTS`."""
-    if 2 * positions * positions >= p * d:
-        return SMALLER
-    if count * p * d > (bounds.EXPLICIT_ELEMENTS if left is None else left):
-        return GRAM
-    if positions >= bounds.LONG_SEQUENCE:
-        return "formed: a long sequence, where the Gram form costs more"
-    if p * d < positions * (p + d):
-        return "formed: fewer operations than its Gram matrices"
-    if p + d >= bounds.WIDE_GRAMS and count * positions**2 * (d + p) > SMALL_GRAMS:
-        return "formed: too wide to certify its Gram matrices in float32"
-    return GRAM
-
-
-def _formed_matmul(a, g, flagged):
-    """The flagged examples' gradients, formed: (indices, [F, groups, p, d], norm bounds [F]).
-
-    The formed gradient is what these examples add to the sum, so its own (certified) norm
-    bounds their share; None when no example is flagged."""
-    if not bool(flagged.any()):
-        return None
-    index = torch.nonzero(flagged).flatten()
-    left = g[index].permute(0, 2, 3, 1).flatten(0, 1)  # [F * groups, p, T]
-    right = a[index].transpose(1, 2).flatten(0, 1)  # [F * groups, T, d]
-    explicit = torch.bmm(left, right).unflatten(0, (len(index), a.shape[2]))
-    return index, explicit, sqrt_upper(squares_upper(explicit.flatten(1)))
-
-
-def _book(a, g, shape, p: int, d: int, groups: int, formed):
-    """sum_i c_i G_i^T A_i in float32 (the flagged examples' formed gradients added apart)."""
-
-    def book(factors):
-        kept = factors if formed is None else factors.index_fill(0, formed[0], 0.0)
-        # Scale the smaller of G and A by the factors.
-        column = kept.to(g.dtype)[:, None, None, None]
-        left, right = (g * column, a) if p <= d else (g, a * column)
-        if groups == 1:
-            total = (left.reshape(-1, p).T @ right.reshape(-1, d)).reshape(shape)
-        else:
-            total = torch.einsum("nkp,nkd->kpd", left.flatten(0, 1), right.flatten(0, 1))
-            total = total.reshape(shape)
-        if formed is None:
-            return total
-        index, gradients, _ = formed
-        scaled = (factors[index].to(gradients.dtype)[:, None, None, None] * gradients).sum(0)
-        return total + scaled.reshape(shape)
-
-    return book

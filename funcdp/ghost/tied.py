@@ -10,12 +10,12 @@ Gl [T', V]), is
 
 O(T T' d) per example, never forming the [V, d] gradient. Certified as the other ghost norms
 (`funcdp._certify`): with S_x an upper bound on ||g_x||^2 of the exact gradient of the float32
-operands and R_x one on what the book-keeping's rounding adds (`rules.Piece`), and X + E an upper
+operands and R_x one on what the book-keeping's rounding adds (`pieces.Piece`), and X + E an upper
 bound on the cross term (E: its a priori rounding error),
 
     ||what the example adds|| <= sqrt(S_e + S_l + 2 (X + E)) + R_e + R_l.
 
-Where the output layer's gradient is formed (`rules.matmul_form`: long sequences), the
+Where the output layer's gradient is formed (`matmul.matmul_form`: long sequences), the
 embedding's rows are added into it and the tied gradient's norm is read from the formed sum.
 The triangle inequality, N_e + N_l (each piece's own certified bound), holds always; it is used
 where the first bound is not available (formed rows, one-position pieces), not
@@ -32,7 +32,7 @@ import torch
 from funcdp._certify import gamma, matmul_roundoff, sqrt_upper, squares_upper
 from funcdp.ghost.bounds import AMPLIFICATION, SMALL_GRAMS
 from funcdp.ghost.capture import EMBEDDING, LINEAR
-from funcdp.ghost.rules import Piece, explicit_piece
+from funcdp.ghost.pieces import Piece, explicit_piece
 
 _U64 = 2.0**-53
 
