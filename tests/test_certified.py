@@ -236,7 +236,7 @@ def _step_sum(problem_loss, params, mode: str):
 
 
 def _distance(a, b) -> float:
-    return math.sqrt(sum(float((a[k].double() - b[k].double()).square().sum()) for k in a))
+    return _norm({k: a[k].double() - b[k].double() for k in a})
 
 
 @pytest.mark.parametrize("mode", ["vmap", "ghost", "two_pass"])
