@@ -25,7 +25,7 @@ import torch
 from torch.func import grad, grad_and_value, vmap
 
 from funcdp._autocast import autocast_loss
-from funcdp._certify import norms_upper, unit_roundoff, with_margin
+from funcdp._certify import matmul_roundoff, norms_upper, with_margin
 from funcdp._checks import check_mask, check_positive
 from funcdp.ghost import ghost_clipped_sum
 from funcdp.memory import auto_chunk_size, is_auto
@@ -42,7 +42,14 @@ from funcdp.transforms.base import (
 )
 from funcdp.transforms.base import chain as _chain
 from funcdp.transforms.clipping import clip, group_squares
-from funcdp.tree import per_example_norms, tree_map, tree_unflatten, upcast_half, zero_rows
+from funcdp.tree import (
+    all_finite,
+    per_example_norms,
+    tree_map,
+    tree_unflatten,
+    upcast_half,
+    zero_rows,
+)
 
 
 class ClippedSum(NamedTuple):
@@ -296,17 +303,26 @@ def _apply_rule(rule, leaves, spec, columns, squares, losses, mask, zero_nonfini
         )
     factors = torch.where(real[:, None], factors, zero)
     summed = [
-        _scaled_sum(leaf, factors[:, column], real)
+        _weighted_sum(leaf, factors[:, column])
         for leaf, column in zip(leaves, columns, strict=True)
     ]
+    if torch.compiler.is_compiling() or not all_finite(summed):
+        # 0 * inf is NaN: a left-out row (padded, or not finite) held inf or NaN; select it
+        # away. A compiled step always selects (one fused pass there, and no data-dependent branch).
+        summed = [
+            _weighted_sum(zero_rows(leaf, real), factors[:, column])
+            for leaf, column in zip(leaves, columns, strict=True)
+        ]
     clipped = (factors < 1).any(1) & real
     return ClippedSum(tree_unflatten(spec, summed), losses, _zeroed(norms, mask), clipped, finite)
 
 
-def _scaled_sum(leaf: torch.Tensor, factors: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    wide = upcast_half(leaf)
-    scale = with_margin(factors, unit_roundoff(wide.dtype)).to(wide.dtype)
-    return zero_rows(wide * scale.reshape((-1,) + (1,) * (wide.dim() - 1)), real).sum(0)
+def _weighted_sum(leaf: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """sum_i factors[i] leaf[i] as one matrix product (no scaled copy of the per-example
+    gradients), in float32 or wider; the factors carry the product's rounding margin."""
+    flat = upcast_half(leaf).reshape(leaf.shape[0], -1)
+    scale = with_margin(factors, matmul_roundoff(flat.dtype, flat.device)).to(flat.dtype)
+    return (scale @ flat).reshape(leaf.shape[1:])
 
 
 def _finite(losses, norms, mask) -> torch.Tensor:

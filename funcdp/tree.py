@@ -102,3 +102,10 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 def upcast_half(x: torch.Tensor) -> torch.Tensor:
     """x in float32 if it is float16 or bfloat16 (norms and sums are taken in float32)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def all_finite(tensors) -> bool:
+    """Whether every entry of every tensor is finite (one sum per tensor: inf and NaN survive
+    summation; an overflowing sum only says "maybe not", which callers treat as a recheck)."""
+    sums = [t.sum().float() for t in tensors]
+    return not sums or bool(torch.isfinite(torch.stack(sums)).all())

@@ -13,7 +13,7 @@ from funcdp._checks import check_mask, check_positive
 from funcdp._rules import flat_factors
 from funcdp.ghost import capture, matmul, rules, tied
 from funcdp.memory import ChunkSize, auto_chunk_size, check_chunk_option, is_auto
-from funcdp.tree import upcast_half, zero_rows
+from funcdp.tree import all_finite, upcast_half, zero_rows
 
 LossFn = Callable[..., Any]
 FactorFn = Callable[[torch.Tensor], torch.Tensor]
@@ -159,7 +159,7 @@ def ghost_clipped_sum(
         factors = _factors(factor_fn, torch.where(real[:, None], clean_norms, zero))
         factors = torch.where(real[:, None], factors, zero)
         summed = {name: books[name](factors[:, column[name]]) for name in params}
-        if not masked and not _finite(summed) and not bool(keep.all()):
+        if not masked and not all_finite(summed.values()) and not bool(keep.all()):
             # 0 * inf is NaN: a padded row held a non-finite value. Select it away and redo.
             _, books = _shares(params, plan, real, passed, real)
             summed = {name: books[name](factors[:, column[name]]) for name in params}
@@ -296,12 +296,6 @@ def _grouped_squares(params, squares, column, count: int, keep) -> torch.Tensor:
     for name, squared in squares.items():
         grouped[:, column[name]] += squared
     return grouped
-
-
-def _finite(tree: dict[str, torch.Tensor]) -> bool:
-    """Whether every entry is finite (one sum per tensor: inf and NaN survive summation)."""
-    sums = [t.sum().float() for t in tree.values()]
-    return not sums or bool(torch.isfinite(torch.stack(sums)).all())
 
 
 def _zero_padded(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
