@@ -41,7 +41,7 @@ def matmul_roundoff(dtype: torch.dtype, device: torch.device) -> float:
     u = unit_roundoff(dtype)
     if dtype != torch.float32:
         return u
-    precision = torch.get_float32_matmul_precision()
+    precision = _float32_matmul_precision()
     if precision == "medium":
         return 2.0**-8
     tf32 = torch.device(device).type == "cuda" and torch.backends.cuda.matmul.allow_tf32
@@ -79,6 +79,11 @@ def squares_upper(x: torch.Tensor) -> torch.Tensor:
     if low >= n * _SMALL and high < float("inf"):
         return bound  # the common case: one reduction, nothing to redo
     return _extremes(x, bound)
+
+
+@torch.compiler.assume_constant_result  # a compiled step reads it when it compiles
+def _float32_matmul_precision() -> str:
+    return torch.get_float32_matmul_precision()
 
 
 def _extremes(x: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:

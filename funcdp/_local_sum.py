@@ -40,10 +40,13 @@ def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: 
     of padded rows only (after the first) is not computed: its contribution is exactly zero, so
     padding costs nothing beyond the micro-batch that holds the last real row. Every computed
     micro-batch keeps its fixed shape, so no example's gradient depends on how many rows are real.
+
+    With `performance.compile`, the tensor work (`summed`) is compiled; the keys are derived and
+    the batch is refused or accepted around it, so that it runs as one graph.
     """
     engine = make_engine(loss_fn, split, performance, zero_nonfinite=on_nonfinite == "zero")
 
-    def local_sum(state, inputs, mask: torch.Tensor, key) -> LocalSum:
+    def summed(state, inputs, mask: torch.Tensor, keys: list):
         size = mask.shape[0]
         micro = performance.microbatch_size or size
         total, parts = None, []
@@ -58,10 +61,8 @@ def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: 
                 tuple(x[rows] for x in inputs),
                 mask[rows],
                 pre_state,
-                fdr.fold_in(key, index),
+                keys[index],
             )
-            if on_nonfinite != "zero" and not bool(part.finite.all()):
-                return LocalSum(None, pre_state, None, int((~part.finite).sum()))
             total = part.grads if total is None else tree_add(total, part.grads)
             parts.append((part, mask[rows]))
         losses, norms, clipped, finite = (
@@ -69,9 +70,34 @@ def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: 
             for field in ("losses", "norms", "clipped", "finite")
         )
         computed = torch.cat([rows_mask for _, rows_mask in parts])
-        return LocalSum(total, pre_state, _stats(losses, norms, computed, finite, clipped), 0)
+        return total, pre_state, _stats(losses, norms, computed, finite, clipped), finite
+
+    run = summed if performance.compile is False else _compiled(summed, performance.compile)
+
+    def local_sum(state, inputs, mask: torch.Tensor, key) -> LocalSum:
+        micro = performance.microbatch_size or mask.shape[0]
+        keys = [fdr.fold_in(key, index) for index in range(-(-mask.shape[0] // micro))]
+        total, pre_state, stats, finite = run(state, inputs, mask, keys)
+        if on_nonfinite != "zero":
+            refused = int((~finite).sum())
+            if refused:
+                return LocalSum(None, pre_state, None, refused)
+        return LocalSum(total, pre_state, stats, 0)
 
     return local_sum
+
+
+def _compiled(fn, compile):
+    """`torch.compile(fn)` (with the options `compile` gives), traced as one graph: dynamo also
+    traces `torch.autograd.grad`, the backward of the ghost pass, where it would split the graph
+    and run the backward eagerly."""
+    compiled = torch.compile(fn, **({} if compile is True else compile))
+
+    def run(*args):
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            return compiled(*args)
+
+    return run
 
 
 def _stats(losses, norms, mask, finite, clipped) -> torch.Tensor:

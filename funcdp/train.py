@@ -137,10 +137,11 @@ def make_train_step(
         updates, opt_state = optimizer.update(private, opt_state, params)
         return apply_updates(params, updates), opt_state
 
-    # Compiled: the tensor work; keys, noise, the ledger and the collective stay eager.
+    # Compiled: the tensor work (local_sum compiles its own); keys, noise, the ledger and the
+    # collective stay eager.
     if performance.compile is not False:
         options = {} if performance.compile is True else performance.compile
-        local_sum, optimize = (torch.compile(f, **options) for f in (local_sum, optimize))
+        optimize = torch.compile(optimize, **options)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         inputs, mask = check_batch(batch, process_group)

@@ -104,6 +104,40 @@ def test_a_warm_compiled_step_does_not_compile_again(mode):
     assert state.step == 8 and state.ledger.steps == 8
 
 
+@pytest.mark.parametrize("mode", ["ghost", "vmap"])
+def test_the_tensor_work_of_a_warm_step_is_one_graph(mode):
+    """Once the ghost probe has run (eagerly, on the first step), a step's clipped sum is one
+    graph and the optimizer's update another: nothing splits them and runs eagerly between
+    (the ghost pass's backward, key derivation, the finite check)."""
+    torch._dynamo.reset()
+    step, state, x, y = _start(
+        performance=fdp.Performance(mode=mode, compile={"backend": "aot_eager"})
+    )
+    for t in range(2):
+        state, _ = step(state, fdp.Batch((x, y), torch.arange(16) < 9 + t))
+    torch._dynamo.reset()  # trace again, now that the probe's plan is known
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    state, _ = step(state, fdp.Batch((x, y), torch.arange(16) < 12))
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+@pytest.mark.parametrize("mode", ["ghost", "vmap"])
+def test_a_compiled_step_leaves_out_nan_in_padded_rows(mode):
+    """A compiled graph cannot recheck a non-finite sum: it selects padded rows away up front."""
+    torch._dynamo.reset()
+    results = []
+    for compile in (False, {"backend": "aot_eager"}):
+        step, state, x, y = _start(performance=fdp.Performance(mode=mode, compile=compile))
+        x = x.clone()
+        x[12:] = float("nan")  # padded rows
+        state, _ = step(state, fdp.Batch((x, y), torch.arange(16) < 12))
+        results.append(state.params)
+    assert all(torch.isfinite(p).all() for p in results[1].values())
+    assert_trees_close(results[1], results[0], rtol=1e-5, atol=1e-5)
+
+
 def test_compiled_step_refuses_a_nonfinite_example_and_keeps_the_state():
     torch._dynamo.reset()
     step, state, x, y = _start(

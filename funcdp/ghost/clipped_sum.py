@@ -142,17 +142,19 @@ def ghost_clipped_sum(
         plan, chunk = plan_for(params, batch)
         passed = _one_pass(loss_fn, params, plan, batch, chunk)
         # Each example's norm reads its own rows only, so padded rows are left in; in the sums
-        # their factor 0 zeroes them exactly unless they hold inf or NaN (see below).
-        squares, books = _shares(params, plan, None, passed, keep)
+        # their factor 0 zeroes them exactly unless they hold inf or NaN (see below). A compiled
+        # graph takes no data-dependent branch: it selects padded rows away from the start.
+        compiling = torch.compiler.is_compiling()
+        squares, books = _shares(params, plan, keep if compiling else None, passed, keep)
         grouped = _grouped_squares(params, squares, column, len(names), keep)
-        real, clean, masked = keep, grouped, False
+        real, clean, masked = keep, grouped, compiling
         if zero_nonfinite:
             finite = torch.isfinite(grouped.sum(1)) & torch.isfinite(passed.losses)
-            if not bool((finite | ~keep).all()):  # rare: select the bad rows away, recompute
+            if compiling or not bool((finite | ~keep).all()):  # select the bad rows away
                 real, masked = keep & finite, True
                 squares, books = _shares(params, plan, real, passed, real)
                 clean = _grouped_squares(params, squares, column, len(names), real)
-        terms, tensors = len(squares), params.values()
+        terms, tensors = len(squares), tuple(params.values())
         group_norms = norms_upper(grouped, terms, tensors)
         zero = torch.zeros((), dtype=group_norms.dtype, device=keep.device)
         clean_norms = group_norms if clean is grouped else norms_upper(clean, terms, tensors)
