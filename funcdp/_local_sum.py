@@ -92,9 +92,13 @@ def _compiled(fn, compile):
     traces `torch.autograd.grad`, the backward of the ghost pass, where it would split the graph
     and run the backward eagerly."""
     compiled = torch.compile(fn, **({} if compile is True else compile))
+    # A torch without this setting splits the graph there, which is slower, not wrong.
+    traced = (
+        {"trace_autograd_ops": True} if hasattr(torch._dynamo.config, "trace_autograd_ops") else {}
+    )
 
     def run(*args):
-        with torch._dynamo.config.patch(trace_autograd_ops=True):
+        with torch._dynamo.config.patch(**traced):
             return compiled(*args)
 
     return run
