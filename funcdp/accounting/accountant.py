@@ -140,19 +140,16 @@ def calibrate_noise(
     if method == "rdp":
         bracket = dp_accounting.LowerEndpointAndGuess(1e-3, 1.0)
     else:
-        # PLD is tighter than RDP, so RDP's sigma bounds PLD's from above; a PLD accountant at a
-        # tiny sigma would need gigabytes, so the search starts from that bound and halves down.
-        upper = calibrate_noise(
-            target_epsilon=target_epsilon,
-            delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            method="rdp",
-            mechanism=mechanism,
-        )
-        lower = upper / 2
-        while spent(lower, "pld") <= target_epsilon:
-            upper, lower = lower, lower / 2
+        # Bracket the answer by doubling sigma from 1 while it overspends, or halving it to the
+        # first sigma that does: no sigma below half the answer is tried (a PLD accountant at a
+        # tiny sigma would need gigabytes). PLD throughout: an RDP search took most of the time.
+        upper = 1.0
+        doubled = False
+        while spent(upper, "pld") > target_epsilon:
+            upper, doubled = 2.0 * upper, True
+        lower = upper / 2.0  # overspends if sigma was doubled
+        while not doubled and spent(lower, "pld") <= target_epsilon:
+            upper, lower = lower, lower / 2.0
         bracket = dp_accounting.ExplicitBracketInterval(lower, upper)
     with _quiet_absl():
         sigma = dp_accounting.calibrate_dp_mechanism(
