@@ -101,6 +101,57 @@ def test_budget_allows_steps_under_and_refuses_the_step_over():
         privatizer.update(_per_example(), state, key=fdr.key(100))
 
 
+@pytest.mark.parametrize("method", ["rdp", "pld"])
+def test_budget_refuses_the_first_step_over_after_many_without_running_the_accountant_each_time(
+    method, monkeypatch
+):
+    allowed = 200
+    max_epsilon = (
+        fdp.dpsgd_epsilon(
+            noise_multiplier=SIGMA, sample_rate=RATE, steps=allowed, delta=DELTA, method=method
+        )
+        + fdp.dpsgd_epsilon(
+            noise_multiplier=SIGMA, sample_rate=RATE, steps=allowed + 1, delta=DELTA, method=method
+        )
+    ) / 2
+    privatizer = _privatizer(fdp.budget(max_epsilon, delta=DELTA, method=method))
+    calls = []
+    original = fdp.transforms.accounting.epsilon
+    monkeypatch.setattr(
+        fdp.transforms.accounting,
+        "epsilon",
+        lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs),
+    )
+    state = _steps(privatizer, privatizer.init(None), allowed)
+    assert state[3].ledger.steps == allowed
+    assert len(calls) < 40  # a frontier search, not one accounting per step
+    with pytest.raises(fdp.BudgetExceededError):
+        privatizer.update(_per_example(), state, key=fdr.key(99))
+
+
+def test_budget_follows_a_run_that_changes_its_noise():
+    """A second record (sigma 2 after 5 steps at sigma 1) grows; refusals match the accountant."""
+    ledger = Ledger().record(SIGMA, RATE, 5)
+    allowed = 60
+    max_epsilon = (
+        sum(
+            fdp.epsilon(ledger.record(2.0, RATE, steps), delta=DELTA)
+            for steps in (allowed, allowed + 1)
+        )
+        / 2
+    )
+    budget = fdp.budget(max_epsilon, delta=DELTA)
+    privatizer = fdp.chain(
+        fdp.clip(1.0), fdp.aggregate(), fdp.gaussian_noise(2.0), fdp.account(RATE), budget
+    )
+    state = privatizer.init(None)
+    state = (*state[:3], fdp.AccountState(ledger), *state[4:])  # resumed after sigma 1
+    state = _steps(privatizer, state, allowed)
+    assert state[3].ledger == ledger.record(2.0, RATE, allowed)
+    with pytest.raises(fdp.BudgetExceededError):
+        privatizer.update(_per_example(), state, key=fdr.key(99))
+
+
 def test_budget_refuses_the_first_step_if_it_is_already_over():
     privatizer = _privatizer(
         fdp.budget(
