@@ -163,10 +163,7 @@ class _Frontier:
         self.ledger = _more_steps(ledger, index, good)
 
     def _fits(self, ledger: Ledger, index: int, extra: int) -> bool:
-        try:
-            return self.within(_more_steps(ledger, index, extra))
-        except ValueError:  # e.g. past a correlated-noise strategy's horizon
-            return False
+        return self.within(_more_steps(ledger, index, extra))
 
     def _growing(self, ledger: Ledger) -> int | None:
         records = ledger.records
