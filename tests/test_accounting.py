@@ -242,6 +242,29 @@ def test_to_dp_event_composes_with_other_mechanisms():
 
 
 @pytest.mark.parametrize(
+    "sample_rate, steps, target", [(1.0, 100_000, 3.0), (0.001, 5000, 3.0), (0.01, 100, 50.0)]
+)
+def test_calibrate_noise_never_runs_pld_far_below_the_answer(
+    sample_rate, steps, target, monkeypatch
+):
+    """PLD's cost grows without bound as sigma falls below the answer (at q = 1 and 100k steps,
+    sigma 1 took minutes): the search gives PLD only sigmas above half the answer."""
+    import funcdp.accounting.accountant as accountant
+
+    tried = []
+    original = accountant.epsilon
+
+    def recording(ledger, *, delta, method="pld"):
+        if method == "pld":
+            tried.append(ledger.records[0].noise_multiplier)
+        return original(ledger, delta=delta, method=method)
+
+    monkeypatch.setattr(accountant, "epsilon", recording)
+    sigma = calibrate_noise(target_epsilon=target, delta=1e-5, sample_rate=sample_rate, steps=steps)
+    assert tried and min(tried) >= sigma / 2
+
+
+@pytest.mark.parametrize(
     "target,delta,sample_rate,steps", [(3.0, 1e-5, 0.01, 100), (1.0, 1e-6, 0.02, 500)]
 )
 def test_calibrate_noise_meets_target_tightly(target, delta, sample_rate, steps):

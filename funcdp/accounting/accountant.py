@@ -140,15 +140,15 @@ def calibrate_noise(
     if method == "rdp":
         bracket = dp_accounting.LowerEndpointAndGuess(1e-3, 1.0)
     else:
-        # Bracket the answer by doubling sigma from 1 while it overspends, or halving it to the
-        # first sigma that does: no sigma below half the answer is tried (a PLD accountant at a
-        # tiny sigma would need gigabytes). PLD throughout: an RDP search took most of the time.
+        # A PLD accountant at a sigma far below the answer would need gigabytes, so PLD only
+        # sees sigmas above half of it: double sigma from 1 until RDP (an upper bound on PLD's
+        # epsilon, cheap at any sigma) is within the target, then halve while PLD is. One RDP
+        # epsilon per doubling: a whole RDP calibration took most of the time.
         upper = 1.0
-        doubled = False
-        while spent(upper, "pld") > target_epsilon:
-            upper, doubled = 2.0 * upper, True
-        lower = upper / 2.0  # overspends if sigma was doubled
-        while not doubled and spent(lower, "pld") <= target_epsilon:
+        while spent(upper, "rdp") > target_epsilon:
+            upper *= 2.0
+        lower = upper / 2.0
+        while spent(lower, "pld") <= target_epsilon:
             upper, lower = lower, lower / 2.0
         bracket = dp_accounting.ExplicitBracketInterval(lower, upper)
     with _quiet_absl():
