@@ -54,7 +54,7 @@ def matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real, budge
         a_rows, g_rows = a_rows.double(), g_rows.double()
     gram_a = torch.bmm(a_rows, a_rows.transpose(1, 2))
     gram_g = torch.bmm(g_rows, g_rows.transpose(1, 2))
-    estimate = (gram_a.double() * gram_g.double()).reshape(size, -1).sum(1)
+    estimate = (gram_a.double() * gram_g).reshape(size, -1).sum(1)  # exact products: float64
     v = matmul_roundoff(gram_a.dtype, gram_a.device)
     na, ng = diagonal_norms(gram_a, d, v), diagonal_norms(gram_g, p, v)  # [B * groups, T]
     # reach: sum over positions of |A_t| |G_t|, the size of the terms that can cancel
