@@ -49,6 +49,14 @@ def check_counts(**counts: int | None) -> None:
             raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
+def check_shard(rank: int, world_size: int) -> None:
+    """Raises unless world_size is an int >= 1 and rank an int in [0, world_size)."""
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+
+
 def default_steps(sample_rate: float) -> int:
     """Steps in one epoch: round(1 / sample_rate)."""
     return max(1, round(1.0 / sample_rate))

@@ -64,9 +64,7 @@ def cyclic_poisson_batches(
         raise ValueError(
             f"min_separation must be <= num_examples={num_examples}, got {min_separation}"
         )
-    _check_int("world_size", world_size, 1)
-    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+    _data.check_shard(rank, world_size)
     steps = min_separation * _data.default_steps(sample_rate) if steps is None else steps
     largest = math.ceil(num_examples / min_separation)
     if bucket_size is None:

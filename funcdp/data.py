@@ -18,6 +18,7 @@ from funcdp import random as fdr
 from funcdp._batches import Batch as Batch
 from funcdp._batches import IndexBatch as IndexBatch
 from funcdp._batches import check_counts as _check_counts
+from funcdp._batches import check_shard as _check_shard
 from funcdp._batches import default_bucket_size as default_bucket_size
 from funcdp._batches import default_steps as default_steps
 from funcdp._batches import num_examples as _num_examples
@@ -165,13 +166,6 @@ def _shuffled(num_examples, batch_size, key, steps, per_epoch) -> Iterator[Index
         indices = torch.zeros(batch_size, dtype=torch.long)
         indices[: len(chosen)] = chosen
         yield IndexBatch(indices, mask)
-
-
-def _check_shard(rank: int, world_size: int) -> None:
-    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
-        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
 
 
 class PoissonLoader:
