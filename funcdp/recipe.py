@@ -95,11 +95,7 @@ def fit(
     recipe = Recipe() if recipe is None else recipe
     n_train = len(data.y_train)
     check_batch_size(recipe, n_train)
-    rank, world_size = (
-        (0, 1)
-        if process_group is None
-        else (dist.get_rank(process_group), dist.get_world_size(process_group))
-    )
+    rank, world_size = shard_of(process_group)
     q = recipe.batch_size / n_train
     steps_per_epoch = default_steps(q)
     steps = recipe.epochs * steps_per_epoch
@@ -135,6 +131,13 @@ def fit(
         params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=run_key(root)
     )
     return run.train(state, batches, data, recipe, on_epoch=on_epoch, on_step=on_step)
+
+
+def shard_of(process_group: Any) -> tuple[int, int]:
+    """(rank, world size) in `process_group`; (0, 1) without one."""
+    if process_group is None:
+        return 0, 1
+    return dist.get_rank(process_group), dist.get_world_size(process_group)
 
 
 def seeded_classifier(data: datasets.Split, recipe: Recipe, seed: int):

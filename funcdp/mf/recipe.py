@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch.distributed as dist
-
 import funcdp as fdp
 from funcdp import datasets
 from funcdp.data import cyclic_poisson_batches, default_steps
@@ -19,7 +17,15 @@ from funcdp.mf.accounting import mechanism as strategy_mechanism
 from funcdp.mf.builders import banded, blt, tree
 from funcdp.mf.choose import choose_strategy
 from funcdp.mf.strategies import Strategy
-from funcdp.recipe import Recipe, Run, TrainResult, check_batch_size, run_key, seeded_classifier
+from funcdp.recipe import (
+    Recipe,
+    Run,
+    TrainResult,
+    check_batch_size,
+    run_key,
+    seeded_classifier,
+    shard_of,
+)
 from funcdp.transforms.correlated_noise import correlated_noise
 
 MECHANISMS = ("bandmf", "blt", "tree")
@@ -74,16 +80,14 @@ def fit_correlated(
     Raises:
       ValueError: a bad mechanism or size, or a batch larger than the training set.
     """
-    rank, world_size = (
-        (0, 1)
-        if process_group is None
-        else (dist.get_rank(process_group), dist.get_world_size(process_group))
-    )
+    rank, world_size = shard_of(process_group)
     n_train = len(data.y_train)
     check_batch_size(recipe, n_train)
     steps_per_epoch = default_steps(recipe.batch_size / n_train)
     steps = recipe.epochs * steps_per_epoch
-    strategy, q, sigma = _strategy_and_noise(recipe, mechanism, size, steps=steps, n_train=n_train)
+    strategy, q, sigma = _strategy_and_noise(
+        recipe, mechanism, size, steps=steps, steps_per_epoch=steps_per_epoch, n_train=n_train
+    )
     groups = strategy.min_separation
     model, params, buffers, loss_fn, metric_fn = seeded_classifier(data, recipe, seed)
     privatizer = fdp.chain(
@@ -118,7 +122,13 @@ def fit_correlated(
 
 
 def _strategy_and_noise(
-    recipe: Recipe, mechanism: str, size: int | str, *, steps: int, n_train: int
+    recipe: Recipe,
+    mechanism: str,
+    size: int | str,
+    *,
+    steps: int,
+    steps_per_epoch: int,
+    n_train: int,
 ) -> tuple[Strategy, float, float]:
     """(strategy, its groups' sample rate, calibrated sigma) for the run."""
     sample_rate = recipe.batch_size / n_train
@@ -137,7 +147,6 @@ def _strategy_and_noise(
             method=recipe.accountant,
         )
         return choice.strategy, choice.sample_rate, choice.noise_multiplier
-    steps_per_epoch = default_steps(sample_rate)
     strategy = build_strategy(mechanism, steps=steps, steps_per_epoch=steps_per_epoch, size=size)
     q = min(1.0, recipe.batch_size * strategy.min_separation / n_train)
     sigma = fdp.calibrate_noise(
