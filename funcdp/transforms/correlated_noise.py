@@ -6,11 +6,10 @@ from typing import Any, NamedTuple
 
 import torch
 
-from funcdp import random as fdr
 from funcdp._checks import check_noise_multiplier
 from funcdp.mf.strategies import Strategy
 from funcdp.transforms.base import AGGREGATE, GradientTransformation, PrivacyContext
-from funcdp.transforms.noise import device_key
+from funcdp.transforms.noise import keyed_normal
 from funcdp.tree import tree_flatten, tree_map, tree_unflatten
 
 
@@ -108,7 +107,7 @@ def _update(strategy: Strategy, std: float):
                 f"{len(leaves)} tensors: initialize it with the parameters being trained"
             )
         noisy, new_buffers = [], []
-        for leaf, buffer, z in zip(leaves, buffers, _standard_normal(leaves, key), strict=True):
+        for leaf, buffer, z in zip(leaves, buffers, keyed_normal(leaves, 1.0, key), strict=True):
             y, buffer = strategy.stream_step(buffer, z, index)
             noisy.append(torch.add(leaf, y, alpha=std))
             new_buffers.append(buffer)
@@ -116,19 +115,6 @@ def _update(strategy: Strategy, std: float):
         return tree_unflatten(spec, noisy), new_state
 
     return update
-
-
-def _standard_normal(leaves: list[torch.Tensor], key) -> list[torch.Tensor]:
-    """A fresh N(0, 1) tensor per leaf from `key`, drawn as `gaussian_noise` draws (one
-    generator per device, leaves in order), so both see the same stream for one key."""
-    generators: dict[torch.device, torch.Generator] = {}
-    draws = []
-    for leaf in leaves:
-        if leaf.device not in generators:
-            generators[leaf.device] = fdr.generator(device_key(key, leaf.device), leaf.device)
-        fresh = torch.empty(leaf.shape, dtype=leaf.dtype, device=leaf.device)
-        draws.append(fresh.normal_(0.0, 1.0, generator=generators[leaf.device]))
-    return draws
 
 
 def _unbound_update(updates, state, params=None, *, key=None, mask=None):

@@ -79,20 +79,31 @@ def add_noise(tree, std: float, key, *, secure: bool = False):
     leaves, spec = tree_flatten(tree)
     if std == 0:
         return tree
-    generators: dict[torch.device, torch.Generator] = {}
-    noisy = []
-    for leaf in leaves:
-        if secure:
-            draw = fdr.secure_normal(leaf.shape, dtype=leaf.dtype, device=leaf.device)
-            noisy.append(leaf + std * draw)
-        else:
-            if leaf.device not in generators:
-                generators[leaf.device] = fdr.generator(device_key(key, leaf.device), leaf.device)
-            # std * N(0, 1) drawn into a fresh tensor and the leaf added in place: one pass
-            # over memory fewer than leaf + std * randn, and the same values.
-            fresh = torch.empty(leaf.shape, dtype=leaf.dtype, device=leaf.device)
-            noisy.append(fresh.normal_(0.0, std, generator=generators[leaf.device]).add_(leaf))
+    if secure:
+        noisy = [
+            leaf + std * fdr.secure_normal(leaf.shape, dtype=leaf.dtype, device=leaf.device)
+            for leaf in leaves
+        ]
+    else:
+        # std * N(0, 1) drawn into fresh tensors and the leaves added in place: one pass over
+        # memory fewer than leaf + std * randn, and the same values.
+        draws = keyed_normal(leaves, std, key)
+        noisy = [draw.add_(leaf) for draw, leaf in zip(draws, leaves, strict=True)]
     return tree_unflatten(spec, noisy)
+
+
+def keyed_normal(leaves: list[torch.Tensor], std: float, key) -> list[torch.Tensor]:
+    """A fresh N(0, std^2) tensor shaped like each leaf, drawn from `key`: one generator per
+    device (`device_key`), leaves in order, so every transform that draws through it sees the
+    same stream for one key."""
+    generators: dict[torch.device, torch.Generator] = {}
+    draws = []
+    for leaf in leaves:
+        if leaf.device not in generators:
+            generators[leaf.device] = fdr.generator(device_key(key, leaf.device), leaf.device)
+        fresh = torch.empty(leaf.shape, dtype=leaf.dtype, device=leaf.device)
+        draws.append(fresh.normal_(0.0, std, generator=generators[leaf.device]))
+    return draws
 
 
 def device_key(key, device: torch.device):
