@@ -24,6 +24,7 @@ import torch
 from funcdp.accounting.accountant import Method, calibrate_noise
 from funcdp.mf.accounting import mechanism
 from funcdp.mf.builders import banded
+from funcdp.mf.optimize import prefix_sum_norm
 from funcdp.mf.strategies import BandedStrategy, BltStrategy, Strategy
 
 _DTYPE = torch.float64
@@ -60,11 +61,8 @@ def prefix_sum_error(strategy: Strategy, noise_multiplier: float) -> float:
             f"prefix_sum_error takes a Toeplitz strategy (banded, blt), got "
             f"{type(strategy).__name__}"
         )
-    steps = strategy.steps
-    inverse = _impulse_response(strategy)
-    weights = torch.arange(steps, 0, -1, dtype=_DTYPE)
-    norm = float((weights * inverse.cumsum(0).square()).sum())
-    return noise_multiplier**2 * strategy.noise_scale**2 * norm / steps
+    norm = float(prefix_sum_norm(_impulse_response(strategy)))
+    return noise_multiplier**2 * strategy.noise_scale**2 * norm / strategy.steps
 
 
 def default_candidates(steps: int, sample_rate: float) -> list[Strategy]:

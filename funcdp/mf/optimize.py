@@ -32,8 +32,7 @@ def prefix_sum_loss(
     """loss(C) for a Toeplitz C with `coefficients` (length n) and C^-1 with
     `inverse_coefficients` (length n), under the earliest b-min-separated pattern. O(n)."""
     steps = inverse_coefficients.shape[0]
-    weights = torch.arange(steps, 0, -1, dtype=_DTYPE)
-    error = (weights * inverse_coefficients.cumsum(0).square()).sum()
+    error = prefix_sum_norm(inverse_coefficients)
     # Column sum of the pattern's rows: sum_j c[t - j b] over the k participations j b <= t,
     # as running sums down the columns of c laid out in rows of b.
     b, rows = min_separation, -(-steps // min_separation)
@@ -42,6 +41,14 @@ def prefix_sum_loss(
     if k < rows:
         laid = laid - torch.nn.functional.pad(laid[: rows - k], (0, 0, k, 0))
     return error * laid.flatten()[:steps].square().sum()
+
+
+def prefix_sum_norm(inverse_coefficients: torch.Tensor) -> torch.Tensor:
+    """||A C^-1||_F^2 for a lower-triangular Toeplitz C^-1 with this first column (length n):
+    A C^-1 is Toeplitz with first column cumsum(d), whose m-th entry appears n - m times."""
+    steps = inverse_coefficients.shape[0]
+    weights = torch.arange(steps, 0, -1, dtype=_DTYPE)
+    return (weights * inverse_coefficients.cumsum(0).square()).sum()
 
 
 def toeplitz_inverse(coefficients: torch.Tensor, steps: int) -> torch.Tensor:
