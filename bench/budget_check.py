@@ -10,8 +10,8 @@ import argparse
 import statistics
 import time
 
+import step_time
 import torch
-import torch.nn.functional as F
 import zoo_models
 
 import funcdp as fdp
@@ -20,20 +20,11 @@ import funcdp as fdp
 def _times(with_budget: bool, steps: int) -> tuple[float, float]:
     """(first step, median of the rest) in seconds."""
     model, (x,), y = zoo_models.MODELS["mlp"]()
-    apply_fn, params, buffers = fdp.functionalize(model)
-
-    def loss_fn(p, b, x, y):
-        return F.cross_entropy(apply_fn(p, b, x[None]), y[None])
-
-    parts = [fdp.clip(1.0), fdp.aggregate(), fdp.gaussian_noise(1.0), fdp.normalize(256)]
+    parts = [fdp.clip(1.0), fdp.aggregate(), fdp.gaussian_noise(1.0), fdp.normalize(len(y))]
     parts.append(fdp.account(0.01))
     if with_budget:
         parts.append(fdp.budget(100.0, delta=1e-5))
-    privatizer, optimizer = fdp.chain(*parts), fdp.optim.sgd(0.1)
-    step = fdp.make_train_step(loss_fn, privatizer, optimizer)
-    state = fdp.TrainState.create(
-        params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(0)
-    )
+    step, state = step_time.funcdp_train_step(model, fdp.chain(*parts), fdp.Performance())
     batch = fdp.Batch((x, y), torch.ones(len(y), dtype=torch.bool))
     times = []
     for _ in range(steps):
