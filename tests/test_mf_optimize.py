@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from funcdp import mf
 from funcdp.mf.optimize import prefix_sum_loss, sqrt_coefficients, toeplitz_inverse
 
 _DTYPE = torch.float64
 
 
 def _lower_toeplitz(coefficients: torch.Tensor, steps: int) -> torch.Tensor:
-    column = torch.zeros(steps, dtype=_DTYPE)
-    column[: min(steps, len(coefficients))] = coefficients[:steps]
-    lags = torch.arange(steps)[:, None] - torch.arange(steps)[None, :]
-    return torch.where(lags >= 0, column[lags.clamp(min=0)], torch.zeros((), dtype=_DTYPE))
+    """The dense C [steps, steps] of a banded strategy with these coefficients."""
+    kept = tuple(float(v) for v in coefficients[:steps])
+    return mf.BandedStrategy(steps, 1, 1, kept).strategy_matrix()
 
 
 def _decreasing(length: int, seed: int) -> torch.Tensor:
