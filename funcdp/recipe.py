@@ -17,6 +17,7 @@ from torch import nn
 
 import funcdp as fdp
 from funcdp import datasets
+from funcdp.accounting.ledger import DPSGD, Mechanism
 from funcdp.data import default_steps
 
 
@@ -99,13 +100,7 @@ def fit(
     q = recipe.batch_size / n_train
     steps_per_epoch = default_steps(q)
     steps = recipe.epochs * steps_per_epoch
-    sigma = fdp.calibrate_noise(
-        target_epsilon=recipe.epsilon,
-        delta=recipe.delta,
-        sample_rate=q,
-        steps=steps,
-        method=recipe.accountant,
-    )
+    sigma = calibrated_sigma(recipe, sample_rate=q, steps=steps)
     model, params, buffers, loss_fn, metric_fn = seeded_classifier(data, recipe, seed)
     privatizer = fdp.chain(
         fdp.clip(max_norm=recipe.clip),
@@ -131,6 +126,21 @@ def fit(
         params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=run_key(root)
     )
     return run.train(state, batches, data, recipe, on_epoch=on_epoch, on_step=on_step)
+
+
+def calibrated_sigma(
+    recipe: Recipe, *, sample_rate: float, steps: int, mechanism: Mechanism = DPSGD
+) -> float:
+    """The noise multiplier that spends the recipe's epsilon at its delta (its accountant) over
+    `steps` steps of `mechanism` at `sample_rate`."""
+    return fdp.calibrate_noise(
+        target_epsilon=recipe.epsilon,
+        delta=recipe.delta,
+        sample_rate=sample_rate,
+        steps=steps,
+        method=recipe.accountant,
+        mechanism=mechanism,
+    )
 
 
 def shard_of(process_group: Any) -> tuple[int, int]:

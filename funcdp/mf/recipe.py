@@ -21,6 +21,7 @@ from funcdp.recipe import (
     Recipe,
     Run,
     TrainResult,
+    calibrated_sigma,
     check_batch_size,
     run_key,
     seeded_classifier,
@@ -149,12 +150,6 @@ def _strategy_and_noise(
         return choice.strategy, choice.sample_rate, choice.noise_multiplier
     strategy = build_strategy(mechanism, steps=steps, steps_per_epoch=steps_per_epoch, size=size)
     q = min(1.0, recipe.batch_size * strategy.min_separation / n_train)
-    sigma = fdp.calibrate_noise(
-        target_epsilon=recipe.epsilon,
-        delta=recipe.delta,
-        sample_rate=q,
-        steps=steps,
-        method=recipe.accountant,
-        mechanism=strategy_mechanism(strategy, min_separation=strategy.min_separation),
-    )
+    accounted = strategy_mechanism(strategy, min_separation=strategy.min_separation)
+    sigma = calibrated_sigma(recipe, sample_rate=q, steps=steps, mechanism=accounted)
     return strategy, q, sigma
