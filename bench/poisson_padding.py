@@ -9,7 +9,7 @@ that shapes stay fixed. Timed per model, on the same sequence of sampled batches
 - `micro-M`: the padded batch in micro-batches of M rows (`Performance(microbatch_size=M)`),
   where a micro-batch of padding only is skipped, so padding costs at most one micro-batch.
 
-    python bench/poisson_padding.py --models transformer mlp --steps 20
+    python bench/poisson_padding.py --models transformer mlp --steps 20 [--device cuda]
 """
 
 from __future__ import annotations
@@ -56,7 +56,12 @@ def _step(model, microbatch_size: int | None, expected: float, rate: float):
 
 def _exact(batch: fdp.Batch) -> fdp.Batch:
     real = batch.mask
-    return fdp.Batch(tuple(x[real] for x in batch.inputs), torch.ones(int(real.sum()), dtype=bool))
+    rows = torch.ones(int(real.sum()), dtype=bool, device=real.device)
+    return fdp.Batch(tuple(x[real] for x in batch.inputs), rows)
+
+
+def _to(batch: fdp.Batch, device: str) -> fdp.Batch:
+    return fdp.Batch(tuple(x.to(device) for x in batch.inputs), batch.mask.to(device))
 
 
 def main() -> None:
@@ -64,26 +69,31 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["transformer", "mlp"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--micro", nargs="+", type=int, default=[8, 16])
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    print(f"# device={args.device}, torch {torch.__version__}")
     print("model        expected  bucket  way        s/step   vs exact")
     for name in args.models:
         module, inputs, targets = step_time.MODELS[name]()
-        module = step_time._prepare(module, "funcdp")
+        module = step_time._prepare(module, "funcdp").to(args.device)
         expected = float(targets.shape[0])
         rate = expected / EXAMPLES
         loader = fdp.PoissonLoader(
             _data(inputs, targets, EXAMPLES), rate, key=fdp.random.key(1), steps=args.steps
         )
-        batches = list(loader)
+        batches = [_to(batch, args.device) for batch in loader]
         ways = {"exact": None, "bucket": None, **{f"micro-{m}": m for m in args.micro}}
         steps = {way: _step(module, m, expected, rate) for way, m in ways.items()}
         times = {way: [] for way in ways}
         for index, batch in enumerate(batches):
             for way, (train_step, state) in steps.items():
                 feed = _exact(batch) if way == "exact" else batch
+                step_time._sync(args.device)
                 start = time.perf_counter()
                 train_step(state, feed)
+                step_time._sync(args.device)
                 if index:  # the first batch warms up (ghost plans, kernels)
                     times[way].append(time.perf_counter() - start)
         base = statistics.median(times["exact"])

@@ -117,7 +117,7 @@ def clipped_sum(
         if not batch or batch[0].dim() == 0:
             raise ValueError("clipped_sum needs at least one batched argument")
         size = batch[0].shape[0]
-        mask = torch.ones(size, dtype=torch.bool) if mask is None else mask
+        mask = torch.ones(size, dtype=torch.bool, device=batch[0].device) if mask is None else mask
         check_mask(mask, size)
         return engine(params, buffers, batch, mask, (), None)[0]
 

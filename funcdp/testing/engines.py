@@ -83,7 +83,7 @@ def check_engine_sensitivity(
     @settings(**_settings(max_examples))
     @given(problem=problems)
     def run(problem: Problem) -> None:
-        size = problem.batch[0].shape[0]
+        size, device = problem.batch[0].shape[0], problem.batch[0].device
         for mode in engines:
             engine = clipped_sum(
                 lambda p, b, *example: problem.loss_fn(p, *example), mode=mode, **options
@@ -93,9 +93,13 @@ def check_engine_sensitivity(
                 result = engine(params, {}, *batch, mask=mask)
                 return result.grads, result.norms
 
-            full, _ = fn(problem.params, *problem.batch, mask=torch.ones(size, dtype=torch.bool))
+            full, _ = fn(
+                problem.params,
+                *problem.batch,
+                mask=torch.ones(size, dtype=torch.bool, device=device),
+            )
             for i in range(size):
-                alone = torch.zeros(size, dtype=torch.bool)
+                alone = torch.zeros(size, dtype=torch.bool, device=device)
                 alone[i] = True
                 summed, norms = fn(problem.params, *problem.batch, mask=alone)
                 share = _norm(summed)

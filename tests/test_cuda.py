@@ -1,0 +1,131 @@
+"""The clip bound and the engines' agreement on a CUDA device, where the kernels differ.
+
+cuBLAS and cuDNN sum in other orders than the CPU's kernels, may split a reduction, and run
+float32 products in TF32 when torch is set to (`set_float32_matmul_precision("high")`); the
+certified norms must hold there too. Skipped without a CUDA device (CI has none); run on a lent
+GPU machine with `python -m pytest tests/test_cuda.py`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_benchmark_models import ROWS, _assert_same_steps
+
+import funcdp as fdp
+from funcdp.testing import check_engine_sensitivity, sequence_examples
+from funcdp.testing.engines import HF_LAYERS, LAYERS, Problem
+
+C = 1.0
+
+
+@pytest.fixture
+def device() -> torch.device:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    return torch.device("cuda")
+
+
+def _on(device: torch.device):
+    def move(problem: Problem) -> Problem:
+        params = {k: v.to(device) for k, v in problem.params.items()}
+        return problem._replace(params=params, batch=tuple(x.to(device) for x in problem.batch))
+
+    return move
+
+
+@pytest.mark.parametrize("layer", LAYERS + HF_LAYERS)
+def test_every_engine_bounds_crafted_examples(device, layer):
+    problems = sequence_examples(layers=(layer,)).map(_on(device))
+    check_engine_sensitivity(problems, max_norm=C, max_examples=25)
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_every_engine_bounds_crafted_examples_in_tf32(device, layer, monkeypatch):
+    """TF32 products (u = 2^-11) and every op in the Gram form, whose bounds then widen."""
+    from funcdp.ghost import bounds
+
+    monkeypatch.setattr(bounds, "EXPLICIT_ELEMENTS", 0)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        problems = sequence_examples(layers=(layer,)).map(_on(device))
+        check_engine_sensitivity(problems, max_norm=C, max_examples=25)
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def _crafted_linear(scale: float, device: torch.device, size: int = 3):
+    """Linear over two positions: inputs ~scale differing by 10, output gradients +v, -v."""
+    gen = torch.Generator().manual_seed(0)
+    common = scale * torch.randn(size, 1, 8, generator=gen)
+    x = common + 10 * torch.randn(size, 2, 8, generator=gen)
+    v = torch.randn(size, 1, 4, generator=gen)
+    g = torch.cat([v, -v * (1 + 1e-7)], dim=1)
+    params = {"weight": torch.randn(4, 8, generator=gen), "bias": torch.zeros(4)}
+    return {k: p.to(device) for k, p in params.items()}, x.to(device), g.to(device)
+
+
+def _linear_loss(params, buffers, x, g):
+    del buffers
+    return (F.linear(x, params["weight"], params["bias"]) * g).sum()
+
+
+def _moved_by_each_example(performance, device, scale: float = 1e7) -> list[float]:
+    """With sigma 0, lr 1 and no normalization, params - new params is the clipped sum."""
+    params, x, g = _crafted_linear(scale, device)
+    privatizer = fdp.chain(
+        fdp.clip(C), fdp.aggregate(), fdp.gaussian_noise(0.0), fdp.account(sample_rate=0.5)
+    )
+    optimizer = fdp.optim.sgd(1.0)
+    step = fdp.make_train_step(_linear_loss, privatizer, optimizer, performance=performance)
+    state = fdp.TrainState.create(
+        params, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(0)
+    )
+    moved = []
+    for i in range(x.shape[0]):
+        mask = torch.zeros(x.shape[0], dtype=torch.bool, device=device)
+        mask[i] = True
+        new, metrics = step(state, fdp.Batch((x, g), mask))
+        assert math.isfinite(metrics["grad_norm"])
+        moved.append(
+            math.sqrt(
+                sum(
+                    float((state.params[k] - new.params[k]).double().square().sum()) for k in params
+                )
+            )
+        )
+    return moved
+
+
+@pytest.mark.parametrize("mode", ["auto", "vmap", "ghost", "two_pass"])
+def test_train_step_bounds_one_crafted_example(device, mode):
+    moved = _moved_by_each_example(fdp.Performance(mode=mode), device)
+    assert max(moved) <= C * (1 + 1e-6), moved
+
+
+def test_inductor_compiled_step_bounds_one_crafted_example(device):
+    """Inductor's own kernels (Triton) for the ghost step's norms and sums."""
+    moved = _moved_by_each_example(fdp.Performance(mode="ghost", compile=True), device)
+    assert max(moved) <= C * (1 + 1e-6), moved
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
+def test_default_step_equals_vmap_step_on_the_benchmark_model(device, name):
+    import step_time
+
+    torch.manual_seed(0)
+    module, inputs, targets = step_time.MODELS[name]()
+    model = step_time._prepare(module, "funcdp").to(device)
+    apply_fn, params, buffers = fdp.functionalize(model)
+
+    def loss_fn(params, buffers, x, y):
+        return F.cross_entropy(apply_fn(params, buffers, x[None]), y[None])
+
+    x, y = inputs[0][: ROWS + 1].to(device), targets[: ROWS + 1].to(device)
+    mask = torch.arange(ROWS + 1, device=device) < ROWS  # one padded row
+    batches = [fdp.Batch((x, y), mask), fdp.Batch((x.flip(0), y.flip(0)), mask)]
+    _assert_same_steps(loss_fn, params, buffers, batches)
