@@ -16,7 +16,14 @@ import torch
 
 from funcdp._checks import _is_real, check_positive
 from funcdp.transforms.base import AGGREGATE, GradientTransformation
-from funcdp.tree import tree_clone, tree_map, tree_zeros_like
+from funcdp.tree import (
+    tree_clone,
+    tree_flatten,
+    tree_map,
+    tree_scale,
+    tree_unflatten,
+    tree_zeros_like,
+)
 
 Schedule = Callable[[int], float]
 LearningRate = float | Schedule
@@ -62,7 +69,7 @@ def sgd(
         del params, key, mask
         lr = _rate(learning_rate, state.count)
         if not momentum:
-            return tree_map(lambda g: -lr * g, grads), SgdState(state.count + 1, ())
+            return tree_scale(grads, -lr), SgdState(state.count + 1, ())
         velocity = tree_map(lambda v, g: momentum * v + g, state.velocity, grads)
         direction = (
             tree_map(lambda v, g: momentum * v + g, velocity, grads) if nesterov else velocity
@@ -140,8 +147,10 @@ def adamw(
 
 
 def apply_updates(params: Any, updates: Any) -> Any:
-    """New parameters `params + updates`, leaf by leaf, in each parameter's dtype."""
-    return tree_map(lambda p, u: p + u.to(p.dtype), params, updates)
+    """New parameters `params + updates`, in each parameter's dtype (one fused op)."""
+    leaves, spec = tree_flatten(params)
+    steps = [u.to(p.dtype) for p, u in zip(leaves, spec.flatten_up_to(updates), strict=True)]
+    return tree_unflatten(spec, list(torch._foreach_add(leaves, steps)) if leaves else [])
 
 
 def from_torch(

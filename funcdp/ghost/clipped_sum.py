@@ -146,14 +146,14 @@ def ghost_clipped_sum(
         # graph takes no data-dependent branch: it selects padded rows away from the start.
         compiling = torch.compiler.is_compiling()
         squares, books = _shares(params, plan, keep if compiling else None, passed, keep)
-        grouped = _grouped_squares(params, squares, column, len(names), keep)
+        grouped = _grouped_squares(squares, column, len(names), keep)
         real, clean, masked = keep, grouped, compiling
         if zero_nonfinite:
             finite = torch.isfinite(grouped.sum(1)) & torch.isfinite(passed.losses)
             if compiling or not bool((finite | ~keep).all()):  # select the bad rows away
                 real, masked = keep & finite, True
                 squares, books = _shares(params, plan, real, passed, real)
-                clean = _grouped_squares(params, squares, column, len(names), real)
+                clean = _grouped_squares(squares, column, len(names), real)
         terms, tensors = len(squares), tuple(params.values())
         group_norms = norms_upper(grouped, terms, tensors)
         zero = torch.zeros((), dtype=group_norms.dtype, device=keep.device)
@@ -291,13 +291,17 @@ def _shares(params, plan, keep, passed: _Pass, real):
     return squares, books
 
 
-def _grouped_squares(params, squares, column, count: int, keep) -> torch.Tensor:
+def _grouped_squares(squares, column, count: int, keep) -> torch.Tensor:
     """Squared norms [B, G] of each example's gradient in each group: float64 sums of upper
-    bounds (`norms_upper` adds the sums' own rounding)."""
-    grouped = torch.zeros(keep.shape[0], count, dtype=torch.float64, device=keep.device)
-    for name, squared in squares.items():
-        grouped[:, column[name]] += squared
-    return grouped
+    bounds (`norms_upper` adds the sums' own rounding), in a few ops whatever the number of
+    parameters (on a GPU each op is a launch)."""
+    if not squares:
+        return torch.zeros(keep.shape[0], count, dtype=torch.float64, device=keep.device)
+    stacked = torch.stack(list(squares.values()), dim=1)  # [B, parameters]
+    if count == 1:
+        return stacked.sum(1, keepdim=True)
+    index = torch.tensor([column[name] for name in squares], device=stacked.device)
+    return stacked.new_zeros(stacked.shape[0], count).index_add_(1, index, stacked)
 
 
 def _zero_padded(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:

@@ -87,8 +87,8 @@ def add_noise(tree, std: float, key, *, secure: bool = False):
     else:
         # std * N(0, 1) drawn into fresh tensors and the leaves added in place: one pass over
         # memory fewer than leaf + std * randn, and the same values.
-        draws = keyed_normal(leaves, std, key)
-        noisy = [draw.add_(leaf) for draw, leaf in zip(draws, leaves, strict=True)]
+        noisy = keyed_normal(leaves, std, key)
+        torch._foreach_add_(noisy, leaves)
     return tree_unflatten(spec, noisy)
 
 
