@@ -10,6 +10,7 @@ and the engine's library imported).
     python bench/step_time.py --models mlp cnn --engines nonprivate funcdp opacus-hooks
     python bench/step_time.py --rounds 3          # each engine 3 times, round-robin; medians
     python bench/step_time.py --models gpt2-128 gpt2-lora-512 --batch 8 --warmup 1 --repeats 3
+    python bench/step_time.py --device cuda --in-process   # a lent GPU: no process start per run
 
 Models: the zoo of `zoo_models.py` (MLP, CNN, LSTM, transformer encoder, ResNet-18) and Hugging
 Face models from `hf_models.py` at sequence 128 or 512 (`gpt2-*`: a GPT-2 causal LM fully
@@ -32,6 +33,7 @@ the median step is printed as the compile time.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import resource
@@ -277,8 +279,16 @@ def main() -> None:
         default=1,
         help="run every engine this many times, round-robin; report medians over the rounds",
     )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="CUDA only: run every (model, engine) in this process (peak memory is reset per "
+        "run), which saves a process start per run on a lent GPU machine",
+    )
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "ENGINE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.in_process and args.device != "cuda":
+        parser.error("--in-process needs --device cuda (CPU peaks are the process's own)")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.one:
@@ -305,7 +315,9 @@ def main() -> None:
             for engine in args.engines:
                 if engine in failures:
                     continue
-                record = _run_in_subprocess(model_name, engine, args)
+                record = (_run_here if args.in_process else _run_in_subprocess)(
+                    model_name, engine, args
+                )
                 if isinstance(record, str):
                     failures[engine] = record
                 else:
@@ -315,6 +327,16 @@ def main() -> None:
                 print(f"{model_name:<14} {engine:<20} failed: {failures[engine]}")
             else:
                 print(_row(model_name, engine, runs[engine], runs.get("nonprivate")), flush=True)
+
+
+def _run_here(model_name: str, engine: str, args) -> dict | str:
+    """One (model, engine) run in this process, after the last run's memory is freed."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    try:
+        return run_one(model_name, engine, args.device, args.warmup, args.repeats, args.batch)
+    except Exception as error:  # noqa: BLE001 - the engine's row says why
+        return f"{type(error).__name__}: {first_line(error)}"
 
 
 def _run_in_subprocess(model_name: str, engine: str, args) -> dict | str:
