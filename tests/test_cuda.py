@@ -129,3 +129,16 @@ def test_default_step_equals_vmap_step_on_the_benchmark_model(device, name):
     mask = torch.arange(ROWS + 1, device=device) < ROWS  # one padded row
     batches = [fdp.Batch((x, y), mask), fdp.Batch((x.flip(0), y.flip(0)), mask)]
     _assert_same_steps(loss_fn, params, buffers, batches)
+
+
+def test_all_finite_reads_every_tensor(device):
+    """On a GPU `all_finite` takes one fused sum of absolute values over the tensors."""
+    from funcdp.tree import all_finite
+
+    tensors = [torch.ones(3, 4, device=device), torch.ones(5, device=device, dtype=torch.bfloat16)]
+    assert all_finite(tensors)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for i in range(2):
+            broken = [t.clone() for t in tensors]
+            broken[i].view(-1)[-1] = bad
+            assert not all_finite(broken), (bad, i)

@@ -295,13 +295,12 @@ def _grouped_squares(squares, column, count: int, keep) -> torch.Tensor:
     """Squared norms [B, G] of each example's gradient in each group: float64 sums of upper
     bounds (`norms_upper` adds the sums' own rounding), in a few ops whatever the number of
     parameters (on a GPU each op is a launch)."""
-    if not squares:
-        return torch.zeros(keep.shape[0], count, dtype=torch.float64, device=keep.device)
-    stacked = torch.stack(list(squares.values()), dim=1)  # [B, parameters]
-    if count == 1:
-        return stacked.sum(1, keepdim=True)
-    index = torch.tensor([column[name] for name in squares], device=stacked.device)
-    return stacked.new_zeros(stacked.shape[0], count).index_add_(1, index, stacked)
+    members: list[list[torch.Tensor]] = [[] for _ in range(count)]
+    for name, squared in squares.items():
+        members[column[name]].append(squared)
+    empty = torch.zeros(keep.shape[0], dtype=torch.float64, device=keep.device)
+    sums = [torch.stack(group, dim=1).sum(1) if group else empty for group in members]
+    return torch.stack(sums, dim=1)
 
 
 def _zero_padded(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
