@@ -50,10 +50,12 @@ def quadratic(norms: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     return value * (1.0 + 2.0 * gamma(n.shape[-1] ** 2 + 3, unit_roundoff(matrix.dtype)))
 
 
-def certified(estimate, error, reach, positions: int, u: float) -> torch.Tensor:
+def certified(estimate, error, reach, positions: int, u: float):
     """A norm bound from a squared-norm estimate and its error bound, plus the rounding the
-    example's own terms add to the book-keeping sum (gamma_T reach)."""
-    return sqrt_upper((estimate + error).clamp(min=0.0)) + gamma(positions, u) * reach
+    example's own terms add to the book-keeping sum (gamma_T reach): (bound, exact, rounding),
+    exact = estimate + error bounding the exact squared norm, rounding = gamma_T reach."""
+    exact, rounding = estimate + error, gamma(positions, u) * reach
+    return sqrt_upper(exact.clamp(min=0.0)) + rounding, exact, rounding
 
 
 def flagged(bound, estimate, real, reach) -> torch.Tensor:

@@ -66,8 +66,7 @@ def matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real, budge
     error = error.reshape(size, groups).sum(1) + cross * 2.0 * reach.square()
     # the book-keeping product's rounding, at the precision torch runs it with
     u = matmul_roundoff(a.dtype, a.device)
-    bound = certified(estimate, error, reach, positions, u)
-    exact, rounding = estimate + error, gamma(positions, u) * reach
+    bound, exact, rounding = certified(estimate, error, reach, positions, u)
     flagged = bounds.flagged(bound, estimate, real, reach)
     formed = None if torch.compiler.is_compiling() else _formed_matmul(a, g, flagged)
     if formed is not None:

@@ -185,8 +185,7 @@ def _embedding(spec, inputs, grads, shapes, real):
     norms = diagonal_norms(gram, g.shape[-1], v)  # [B, T], each position's output gradient
     error = (gamma(g.shape[-1], v) + gamma(positions**2 + 1, _U64)) * quadratic(norms, same)
     reach = norms.sum(1).double() * (1.0 + 2.0 * gamma(positions + 1, u))
-    bound = certified(estimate, error, reach, positions, u)
-    exact, rounding = estimate + error, gamma(positions, u) * reach
+    bound, exact, rounding = certified(estimate, error, reach, positions, u)
     shape = shapes[spec.weight]
     flagged = bounds.flagged(bound, estimate, real, reach)
     formed = None if torch.compiler.is_compiling() else _FormedRows(ids, g, flagged, padding)
