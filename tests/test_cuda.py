@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from test_benchmark_models import ROWS, _assert_same_steps
+from test_noise import _assert_normal_with_std
 
 import funcdp as fdp
 from funcdp.testing import check_engine_sensitivity, sequence_examples
@@ -142,3 +144,54 @@ def test_all_finite_reads_every_tensor(device):
             broken = [t.clone() for t in tensors]
             broken[i].view(-1)[-1] = bad
             assert not all_finite(broken), (bad, i)
+
+
+def _flat(tree) -> np.ndarray:
+    return torch.cat([x.reshape(-1) for x in tree.values()]).double().cpu().numpy()
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_noise_on_the_device_has_the_std(device, secure):
+    """Keyed noise (the device's generator) and secure noise (the OS's entropy), drawn for
+    leaves on the GPU: N(0, (sigma C)^2) by a KS and a variance test; a key gives the same noise
+    again, another key and another leaf independent noise."""
+    from funcdp.transforms.noise import add_noise
+
+    zeros = {"b": torch.zeros(6000, device=device), "w": torch.zeros(60, 100, device=device)}
+    noisy = add_noise(zeros, 0.7, fdp.random.key(0), secure=secure)
+    assert all(x.device.type == "cuda" for x in noisy.values())
+    _assert_normal_with_std(_flat(noisy), 0.7)
+    again = _flat(add_noise(zeros, 0.7, fdp.random.key(0), secure=secure))
+    assert np.array_equal(_flat(noisy), again) != secure
+    other = _flat(add_noise(zeros, 0.7, fdp.random.key(1), secure=secure))
+    assert abs(np.corrcoef(_flat(noisy), other)[0, 1]) < 5 / math.sqrt(other.size)
+    b, w = noisy["b"].cpu().numpy(), noisy["w"].reshape(-1).cpu().numpy()
+    assert abs(np.corrcoef(b, w)[0, 1]) < 5 / math.sqrt(b.size)
+
+
+def test_train_step_on_the_device_adds_noise_of_std_sigma_c_over_b(device):
+    """A loss with no gradient: the step moves the parameters by lr sigma C / B times N(0, 1)."""
+    sigma, max_norm, expected, lr = 1.5, 2.0, 4.0, 0.5
+    params = {"w": torch.zeros(120, 100, device=device)}
+
+    def loss_fn(params, buffers, x):
+        return (params["w"] * 0.0).sum() + x.sum() * 0.0
+
+    privatizer = fdp.chain(
+        fdp.clip(max_norm),
+        fdp.aggregate(),
+        fdp.gaussian_noise(sigma),
+        fdp.normalize(expected),
+        fdp.account(sample_rate=0.5),
+    )
+    optimizer = fdp.optim.sgd(lr)
+    step = fdp.make_train_step(loss_fn, privatizer, optimizer)
+    state = fdp.TrainState.create(
+        params, privatizer=privatizer, optimizer=optimizer, key=fdp.random.key(3)
+    )
+    batch = fdp.Batch(
+        (torch.ones(4, 3, device=device),), torch.ones(4, dtype=torch.bool, device=device)
+    )
+    new, _ = step(state, batch)
+    moved = (new.params["w"] - params["w"]).double().cpu().numpy().reshape(-1)
+    _assert_normal_with_std(moved, lr * sigma * max_norm / expected)
