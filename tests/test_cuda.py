@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_benchmark_models import ROWS, _assert_same_steps
+from test_certified import _crafted_linear, _linear_loss
 from test_noise import _assert_normal_with_std
 
 import funcdp as fdp
@@ -60,25 +61,10 @@ def test_every_engine_bounds_crafted_examples_in_tf32(device, layer, monkeypatch
         torch.set_float32_matmul_precision(before)
 
 
-def _crafted_linear(scale: float, device: torch.device, size: int = 3):
-    """Linear over two positions: inputs ~scale differing by 10, output gradients +v, -v."""
-    gen = torch.Generator().manual_seed(0)
-    common = scale * torch.randn(size, 1, 8, generator=gen)
-    x = common + 10 * torch.randn(size, 2, 8, generator=gen)
-    v = torch.randn(size, 1, 4, generator=gen)
-    g = torch.cat([v, -v * (1 + 1e-7)], dim=1)
-    params = {"weight": torch.randn(4, 8, generator=gen), "bias": torch.zeros(4)}
-    return {k: p.to(device) for k, p in params.items()}, x.to(device), g.to(device)
-
-
-def _linear_loss(params, buffers, x, g):
-    del buffers
-    return (F.linear(x, params["weight"], params["bias"]) * g).sum()
-
-
 def _moved_by_each_example(performance, device, scale: float = 1e7) -> list[float]:
     """With sigma 0, lr 1 and no normalization, params - new params is the clipped sum."""
-    params, x, g = _crafted_linear(scale, device)
+    params, x, g = _crafted_linear(scale)
+    params, x, g = {k: p.to(device) for k, p in params.items()}, x.to(device), g.to(device)
     privatizer = fdp.chain(
         fdp.clip(C), fdp.aggregate(), fdp.gaussian_noise(0.0), fdp.account(sample_rate=0.5)
     )
