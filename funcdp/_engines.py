@@ -45,6 +45,7 @@ from funcdp.transforms.clipping import clip, group_squares
 from funcdp.tree import (
     all_finite,
     per_example_norms,
+    tree_add,
     tree_map,
     tree_unflatten,
     upcast_half,
@@ -261,7 +262,7 @@ def _two_pass_engine(rule: FactorRule, example_loss, chunk_size, zero_nonfinite)
         total, parts = None, []
         for c, bound in zip(chunks, first, strict=True):
             part = second_pass(params, buffers, tuple(x[c] for x in rows), mask[c], bound)
-            total = part.grads if total is None else tree_map(torch.add, total, part.grads)
+            total = part.grads if total is None else tree_add(total, part.grads)
             parts.append(part._replace(grads=None))
         merged = [torch.cat([getattr(p, f) for p in parts]) for f in ClippedSum._fields[1:]]
         return ClippedSum(total, *merged), state
