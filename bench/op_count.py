@@ -5,7 +5,9 @@ On a GPU a small model's step is bound by the host: each kernel finishes before 
 issued, so the step costs about its count of dispatched ops times 10-20 microseconds (on an
 H200, bench/RESULTS.md), whatever the arithmetic. This counts, under a `TorchDispatchMode`, the
 aten ops of one step after two warm-up steps: all of them, the ones that launch a kernel on a
-GPU (not views, not bare allocations), and host syncs (a value read back: `.item()`, `bool()`).
+GPU (not views, not bare allocations), and host syncs (a value read back: `.item()`, `bool()`;
+`.tolist()` does not dispatch an op, so its reads, such as the certified squares' range check,
+are not counted).
 
     python bench/op_count.py                        # the zoo, non-private, funcdp, Opacus
     python bench/op_count.py --models mlp --engines nonprivate funcdp funcdp-vmap
