@@ -2,7 +2,7 @@
 a GPU at small sizes, counted on any machine.
 
 On a GPU a small model's step is bound by the host: each kernel finishes before the next is
-issued, so the step costs about its count of dispatched ops times 10-20 microseconds (on an
+issued, so the step costs about its count of dispatched ops times 10-25 microseconds (on an
 H200, bench/RESULTS.md), whatever the arithmetic. This counts, under a `TorchDispatchMode`, the
 aten ops of one step after two warm-up steps: all of them, the ones that launch a kernel on a
 GPU (not views, not bare allocations), and host syncs (a value read back: `.item()`, `bool()`;
