@@ -155,7 +155,7 @@ def main() -> None:
         try:
             record = {"peak_mb": try_batch(model, engine, int(batch), **options)}
         except Exception as error:  # noqa: BLE001 - the parent reads it
-            record = {"error": f"{type(error).__name__}: {step_time.first_line(error)}"}
+            record = {"error": step_time.failure(error)}
         print(json.dumps(record), flush=True)
         return
     print(f"# budget {args.budget_mb:g} MB on {args.device}, torch {torch.__version__}")

@@ -68,7 +68,7 @@ def main() -> None:
             try:
                 ops = count(model_name, engine)
             except Exception as error:  # noqa: BLE001 - the row says why
-                print(f"{model_name:<14} {engine:<16} failed: {step_time.first_line(error)}")
+                print(f"{model_name:<14} {engine:<16} failed: {step_time.failure(error)}")
                 continue
             if engine == "nonprivate":
                 base = ops["kernel"]

@@ -295,7 +295,7 @@ def main() -> None:
         try:
             record = run_one(*args.one, args.device, args.warmup, args.repeats, args.batch)
         except Exception as error:  # noqa: BLE001 - the parent prints it in the engine's row
-            record = {"error": f"{type(error).__name__}: {first_line(error)}"}
+            record = {"error": failure(error)}
         print(json.dumps(record))
         return
     print(
@@ -336,7 +336,7 @@ def _run_here(model_name: str, engine: str, args) -> dict | str:
     try:
         return run_one(model_name, engine, args.device, args.warmup, args.repeats, args.batch)
     except Exception as error:  # noqa: BLE001 - the engine's row says why
-        return f"{type(error).__name__}: {first_line(error)}"
+        return failure(error)
 
 
 def _run_in_subprocess(model_name: str, engine: str, args) -> dict | str:
@@ -355,9 +355,9 @@ def _run_in_subprocess(model_name: str, engine: str, args) -> dict | str:
     return record.get("error", record)
 
 
-def first_line(error: BaseException) -> str:
-    """The first line of an exception's message (a failed engine's row shows it)."""
-    return (str(error).strip().splitlines() or [""])[0]
+def failure(error: BaseException) -> str:
+    """An exception's type and the first line of its message (a failed engine's row shows it)."""
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
 
 
 def _row(model_name: str, engine: str, records: list[dict], baselines: list[dict] | None) -> str:
