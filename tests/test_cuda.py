@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from test_benchmark_models import ROWS, _assert_same_steps
 from test_certified import _crafted_linear, _linear_loss
-from test_noise import _assert_normal_with_std
+from test_noise import _assert_normal_with_std, _flat
 
 import funcdp as fdp
 from funcdp.testing import check_engine_sensitivity, sequence_examples
@@ -130,10 +130,6 @@ def test_all_finite_reads_every_tensor(device):
             broken = [t.clone() for t in tensors]
             broken[i].view(-1)[-1] = bad
             assert not all_finite(broken), (bad, i)
-
-
-def _flat(tree) -> np.ndarray:
-    return torch.cat([x.reshape(-1) for x in tree.values()]).double().cpu().numpy()
 
 
 @pytest.mark.parametrize("secure", [False, True])

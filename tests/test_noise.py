@@ -31,7 +31,7 @@ def _noise(privatizer, key, *, mask=None, per_example=None):
 
 
 def _flat(tree) -> np.ndarray:
-    return torch.cat([x.reshape(-1) for x in fdp.tree.tree_leaves(tree)]).double().numpy()
+    return torch.cat([x.reshape(-1) for x in fdp.tree.tree_leaves(tree)]).double().cpu().numpy()
 
 
 def _assert_normal_with_std(values: np.ndarray, std: float) -> None:
