@@ -16,14 +16,7 @@ import torch
 
 from funcdp._checks import _is_real, check_positive
 from funcdp.transforms.base import AGGREGATE, GradientTransformation
-from funcdp.tree import (
-    tree_clone,
-    tree_flatten,
-    tree_map,
-    tree_scale,
-    tree_unflatten,
-    tree_zeros_like,
-)
+from funcdp.tree import tree_add, tree_clone, tree_map, tree_scale, tree_zeros_like
 
 Schedule = Callable[[int], float]
 LearningRate = float | Schedule
@@ -147,10 +140,8 @@ def adamw(
 
 
 def apply_updates(params: Any, updates: Any) -> Any:
-    """New parameters `params + updates`, in each parameter's dtype (one fused op)."""
-    leaves, spec = tree_flatten(params)
-    steps = [u.to(p.dtype) for p, u in zip(leaves, spec.flatten_up_to(updates), strict=True)]
-    return tree_unflatten(spec, list(torch._foreach_add(leaves, steps)) if leaves else [])
+    """New parameters `params + updates`, in each parameter's dtype (`tree_add`: one fused op)."""
+    return tree_add(params, tree_map(lambda p, u: u.to(p.dtype), params, updates))
 
 
 def from_torch(
