@@ -38,16 +38,38 @@ def diagonal_norms(gram: torch.Tensor, n: int, u: float) -> torch.Tensor:
     overflowed one is inf, which sends its example to the formed path.
     """
     squares = gram.diagonal(dim1=1, dim2=2).clamp(min=0.0)
-    return (squares * (1.0 + 2.0 * gamma(n + 1, u))).sqrt() * (1.0 + u) + n**0.5 * 2.0**-63
+    return torch.add(
+        n**0.5 * 2.0**-63, (squares * (1.0 + 2.0 * gamma(n + 1, u))).sqrt(), alpha=1.0 + u
+    )
 
 
 def quadratic(norms: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """An upper bound on n^T M n per row, for n >= 0 and M >= 0: [N, T], [N, T, T] -> [N]
-    (float64 out). Computed in M's dtype: T^2 nonnegative terms, each of three factors, so
-    the relative error is at most gamma_(T^2 + 3)."""
-    n = norms.to(matrix.dtype)
-    value = (matrix * (n[:, :, None] * n[:, None, :])).sum((1, 2)).double()
-    return value * (1.0 + 2.0 * gamma(n.shape[-1] ** 2 + 3, unit_roundoff(matrix.dtype)))
+    (float64 out), in M's dtype: n cast to it, then M n and n^T (M n), each T nonnegative
+    terms, so the relative error is at most gamma_(2 T + 3). Each step may also lose what
+    underflows, at most 2 T smallest normals (`underflow`): added to M n before it is
+    multiplied by n, and to the result."""
+    positions, n = norms.shape[-1], norms.to(matrix.dtype)
+    lost = underflow(positions, matrix.dtype) * (1.0 + 4.0 * unit_roundoff(matrix.dtype))
+    weighted = (matrix * n[:, None, :]).sum(2) + lost  # [N, T]: M n
+    value = (weighted * n).sum(1).double()
+    return torch.add(
+        lost, value, alpha=1.0 + 2.0 * gamma(2 * positions + 4, unit_roundoff(matrix.dtype))
+    )
+
+
+def inner_rows(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum_s x_ts y_ts for each row t of each matrix, [N, T, T] -> float64 [N, T], summed in
+    the matrices' dtype: each row is off by at most gamma_(T+1) sum_s |x_ts y_ts| plus
+    `underflow(T, dtype)` per row. One float32 pass, where float64 products cost a widening
+    copy of both matrices (and on long sequences four times the time)."""
+    return (x * y).sum(2).double()
+
+
+def underflow(count: int, dtype: torch.dtype) -> float:
+    """What a sum of `count` products in `dtype` can lose to underflow (flush to zero
+    included): 2 count times the smallest normal."""
+    return 2.0 * count * torch.finfo(dtype).tiny
 
 
 def certified(estimate, error, reach, positions: int, u: float):
@@ -63,6 +85,7 @@ def flagged(bound, estimate, real, reach) -> torch.Tensor:
     is not a finite, non-negative number), or whose terms are more than AMPLIFICATION times
     their sum's norm: such terms, in the float32 book-keeping sum, would round the OTHER
     examples' shares by up to u times their size."""
-    norm = estimate.clamp(min=0.0).sqrt()
+    # An overflowed (inf) estimate counts as the largest finite one: its inf bound is not tight.
+    norm = estimate.clamp(0.0, torch.finfo(estimate.dtype).max).sqrt()
     tight = (bound <= (1.0 + TOLERANCE) * norm) & (reach <= AMPLIFICATION * norm)
     return real & ~tight

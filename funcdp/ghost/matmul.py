@@ -16,7 +16,14 @@ import torch
 
 from funcdp._certify import gamma, matmul_roundoff, sqrt_upper, squares_upper, unit_roundoff
 from funcdp.ghost import bounds
-from funcdp.ghost.bounds import SMALL_GRAMS, certified, diagonal_norms, quadratic
+from funcdp.ghost.bounds import (
+    SMALL_GRAMS,
+    certified,
+    diagonal_norms,
+    inner_rows,
+    quadratic,
+    underflow,
+)
 from funcdp.ghost.pieces import Piece, explicit_piece
 
 _U64 = 2.0**-53
@@ -54,16 +61,23 @@ def matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real, budge
         a_rows, g_rows = a_rows.double(), g_rows.double()
     gram_a = torch.bmm(a_rows, a_rows.transpose(1, 2))
     gram_g = torch.bmm(g_rows, g_rows.transpose(1, 2))
-    estimate = (gram_a.double() * gram_g).reshape(size, -1).sum(1)  # exact products: float64
+    estimate = inner_rows(gram_a, gram_g).reshape(size, -1).sum(1)
     v = matmul_roundoff(gram_a.dtype, gram_a.device)
     na, ng = diagonal_norms(gram_a, d, v), diagonal_norms(gram_g, p, v)  # [B * groups, T]
     # reach: sum over positions of |A_t| |G_t|, the size of the terms that can cancel
-    reach = (na * ng).sum(1).double().reshape(size, groups).square().sum(1).sqrt()
+    reach = (na * ng).sum(1).double()
+    if groups > 1:  # the groups' terms make one vector per example
+        reach = reach.reshape(size, groups).square().sum(1).sqrt()
     reach = reach * (1.0 + 2.0 * gamma(positions + 3, unit_roundoff(na.dtype)))
-    # |error of a Gram entry| <= gamma_d |A_t| |A_s| (gamma_p for G); then the float64 sum
-    error = gamma(d, v) * quadratic(na, gram_g.abs()) + gamma(p, v) * quadratic(ng, gram_a.abs())
-    cross = 3.0 * gamma(d, v) * gamma(p, v) + gamma(positions**2 + 1, _U64)
-    error = error.reshape(size, groups).sum(1) + cross * 2.0 * reach.square()
+    # |error of a Gram entry| <= gamma_d |A_t| |A_s| (gamma_p for G); each row of the estimate
+    # adds gamma_(T+1) sum_s |Ga_ts Gg_ts| <= gamma_(T+1) (1 + gamma_d) na^T |Gg| na, and
+    # what underflows; then the float64 sum of the rows
+    row = gamma(positions + 1, unit_roundoff(gram_a.dtype))
+    error_a = quadratic(na, gram_g.abs()) * (gamma(d, v) + (1.0 + gamma(d, v)) * row)
+    error = torch.add(error_a, quadratic(ng, gram_a.abs()), alpha=gamma(p, v))
+    cross = 3.0 * gamma(d, v) * gamma(p, v) + gamma(groups * positions**2 + 1, _U64)
+    error = torch.addcmul(error.reshape(size, groups).sum(1), reach, reach, value=2.0 * cross)
+    error = error + underflow(groups * positions**2, gram_a.dtype)
     # the book-keeping product's rounding, at the precision torch runs it with
     u = matmul_roundoff(a.dtype, a.device)
     bound, exact, rounding = certified(estimate, error, reach, positions, u)

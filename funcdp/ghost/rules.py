@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from funcdp._certify import gamma, matmul_roundoff, sqrt_upper, squares_upper, unit_roundoff
 from funcdp.ghost import bounds
-from funcdp.ghost.bounds import certified, diagonal_norms, quadratic
+from funcdp.ghost.bounds import certified, diagonal_norms, inner_rows, quadratic, underflow
 from funcdp.ghost.capture import ADDMM, CONV, EMBEDDING, GROUP_NORM, LAYER_NORM, LINEAR, OpSpec
 from funcdp.ghost.matmul import Budget, matmul_piece
 from funcdp.ghost.pieces import Piece, explicit_piece
@@ -181,11 +181,14 @@ def _embedding(spec, inputs, grads, shapes, real):
     same = (ids[:, :, None] == ids[:, None, :]).to(g.dtype)
     u, positions = unit_roundoff(g.dtype), ids.shape[1]
     gram = torch.bmm(g, g.transpose(1, 2))
-    estimate = (gram.double() * same.double()).sum((1, 2))
-    # Each Gram entry is off by at most gamma_p |G_t| |G_s|; the float64 sum adds gamma_(T^2).
-    v = matmul_roundoff(g.dtype, g.device)
-    norms = diagonal_norms(gram, g.shape[-1], v)  # [B, T], each position's output gradient
-    error = (gamma(g.shape[-1], v) + gamma(positions**2 + 1, _U64)) * quadratic(norms, same)
+    estimate = inner_rows(gram, same).sum(1)
+    # Each Gram entry is off by at most gamma_p |G_t| |G_s|; each row's sum adds gamma_(T+1)
+    # of its terms, what underflows, and the float64 sum of the rows gamma_T.
+    v, p = matmul_roundoff(g.dtype, g.device), g.shape[-1]
+    norms = diagonal_norms(gram, p, v)  # [B, T], each position's output gradient
+    relative = gamma(p, v) + (1.0 + gamma(p, v)) * gamma(positions + 1, u)
+    relative += gamma(positions**2 + 1, _U64)
+    error = relative * quadratic(norms, same) + underflow(positions**2, gram.dtype)
     reach = norms.sum(1).double() * (1.0 + 2.0 * gamma(positions + 1, u))
     bound, exact, rounding = certified(estimate, error, reach, positions, u)
     shape = shapes[spec.weight]
