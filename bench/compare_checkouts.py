@@ -7,6 +7,11 @@ checkout's median step time, and their ratio (new / old).
 
     git worktree add /tmp/before HEAD~3
     python bench/compare_checkouts.py /tmp/before . --rounds 4 --models mlp transformer
+
+On a CPU a step's page faults (glibc returning freed memory to the system) vary from process to
+process by tens of percent of the step; `--keep-freed-memory` sets glibc's malloc, through its
+environment variables, to keep freed memory in every worker (as
+`funcdp.performance.keep_freed_memory` does, which an old checkout may lack).
 """
 
 from __future__ import annotations
@@ -39,8 +44,16 @@ def _worker(root: str, model: str, repeats: int, warmup: int) -> None:
     print(json.dumps({"median": statistics.median(times)}))
 
 
-def _run(root: str, model: str, repeats: int, warmup: int) -> float:
-    env = {**os.environ, "PYTHONPATH": os.path.abspath(root)}
+# glibc's malloc tunables, as funcdp.performance.keep_freed_memory sets them
+_KEEP_FREED = {
+    "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+    "MALLOC_TOP_PAD_": str(1 << 28),
+}
+
+
+def _run(root: str, model: str, repeats: int, warmup: int, keep: bool) -> float:
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(root), **(_KEEP_FREED if keep else {})}
     command = [sys.executable, __file__, "--worker", os.path.abspath(root), model]
     command += ["--repeats", str(repeats), "--warmup", str(warmup)]
     out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
@@ -55,18 +68,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--keep-freed-memory", action="store_true", help="keep freed memory in every worker"
+    )
     parser.add_argument("--worker", nargs=2, metavar=("ROOT", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         _worker(*args.worker, args.repeats, args.warmup)
         return
-    print(f"# old {args.old}, new {args.new}, {args.rounds} rounds, one thread")
+    kept = ", freed memory kept" if args.keep_freed_memory else ""
+    print(f"# old {args.old}, new {args.new}, {args.rounds} rounds, one thread{kept}")
     print(f"{'model':12s} {'old s/step':>11s} {'new s/step':>11s} {'new/old':>8s}   rounds")
     for model in args.models:
         old, new = [], []
         for _ in range(args.rounds):
-            old.append(_run(args.old, model, args.repeats, args.warmup))
-            new.append(_run(args.new, model, args.repeats, args.warmup))
+            old.append(_run(args.old, model, args.repeats, args.warmup, args.keep_freed_memory))
+            new.append(_run(args.new, model, args.repeats, args.warmup, args.keep_freed_memory))
         a, b = statistics.median(old), statistics.median(new)
         rounds = " ".join(f"{x / y:.3f}" for x, y in zip(new, old, strict=True))
         print(f"{model:12s} {a:11.4f} {b:11.4f} {b / a:8.3f}   {rounds}", flush=True)

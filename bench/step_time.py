@@ -11,6 +11,7 @@ and the engine's library imported).
     python bench/step_time.py --rounds 3          # each engine 3 times, round-robin; medians
     python bench/step_time.py --models gpt2-128 gpt2-lora-512 --batch 8 --warmup 1 --repeats 3
     python bench/step_time.py --device cuda --in-process   # a lent GPU: no process start per run
+    python bench/step_time.py --device cpu --keep-freed-memory   # every engine, glibc malloc kept
 
 Models: the zoo of `zoo_models.py` (MLP, CNN, LSTM, transformer encoder, ResNet-18) and Hugging
 Face models from `hf_models.py` at sequence 128 or 512 (`gpt2-*`: a GPT-2 causal LM fully
@@ -28,6 +29,11 @@ layers); `funcdp-vmap` is `performance=fdp.Performance(mode="vmap")` (every exam
 formed). `funcdp-compiled` and `funcdp-vmap-compiled` are the same two steps with
 `compile=True` in their `Performance`; the first step compiles, and the time of that step less
 the median step is printed as the compile time.
+
+On a CPU much of a step's time can be page faults: glibc returns large freed blocks to the
+system, and the next step faults them in again. `--keep-freed-memory` runs
+`funcdp.performance.keep_freed_memory()` at the start of every engine's run (non-private and
+Opacus too), so that the figures show the arithmetic rather than the allocator.
 """
 
 from __future__ import annotations
@@ -285,12 +291,22 @@ def main() -> None:
         help="CUDA only: run every (model, engine) in this process (peak memory is reset per "
         "run), which saves a process start per run on a lent GPU machine",
     )
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="every run keeps freed memory for reuse (glibc malloc; see the docstring)",
+    )
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "ENGINE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.in_process and args.device != "cuda":
         parser.error("--in-process needs --device cuda (CPU peaks are the process's own)")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        from funcdp.performance import keep_freed_memory
+
+        if not keep_freed_memory():
+            parser.error("--keep-freed-memory needs glibc's malloc")
     if args.one:
         try:
             record = run_one(*args.one, args.device, args.warmup, args.repeats, args.batch)
@@ -345,6 +361,7 @@ def _run_in_subprocess(model_name: str, engine: str, args) -> dict | str:
     command += ["--warmup", str(args.warmup), "--repeats", str(args.repeats)]
     command += [] if args.threads is None else ["--threads", str(args.threads)]
     command += [] if args.batch is None else ["--batch", str(args.batch)]
+    command += ["--keep-freed-memory"] if args.keep_freed_memory else []
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
