@@ -80,9 +80,11 @@ class Performance(NamedTuple):
         return self
 
 
-# glibc's mallopt parameters (malloc.h) and the values `keep_freed_memory` sets.
+# glibc's mallopt parameters (malloc.h) and the values `keep_freed_memory` sets; some glibc
+# versions refuse an mmap threshold above 32 MiB (half their largest heap on 64-bit).
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-_KEEP = ((_M_MMAP_THRESHOLD, 1 << 30), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 1 << 28))
+_MMAP_THRESHOLDS = (1 << 30, 1 << 25)
+_KEEP = ((_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 1 << 28))
 
 
 def keep_freed_memory() -> bool:
@@ -93,15 +95,17 @@ def keep_freed_memory() -> bool:
     A CPU step allocates and frees the same large temporaries every time. glibc maps large
     blocks fresh and trims its heap, so each step page-faults that memory in again: on this
     project's CPU 8,000 to 12,000 faults per step of the benchmark CNN, about a quarter of its
-    time (bench/RESULTS.md). This serves blocks up to 1 GiB from the heap and trims only above
-    1 GiB free: the peak memory is the same, but memory a step frees is not given back to the
-    system until the process exits. Speed only, like every `Performance` setting; the
-    environment variables `MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_` do the same
-    for a process from its start.
+    time (bench/RESULTS.md). This serves blocks up to 1 GiB (32 MiB where glibc allows no
+    more) from the heap and trims only above 1 GiB free: the peak memory is the same, but
+    memory a step frees is not given back to the system until the process exits. Speed only,
+    like every `Performance` setting; the environment variables `MALLOC_MMAP_THRESHOLD_` and
+    `MALLOC_TRIM_THRESHOLD_` do the same for a process from its start.
     """
     name = ctypes.util.find_library("c")
     try:
         mallopt = ctypes.CDLL(name).mallopt
     except (OSError, AttributeError, TypeError):  # no C library found, or not glibc's
+        return False
+    if not any(mallopt(_M_MMAP_THRESHOLD, value) == 1 for value in _MMAP_THRESHOLDS):
         return False
     return all(mallopt(option, value) == 1 for option, value in _KEEP)
