@@ -273,12 +273,15 @@ def _shares(params, plan, keep, passed: _Pass, real):
     parameter; `keep` zeroes padded rows first (None: leave them), `real` marks the rows that
     may take the rules' exact path."""
     shapes = {name: p.shape for name, p in params.items()}
-    squares, books, uses = {}, {}, {}
+    squares, books, uses, entries = {}, {}, {}, []
     budget = matmul.Budget()
     for spec, a, g in zip(plan.ops, passed.inputs, passed.taps, strict=True):
         a, g = _zero_padded(upcast_half(a), keep), _zero_padded(upcast_half(g), keep)
-        for piece in rules.pieces(spec, a, g, shapes, real, budget):
-            uses.setdefault(piece.name, []).append((spec, a, g, piece))
+        entries += [(spec, a, g, piece) for piece in rules.pieces(spec, a, g, shapes, real, budget)]
+    certified = iter(matmul.certify([e[3] for e in entries if isinstance(e[3], matmul.Pending)]))
+    for spec, a, g, piece in entries:
+        piece = next(certified) if isinstance(piece, matmul.Pending) else piece
+        uses.setdefault(piece.name, []).append((spec, a, g, piece))
     for name, entries in uses.items():  # a tied parameter has one entry per use
         piece = entries[0][3] if len(entries) == 1 else tied.combine(name, entries)
         squares[name], books[name] = piece.squared_norms, piece.book

@@ -12,6 +12,8 @@ fewer operations (p d < T (p + d)), or where the Grams are too wide to certify i
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from funcdp._certify import gamma, matmul_roundoff, sqrt_upper, squares_upper, unit_roundoff
@@ -45,29 +47,83 @@ class Budget:
         return form
 
 
-def matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real, budget) -> Piece:
-    """g_i = sum_t G[i, t]^T A[i, t] per group; a: [B, T, groups, d], g: [B, T, groups, p]."""
+class Pending(NamedTuple):
+    """A weight in the Gram form, its bound not yet computed: `certify` computes those of one
+    pass together. `transposed`: its clipped sum is the transpose of the book's (addmm)."""
+
+    name: str
+    a: torch.Tensor
+    g: torch.Tensor
+    shape: tuple[int, ...]
+    real: torch.Tensor
+    transposed: bool = False
+
+
+def matmul_piece(
+    name: str, a: torch.Tensor, g: torch.Tensor, shape, real, budget
+) -> Piece | Pending:
+    """g_i = sum_t G[i, t]^T A[i, t] per group; a: [B, T, groups, d], g: [B, T, groups, p].
+    A Piece where the gradient is an outer product or formed; in the Gram form a `Pending`."""
     size, positions, groups, d = a.shape
     p = g.shape[-1]
     if positions == 1:  # one position: the gradient is an outer product, ||g||^2 ||a||^2
         squared = (squares_upper(a) * squares_upper(g)).sum((1, 2)) * (1.0 + 4.0 * _U64)
         return Piece(name, squared, _book(a, g, shape, p, d, groups, None))
-    a_rows = a.transpose(1, 2).reshape(size * groups, positions, d)
-    g_rows = g.transpose(1, 2).reshape(size * groups, positions, p)
     if budget.choose(size * groups, positions, p, d) != GRAM:
-        explicit = torch.bmm(g_rows.transpose(1, 2), a_rows)  # [B * groups, p, d]
+        explicit = torch.bmm(_rows(g).transpose(1, 2), _rows(a))  # [B * groups, p, d]
         return explicit_piece(name, explicit.reshape(size, -1), shape)
-    if size * groups * positions**2 * (d + p) <= SMALL_GRAMS:  # cheap in float64: near exact
-        a_rows, g_rows = a_rows.double(), g_rows.double()
-    gram_a = torch.bmm(a_rows, a_rows.transpose(1, 2))
-    gram_g = torch.bmm(g_rows, g_rows.transpose(1, 2))
-    estimate = inner_rows(gram_a, gram_g).reshape(size, -1).sum(1)
+    return Pending(name, a, g, tuple(shape), real)
+
+
+def certify(pending: list[Pending]) -> list[Piece]:
+    """The pieces of Gram-form weights, in order. Weights of one shape (batch, positions,
+    groups, d, p, dtype, device: a transformer's layers) share one run of the bound arithmetic
+    over their stacked Grams (up to `STACKED_GRAM_ELEMENTS` per Gram stack), about 50
+    elementwise launches (on a GPU, each a launch) whatever their number; the Grams are
+    computed into one buffer, so stacking them copies nothing."""
+    kinds: dict[tuple, list[int]] = {}
+    for i, job in enumerate(pending):
+        key = (job.a.shape, job.g.shape[-1], job.a.dtype, job.g.dtype, job.a.device)
+        kinds.setdefault(key, []).append(i)
+    pieces: list[Piece | None] = [None] * len(pending)
+    for indices in kinds.values():
+        size, positions, groups, _ = pending[indices[0]].a.shape
+        per_stack = max(1, STACKED_GRAM_ELEMENTS // (size * groups * positions**2))
+        for start in range(0, len(indices), per_stack):
+            chosen = indices[start : start + per_stack]
+            certified = _certify_alike([pending[i] for i in chosen])
+            for i, piece in zip(chosen, certified, strict=True):
+                pieces[i] = piece
+    return pieces
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[B, T, groups, n] -> [B * groups, T, n]: each example's and group's positions."""
+    size, positions, groups, n = x.shape
+    return x.transpose(1, 2).reshape(size * groups, positions, n)
+
+
+def _certify_alike(jobs: list[Pending]) -> list[Piece]:
+    """`certify` for weights of one shape: their Grams stacked as one batch of K * B rows."""
+    size, positions, groups, d = jobs[0].a.shape
+    p, count = jobs[0].g.shape[-1], len(jobs)
+    small = size * groups * positions**2 * (d + p) <= SMALL_GRAMS  # cheap in float64: near exact
+    dtype = torch.float64 if small else torch.promote_types(jobs[0].a.dtype, jobs[0].g.dtype)
+    rows = size * groups
+    grams = torch.empty(2, count * rows, positions, positions, dtype=dtype, device=jobs[0].a.device)
+    for k, job in enumerate(jobs):
+        for gram, x in zip(grams, (job.a, job.g), strict=True):
+            x = _rows(x).to(dtype)
+            torch.bmm(x, x.transpose(1, 2), out=gram[k * rows : (k + 1) * rows])
+    gram_a, gram_g = grams
+    total = count * size  # the stacked examples
+    estimate = inner_rows(gram_a, gram_g).reshape(total, -1).sum(1)
     v = matmul_roundoff(gram_a.dtype, gram_a.device)
-    na, ng = diagonal_norms(gram_a, d, v), diagonal_norms(gram_g, p, v)  # [B * groups, T]
+    na, ng = diagonal_norms(gram_a, d, v), diagonal_norms(gram_g, p, v)  # [K * B * groups, T]
     # reach: sum over positions of |A_t| |G_t|, the size of the terms that can cancel
     reach = (na * ng).sum(1).double()
     if groups > 1:  # the groups' terms make one vector per example
-        reach = reach.reshape(size, groups).square().sum(1).sqrt()
+        reach = reach.reshape(total, groups).square().sum(1).sqrt()
     reach = reach * (1.0 + 2.0 * gamma(positions + 3, unit_roundoff(na.dtype)))
     # |error of a Gram entry| <= gamma_d |A_t| |A_s| (gamma_p for G); each row of the estimate
     # adds gamma_(T+1) sum_s |Ga_ts Gg_ts| <= gamma_(T+1) (1 + gamma_d) na^T |Gg| na, and
@@ -76,22 +132,40 @@ def matmul_piece(name: str, a: torch.Tensor, g: torch.Tensor, shape, real, budge
     error_a = quadratic(na, gram_g.abs()) * (gamma(d, v) + (1.0 + gamma(d, v)) * row)
     error = torch.add(error_a, quadratic(ng, gram_a.abs()), alpha=gamma(p, v))
     cross = 3.0 * gamma(d, v) * gamma(p, v) + gamma(groups * positions**2 + 1, _U64)
-    error = torch.addcmul(error.reshape(size, groups).sum(1), reach, reach, value=2.0 * cross)
+    error = torch.addcmul(error.reshape(total, groups).sum(1), reach, reach, value=2.0 * cross)
     error = error + underflow(groups * positions**2, gram_a.dtype)
     # the book-keeping product's rounding, at the precision torch runs it with
-    u = matmul_roundoff(a.dtype, a.device)
+    u = matmul_roundoff(jobs[0].a.dtype, jobs[0].a.device)
     bound, exact, rounding = certified(estimate, error, reach, positions, u)
+    real = torch.cat([job.real for job in jobs])
     flagged = bounds.flagged(bound, estimate, real, reach)
-    formed = None if torch.compiler.is_compiling() else _formed_matmul(a, g, flagged)
+    # One device read for the group; a compiled graph takes no data-dependent branch.
+    forming = not torch.compiler.is_compiling() and bool(flagged.any())
+    rows = [slice(k * size, (k + 1) * size) for k in range(count)]
+    return [
+        _piece(job, bound[r], exact[r], rounding[r], reach[r], flagged[r] if forming else None)
+        for job, r in zip(jobs, rows, strict=True)
+    ]
+
+
+def _piece(job: Pending, bound, exact, rounding, reach, flagged) -> Piece:
+    """A certified weight's piece; `flagged` (None: none) examples' gradients formed apart."""
+    formed = None if flagged is None else _formed_matmul(job.a, job.g, flagged)
     if formed is not None:
         bound = bound.index_put((formed[0],), formed[2])
         exact = exact.index_fill(0, formed[0], float("inf"))
     squared = bound.square() * (1.0 + 2.0 * _U64)
-    book = _book(a, g, shape, p, d, groups, formed)
-    return Piece(name, squared, book, exact, rounding, reach)
+    p, (_, _, groups, d) = job.g.shape[-1], job.a.shape
+    book = _book(job.a, job.g, job.shape, p, d, groups, formed)
+    if job.transposed:
+        book = lambda factors, book=book: book(factors).T  # noqa: E731
+    return Piece(job.name, squared, book, exact, rounding, reach)
 
 
 GRAM = "Gram form"
+# At most this many Gram entries (per Gram of a weight, over its examples) are stacked for one
+# run of the bound arithmetic, whose temporaries are a few times the stack (16 MiB in float32).
+STACKED_GRAM_ELEMENTS = 1 << 22
 SMALLER = "formed: no larger than its Gram matrices"
 
 

@@ -38,7 +38,7 @@ from funcdp._certify import gamma, matmul_roundoff, sqrt_upper, squares_upper, u
 from funcdp.ghost import bounds
 from funcdp.ghost.bounds import certified, diagonal_norms, inner_rows, quadratic, underflow
 from funcdp.ghost.capture import ADDMM, CONV, EMBEDDING, GROUP_NORM, LAYER_NORM, LINEAR, OpSpec
-from funcdp.ghost.matmul import Budget, matmul_piece
+from funcdp.ghost.matmul import Budget, Pending, matmul_piece
 from funcdp.ghost.pieces import Piece, explicit_piece
 
 _U64 = 2.0**-53
@@ -51,8 +51,9 @@ def pieces(
     shapes,
     real: torch.Tensor,
     budget: Budget,
-) -> list[Piece]:
-    """The pieces of the ghost parameters of one op.
+) -> list[Piece | Pending]:
+    """The pieces of the ghost parameters of one op; a weight in the Gram form is `Pending`
+    until `matmul.certify` computes its bound with the pass's others.
 
     Args:
       spec: the op, as planned.
@@ -92,7 +93,9 @@ def _addmm(spec, inputs, grads, shapes, real, budget):
     shapes = {**shapes, spec.weight: tuple(reversed(shapes[spec.weight]))}
     out = []
     for piece in _linear(spec, inputs, grads, shapes, real, budget):
-        if piece.name == spec.weight:
+        if isinstance(piece, Pending) and piece.name == spec.weight:
+            piece = piece._replace(transposed=True)
+        elif piece.name == spec.weight:
             piece = piece._replace(book=lambda factors, book=piece.book: book(factors).T)
         out.append(piece)
     return out
