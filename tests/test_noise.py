@@ -78,12 +78,16 @@ def test_noise_is_added_to_the_sum():
 
 
 def test_noise_is_std_times_the_keys_standard_normal_draws_in_leaf_order():
-    tree = {"a": torch.randn(5, 7), "b": torch.randn(300)}
+    """One draw per dtype from the key's generator, split into the leaves in their order."""
+    tree = {"a": torch.randn(5, 7), "b": torch.randn(300), "c": torch.randn(4, dtype=torch.float64)}
     noisy = add_noise(tree, 0.7, fdr.key(9))
     generator = fdr.generator(fdr.key(9), torch.device("cpu"))
-    for name in ("a", "b"):  # optree's order of a dict: sorted keys
-        expected = tree[name] + 0.7 * torch.randn(tree[name].shape, generator=generator)
+    draw = torch.randn(35 + 300, generator=generator)  # optree's order of a dict: sorted keys
+    for name, part in zip(("a", "b"), draw.split([35, 300]), strict=True):
+        expected = tree[name] + 0.7 * part.view(tree[name].shape)
         torch.testing.assert_close(noisy[name], expected, rtol=1e-6, atol=1e-6)
+    wide = tree["c"] + 0.7 * torch.randn(4, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(noisy["c"], wide, rtol=1e-12, atol=1e-12)
 
 
 def test_same_key_same_noise_new_key_new_noise():

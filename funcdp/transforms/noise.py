@@ -94,15 +94,22 @@ def add_noise(tree, std: float, key, *, secure: bool = False):
 
 def keyed_normal(leaves: list[torch.Tensor], std: float, key) -> list[torch.Tensor]:
     """A fresh N(0, std^2) tensor shaped like each leaf, drawn from `key`: one generator per
-    device (`device_key`), leaves in order, so every transform that draws through it sees the
-    same stream for one key."""
+    device (`device_key`), and per device and dtype one draw, split into the leaves' shapes in
+    their order (on a GPU one launch for all leaves, not one each), so every transform that
+    draws through it sees the same values for one key and one tree's shapes."""
     generators: dict[torch.device, torch.Generator] = {}
-    draws = []
-    for leaf in leaves:
-        if leaf.device not in generators:
-            generators[leaf.device] = fdr.generator(device_key(key, leaf.device), leaf.device)
-        fresh = torch.empty(leaf.shape, dtype=leaf.dtype, device=leaf.device)
-        draws.append(fresh.normal_(0.0, std, generator=generators[leaf.device]))
+    kinds: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        kinds.setdefault((leaf.device, leaf.dtype), []).append(i)
+    draws: list[torch.Tensor | None] = [None] * len(leaves)
+    for (device, dtype), indices in kinds.items():
+        if device not in generators:
+            generators[device] = fdr.generator(device_key(key, device), device)
+        sizes = [leaves[i].numel() for i in indices]
+        flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+        flat.normal_(0.0, std, generator=generators[device])
+        for i, part in zip(indices, flat.split(sizes), strict=True):
+            draws[i] = part.view(leaves[i].shape)
     return draws
 
 
