@@ -75,6 +75,50 @@ def test_compiled_step_gives_the_eager_parameters_after_five_noisy_steps(mode):
     assert gap > 1e-2
 
 
+def test_compiled_ghost_step_with_stacked_gram_weights_gives_the_eager_parameters(monkeypatch):
+    """A sequence model whose weights all take the Gram form, two of one shape (certified as
+    one stack, their Grams written into one buffer): compiled, the eager parameters."""
+    from funcdp.ghost import bounds, matmul
+
+    monkeypatch.setattr(bounds, "EXPLICIT_ELEMENTS", 0)  # the Gram form wherever not smaller
+    stacks, certify_alike = [], matmul._certify_alike
+
+    def recorded(jobs):
+        stacks.append(len(jobs))
+        return certify_alike(jobs)
+
+    monkeypatch.setattr(matmul, "_certify_alike", recorded)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layers = [nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 24)]
+    apply_fn, params, buffers = fdp.functionalize(nn.Sequential(*layers, nn.Linear(24, 3)))
+
+    def loss_fn(p, b, x, y):  # five positions, averaged
+        return F.cross_entropy(apply_fn(p, b, x[None]).mean(1), y[None])
+
+    x, y = torch.randn(16, 5, 12), torch.randint(0, 3, (16,))
+
+    def run(performance):
+        privatizer = fdp.chain(fdp.clip(0.5), fdp.aggregate(), fdp.gaussian_noise(1.0))
+        optimizer = fdp.optim.sgd(0.1)
+        step = fdp.make_train_step(loss_fn, privatizer, optimizer, performance=performance)
+        state = fdp.TrainState.create(
+            params,
+            buffers=buffers,
+            privatizer=privatizer,
+            optimizer=optimizer,
+            key=fdp.random.key(1),
+        )
+        for t in range(3):
+            state, _ = step(state, fdp.Batch((x, y), torch.arange(16) < 10 + t))
+        return state.params
+
+    eager = run(fdp.Performance(mode="ghost"))
+    compiled = run(fdp.Performance(mode="ghost", compile={"backend": "aot_eager"}))
+    assert_trees_close(compiled, eager, rtol=1e-6, atol=1e-6)
+    assert sorted(set(stacks)) == [1, 2]  # 12 -> 24 and 24 -> 3 alone, the two 24 -> 24 as one
+
+
 @pytest.mark.parametrize("mode", ["ghost", "vmap"])
 def test_compile_options_combine_with_autocast_auto_chunks_and_microbatches(mode):
     torch._dynamo.reset()
