@@ -273,13 +273,14 @@ def _shares(params, plan, keep, passed: _Pass, real):
     parameter; `keep` zeroes padded rows first (None: leave them), `real` marks the rows that
     may take the rules' exact path."""
     shapes = {name: p.shape for name, p in params.items()}
-    squares, books, uses, entries = {}, {}, {}, []
+    squares, books, uses, found = {}, {}, {}, []
     budget = matmul.Budget()
     for spec, a, g in zip(plan.ops, passed.inputs, passed.taps, strict=True):
         a, g = _zero_padded(upcast_half(a), keep), _zero_padded(upcast_half(g), keep)
-        entries += [(spec, a, g, piece) for piece in rules.pieces(spec, a, g, shapes, real, budget)]
-    certified = iter(matmul.certify([e[3] for e in entries if isinstance(e[3], matmul.Pending)]))
-    for spec, a, g, piece in entries:
+        found += [(spec, a, g, piece) for piece in rules.pieces(spec, a, g, shapes, real, budget)]
+    # The Gram-form weights' bounds, those of one shape computed together.
+    certified = iter(matmul.certify([f[3] for f in found if isinstance(f[3], matmul.Pending)]))
+    for spec, a, g, piece in found:
         piece = next(certified) if isinstance(piece, matmul.Pending) else piece
         uses.setdefault(piece.name, []).append((spec, a, g, piece))
     for name, entries in uses.items():  # a tied parameter has one entry per use

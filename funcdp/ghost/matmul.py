@@ -141,10 +141,10 @@ def _certify_alike(jobs: list[Pending]) -> list[Piece]:
     flagged = bounds.flagged(bound, estimate, real, reach)
     # One device read for the group; a compiled graph takes no data-dependent branch.
     forming = not torch.compiler.is_compiling() and bool(flagged.any())
-    rows = [slice(k * size, (k + 1) * size) for k in range(count)]
+    slices = [slice(k * size, (k + 1) * size) for k in range(count)]
     return [
         _piece(job, bound[r], exact[r], rounding[r], reach[r], flagged[r] if forming else None)
-        for job, r in zip(jobs, rows, strict=True)
+        for job, r in zip(jobs, slices, strict=True)
     ]
 
 
