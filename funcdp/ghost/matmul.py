@@ -8,6 +8,8 @@ larger than the Grams (2 T^2 >= p d), or, where the pass's formed gradients fit
 fewer operations (p d < T (p + d)), or where the Grams are too wide to certify in float32
 (`bounds.WIDE_GRAMS`: a language model's output layer). The Gram form's error is bounded a priori
 (`funcdp.ghost.rules`, "Certified norms"); an example whose bound is too loose is formed apart.
+The bounds of a pass's Gram-form weights are computed by `certify`, those of one shape together
+(a transformer's layers): on a GPU that arithmetic is a launch per elementwise op.
 """
 
 from __future__ import annotations
