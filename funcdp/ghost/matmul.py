@@ -159,9 +159,16 @@ def _piece(job: Pending, bound, exact, rounding, reach, flagged) -> Piece:
     squared = bound.square() * (1.0 + 2.0 * _U64)
     p, (_, _, groups, d) = job.g.shape[-1], job.a.shape
     book = _book(job.a, job.g, job.shape, p, d, groups, formed)
-    if job.transposed:
-        book = lambda factors, book=book: book(factors).T  # noqa: E731
-    return Piece(job.name, squared, book, exact, rounding, reach)
+    piece = Piece(job.name, squared, book, exact, rounding, reach)
+    return transposed(piece) if job.transposed else piece
+
+
+def transposed(piece: Piece | Pending) -> Piece | Pending:
+    """`piece` with its clipped sum transposed (addmm's weight is [d, p], the book's [p, d]);
+    a `Pending` one is transposed once `certify` has built its book."""
+    if isinstance(piece, Pending):
+        return piece._replace(transposed=True)
+    return piece._replace(book=lambda factors, book=piece.book: book(factors).T)
 
 
 GRAM = "Gram form"

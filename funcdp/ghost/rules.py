@@ -38,7 +38,7 @@ from funcdp._certify import gamma, matmul_roundoff, sqrt_upper, squares_upper, u
 from funcdp.ghost import bounds
 from funcdp.ghost.bounds import certified, diagonal_norms, inner_rows, quadratic, underflow
 from funcdp.ghost.capture import ADDMM, CONV, EMBEDDING, GROUP_NORM, LAYER_NORM, LINEAR, OpSpec
-from funcdp.ghost.matmul import Budget, Pending, matmul_piece
+from funcdp.ghost.matmul import Budget, Pending, matmul_piece, transposed
 from funcdp.ghost.pieces import Piece, explicit_piece
 
 _U64 = 2.0**-53
@@ -91,14 +91,8 @@ def _addmm(spec, inputs, grads, shapes, real, budget):
     if spec.weight is None:
         return _linear(spec, inputs, grads, shapes, real, budget)
     shapes = {**shapes, spec.weight: tuple(reversed(shapes[spec.weight]))}
-    out = []
-    for piece in _linear(spec, inputs, grads, shapes, real, budget):
-        if isinstance(piece, Pending) and piece.name == spec.weight:
-            piece = piece._replace(transposed=True)
-        elif piece.name == spec.weight:
-            piece = piece._replace(book=lambda factors, book=piece.book: book(factors).T)
-        out.append(piece)
-    return out
+    found = _linear(spec, inputs, grads, shapes, real, budget)
+    return [transposed(piece) if piece.name == spec.weight else piece for piece in found]
 
 
 def _one_position(spec, a: torch.Tensor, g: torch.Tensor, shapes) -> list[Piece]:
