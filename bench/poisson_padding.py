@@ -1,21 +1,26 @@
 """What padding costs: the default step on real Poisson batches from `PoissonLoader` against the
-same step on batches of exactly the realised size, in one process, as ratios.
+same step on batches of exactly the realised size, in one process, as ratios of mean step times.
 
-A Poisson batch of expected size B is padded to a bucket (mean + 6 sd: 67 rows for B = 32) so
-that shapes stay fixed. Timed per model, on the same sequence of sampled batches:
+A Poisson batch of expected size B is padded to a whole number of buckets (the default bucket is
+mean + 2 sd: 44 rows for B = 32) and an eager step computes it one bucket at a time, skipping a
+bucket of padding only. Timed per model, on the same sequence of sampled batches:
 
 - `exact`: the real rows only (a shape per batch; the baseline);
-- `bucket`: the padded batch in one piece (the default);
-- `micro-M`: the padded batch in micro-batches of M rows (`Performance(microbatch_size=M)`),
-  where a micro-batch of padding only is skipped, so padding costs at most one micro-batch.
+- `bucket`: the default, bucket by bucket;
+- `bucket-6sd`: the bucket this library used before (mean + 6 sd, 67 rows for B = 32);
+- `micro-M`: pieces of M rows (`Performance(microbatch_size=M)`), a piece of padding only
+  skipped.
 
-    python bench/poisson_padding.py --models transformer mlp --steps 20 [--device cuda]
+Means, not medians: a batch larger than its bucket costs a second bucket in about one step in
+40, and that is part of what training costs. The count of such batches is printed.
+
+    python bench/poisson_padding.py --models transformer mlp cnn --steps 60 [--device cuda]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import math
 import sys
 import time
 from pathlib import Path
@@ -60,49 +65,72 @@ def _exact(batch: fdp.Batch) -> fdp.Batch:
     return fdp.Batch(tuple(x[real] for x in batch.inputs), rows)
 
 
+def _batches(data, rate: float, steps: int, device: str, bucket_size: int | None = None):
+    loader = fdp.PoissonLoader(
+        data, rate, key=fdp.random.key(1), steps=steps, bucket_size=bucket_size
+    )
+    return [_to(batch, device) for batch in loader]
+
+
 def _to(batch: fdp.Batch, device: str) -> fdp.Batch:
-    return fdp.Batch(tuple(x.to(device) for x in batch.inputs), batch.mask.to(device))
+    inputs = tuple(x.to(device) for x in batch.inputs)
+    return fdp.Batch(inputs, batch.mask.to(device), bucket_size=batch.bucket_size)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["transformer", "mlp"])
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--models", nargs="+", default=["transformer", "mlp", "cnn"])
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--micro", nargs="+", type=int, default=[8, 16])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="funcdp.performance.keep_freed_memory() first (page faults off the timings)",
+    )
     args = parser.parse_args()
+    if args.keep_freed_memory:
+        from funcdp.performance import keep_freed_memory
+
+        keep_freed_memory()
     if args.device == "cpu":
         torch.set_num_threads(1)
-    print(f"# device={args.device}, torch {torch.__version__}")
-    print("model        expected  bucket  way        s/step   vs exact")
+    print(f"# device={args.device}, torch {torch.__version__}, mean of {args.steps - 1} steps")
+    print("model        expected  bucket  way          s/step   vs exact")
     for name in args.models:
         module, inputs, targets = step_time.MODELS[name]()
         module = step_time._prepare(module, "funcdp").to(args.device)
         expected = float(targets.shape[0])
         rate = expected / EXAMPLES
-        loader = fdp.PoissonLoader(
-            _data(inputs, targets, EXAMPLES), rate, key=fdp.random.key(1), steps=args.steps
-        )
-        batches = [_to(batch, args.device) for batch in loader]
-        ways = {"exact": None, "bucket": None, **{f"micro-{m}": m for m in args.micro}}
-        steps = {way: _step(module, m, expected, rate) for way, m in ways.items()}
-        times = {way: [] for way in ways}
-        for index, batch in enumerate(batches):
+        data = _data(inputs, targets, EXAMPLES)
+
+        default = _batches(data, rate, args.steps, args.device)
+        sd = math.sqrt(expected * (1 - rate))
+        old_bucket = math.ceil(expected + 6 * sd + 1)
+        ways = {
+            "exact": ([_exact(batch) for batch in default], None),
+            "bucket": (default, None),
+            "bucket-6sd": (_batches(data, rate, args.steps, args.device, old_bucket), None),
+            **{f"micro-{m}": (default, m) for m in args.micro},
+        }
+        steps = {way: _step(module, m, expected, rate) for way, (_, m) in ways.items()}
+        totals = dict.fromkeys(ways, 0.0)
+        for index in range(args.steps):
             for way, (train_step, state) in steps.items():
-                feed = _exact(batch) if way == "exact" else batch
+                feed = ways[way][0][index]
                 step_time._sync(args.device)
                 start = time.perf_counter()
                 train_step(state, feed)
                 step_time._sync(args.device)
                 if index:  # the first batch warms up (ghost plans, kernels)
-                    times[way].append(time.perf_counter() - start)
-        base = statistics.median(times["exact"])
-        bucket = batches[0].mask.shape[0]
-        for way, values in times.items():
-            median = statistics.median(values)
-            print(
-                f"{name:12s} {expected:8.0f}  {bucket:6d}  {way:9s} {median:8.4f}  {median / base:8.3f}"
-            )
+                    totals[way] += time.perf_counter() - start
+        bucket = default[0].bucket_size
+        for way, total in totals.items():
+            mean = total / (args.steps - 1)
+            ratio = total / totals["exact"]
+            print(f"{name:12s} {expected:8.0f}  {bucket:6d}  {way:11s} {mean:8.4f}  {ratio:8.3f}")
+        over = sum(len(batch.mask) > bucket for batch in default[1:])
+        print(f"# {name}: {over} of {args.steps - 1} batches larger than the bucket of {bucket}")
 
 
 if __name__ == "__main__":

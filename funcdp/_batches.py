@@ -13,7 +13,8 @@ import torch
 
 
 class IndexBatch(NamedTuple):
-    """Indices of a Poisson batch padded to a bucket size, and the mask of the real rows."""
+    """Indices of a Poisson batch padded to a whole number of buckets, and the mask of the real
+    rows (which come first)."""
 
     indices: torch.Tensor
     mask: torch.Tensor
@@ -25,18 +26,43 @@ class Batch(NamedTuple):
     `shard` is (rank, world_size) when the batch is one rank's share of a logical batch
     (`PoissonLoader(..., rank=, world_size=)`); None for a whole batch. A train step with a
     process group refuses a batch that is not its rank's shard.
+
+    `bucket_size` is the size the sampler padded to (the batch holds a whole number of buckets,
+    real rows first). An eager train step computes such a batch bucket by bucket and skips a
+    bucket of padding only, so every computed piece has the bucket's shape; None computes the
+    whole batch as one piece (unless `Performance(microbatch_size=)` says otherwise).
     """
 
     inputs: tuple[torch.Tensor, ...]
     mask: torch.Tensor
     shard: tuple[int, int] | None = None
+    bucket_size: int | None = None
 
 
-def default_bucket_size(num_examples: int, sample_rate: float) -> int:
-    """A padded size that a Poisson batch exceeds with negligible probability (mean + 6 sd)."""
+def default_bucket_size(num_examples: int, sample_rate: float, world_size: int = 1) -> int:
+    """The padded size of a Poisson batch: its mean + 2 sd, divided among `world_size` ranks.
+
+    A batch exceeds it in about one step in 40 and is then padded to two buckets, which an
+    eager step computes one at a time (a bucket of padding only is skipped). A looser bucket
+    computes more padding on every step, a tighter one a second bucket more often; at 2 sd the
+    expected cost is within a few percent of the best fixed size on the benchmark models
+    (`bench/poisson_padding.py`), and the rare second bucket costs little where kernels launch
+    anyway (a GPU).
+    """
     mean = num_examples * sample_rate
     sd = math.sqrt(num_examples * sample_rate * (1.0 - sample_rate))
-    return max(1, min(num_examples, math.ceil(mean + 6.0 * sd + 1.0)))
+    return math.ceil(max(1, min(num_examples, math.ceil(mean + 2.0 * sd))) / world_size)
+
+
+def padded_to_buckets(indices: torch.Tensor, bucket: int) -> IndexBatch:
+    """`indices` (the sampled rows) padded to a whole number of buckets (at least one): padded
+    rows point at row 0 and the mask leaves them out of every sum."""
+    padded = max(bucket, math.ceil(len(indices) / bucket) * bucket)
+    mask = torch.zeros(padded, dtype=torch.bool)
+    mask[: len(indices)] = True
+    full = torch.zeros(padded, dtype=torch.long)
+    full[: len(indices)] = indices
+    return IndexBatch(full, mask)
 
 
 def check_counts(**counts: int | None) -> None:

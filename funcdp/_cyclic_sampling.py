@@ -48,7 +48,7 @@ def cyclic_poisson_batches(
       key: a `funcdp.random` key.
       min_separation: b >= 1, the number of groups (1 is `poisson_batches`' sampling).
       steps: number of batches; default b * round(1 / q) (every group's expected epoch).
-      bucket_size: padded batch size; default the Poisson bound of the largest group, divided
+      bucket_size: padded batch size; default `default_bucket_size` of the largest group, divided
         among the ranks.
       start: index of the first step to yield.
       rank: this process's rank, in [0, world_size).
@@ -66,9 +66,10 @@ def cyclic_poisson_batches(
         )
     _data.check_shard(rank, world_size)
     steps = min_separation * _data.default_steps(sample_rate) if steps is None else steps
-    largest = math.ceil(num_examples / min_separation)
     if bucket_size is None:
-        bucket_size = math.ceil(_data.default_bucket_size(largest, sample_rate) / world_size)
+        bucket_size = default_cyclic_bucket_size(
+            num_examples, sample_rate, min_separation, world_size
+        )
     _data.check_counts(steps=steps, bucket_size=bucket_size, start=start)
     order = torch.argsort(fdr.uniform(fdr.fold_in(key, _GROUPS), (num_examples,)))
     groups = torch.tensor_split(order, min_separation)
@@ -77,11 +78,19 @@ def cyclic_poisson_batches(
     return _cyclic(groups, sample_rate, step_key, range(start, start + steps), bucket_size, shard)
 
 
+def default_cyclic_bucket_size(
+    num_examples: int, sample_rate: float, min_separation: int, world_size: int = 1
+) -> int:
+    """`cyclic_poisson_batches`' default bucket: `default_bucket_size` of its largest group."""
+    largest = math.ceil(num_examples / min_separation)
+    return _data.default_bucket_size(largest, sample_rate, world_size)
+
+
 def _cyclic(groups, sample_rate, key, step_range, bucket, shard) -> Iterator[_data.IndexBatch]:
     for t in step_range:
         group = groups[t % len(groups)]
         chosen = fdr.uniform(fdr.fold_in(key, t), (len(group),)) < sample_rate
-        yield _padded(group[chosen][shard], bucket)
+        yield _data.padded_to_buckets(group[chosen][shard], bucket)
 
 
 def balls_in_bins_batches(
@@ -129,16 +138,7 @@ def _bins(num_examples, key, per_epoch, step_range, bucket) -> Iterator[_data.In
         if epoch != bins_epoch:
             draws = fdr.uniform(fdr.fold_in(key, epoch), (num_examples,))
             bins, bins_epoch = (draws * per_epoch).long().clamp(max=per_epoch - 1), epoch
-        yield _padded((bins == position).nonzero().flatten(), bucket)
-
-
-def _padded(indices: torch.Tensor, bucket: int) -> _data.IndexBatch:
-    padded = max(bucket, math.ceil(len(indices) / bucket) * bucket)
-    mask = torch.zeros(padded, dtype=torch.bool)
-    mask[: len(indices)] = True
-    full = torch.zeros(padded, dtype=torch.long)  # padding rows point at example 0, masked out
-    full[: len(indices)] = indices
-    return _data.IndexBatch(full, mask)
+        yield _data.padded_to_buckets((bins == position).nonzero().flatten(), bucket)
 
 
 def _check_int(name: str, value: int, minimum: int) -> None:

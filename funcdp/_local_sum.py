@@ -33,38 +33,35 @@ class LocalSum(NamedTuple):
 
 
 def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: str):
-    """`local_sum(state, inputs, mask, key) -> LocalSum` over micro-batches.
+    """`local_sum(state, inputs, mask, key, bucket_size=None) -> LocalSum` over micro-batches.
 
-    Micro-batch k hands the privatizer's per-example part the key `fold_in(key, k)`, so a
-    transform that draws randomness draws anew in each micro-batch. In eager mode a micro-batch
-    of padded rows only (after the first) is not computed: its contribution is exactly zero, so
-    padding costs nothing beyond the micro-batch that holds the last real row. Every computed
-    micro-batch keeps its fixed shape, so no example's gradient depends on how many rows are real.
+    The batch is computed in pieces of one size: `performance.microbatch_size`, or the batch's
+    bucket (`Batch.bucket_size`) where that is smaller or no micro-batch size is set, or else the
+    whole batch. A last piece shorter than the others is padded to their size. So every piece
+    has the same shape, and no example's gradient depends on how many rows are real (a kernel
+    chosen by the number of rows can round differently). In eager mode a piece of padding only
+    (after the first) is not computed: its contribution is exactly zero, so padding costs
+    nothing beyond the piece that holds the last real row.
 
-    With `performance.compile`, the tensor work (`summed`) is compiled; the keys are derived and
-    the batch is refused or accepted around it, so that it runs as one graph.
+    Piece k hands the privatizer's per-example part the key `fold_in(key, k)`, so a transform
+    that draws randomness draws anew in each piece. With `performance.compile`, the tensor work
+    (`summed`) is compiled; the keys are derived and the batch is refused or accepted around it,
+    so that it runs as one graph.
     """
     engine = make_engine(loss_fn, split, performance, zero_nonfinite=on_nonfinite == "zero")
 
-    def summed(state, inputs, mask: torch.Tensor, keys: list):
-        size = mask.shape[0]
-        micro = performance.microbatch_size or size
+    def summed(state, inputs, mask: torch.Tensor, keys: list, micro: int):
         total, parts = None, []
         pre_state, _ = split.halves(state.privacy_state)
-        for index, start in enumerate(range(0, size, micro)):
-            rows = slice(start, start + micro)
-            if index and not torch.compiler.is_compiling() and not bool(mask[rows].any()):
+        for index, start in enumerate(range(0, mask.shape[0], micro)):
+            piece, piece_mask = _piece(inputs, mask, start, micro)
+            if index and not torch.compiler.is_compiling() and not bool(piece_mask.any()):
                 continue
             part, pre_state = engine(
-                state.params,
-                state.buffers,
-                tuple(x[rows] for x in inputs),
-                mask[rows],
-                pre_state,
-                keys[index],
+                state.params, state.buffers, piece, piece_mask, pre_state, keys[index]
             )
             total = part.grads if total is None else tree_add(total, part.grads)
-            parts.append((part, mask[rows]))
+            parts.append((part, piece_mask))
         losses, norms, clipped, finite = (
             torch.cat([getattr(part, field) for part, _ in parts])
             for field in ("losses", "norms", "clipped", "finite")
@@ -74,10 +71,10 @@ def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: 
 
     run = summed if performance.compile is False else _compiled(summed, performance.compile)
 
-    def local_sum(state, inputs, mask: torch.Tensor, key) -> LocalSum:
-        micro = performance.microbatch_size or mask.shape[0]
+    def local_sum(state, inputs, mask: torch.Tensor, key, bucket_size: int | None = None):
+        micro = min(performance.microbatch_size or mask.shape[0], bucket_size or mask.shape[0])
         keys = [fdr.fold_in(key, index) for index in range(-(-mask.shape[0] // micro))]
-        total, pre_state, stats, finite = run(state, inputs, mask, keys)
+        total, pre_state, stats, finite = run(state, inputs, mask, keys, micro)
         if on_nonfinite != "zero":
             refused = int((~finite).sum())
             if refused:
@@ -85,6 +82,18 @@ def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: 
         return LocalSum(total, pre_state, stats, 0)
 
     return local_sum
+
+
+def _piece(inputs, mask: torch.Tensor, start: int, micro: int):
+    """The inputs and mask of the `micro` rows from `start`; a last piece that the batch does
+    not fill is padded with copies of row 0, masked out."""
+    end = start + micro
+    if end <= mask.shape[0]:
+        return tuple(x[start:end] for x in inputs), mask[start:end]
+    rows = torch.arange(start, end, device=mask.device)
+    real = rows < mask.shape[0]
+    rows = torch.where(real, rows, 0)
+    return tuple(x[rows.to(x.device)] for x in inputs), mask[rows] & real
 
 
 def _compiled(fn, compile):

@@ -68,7 +68,8 @@ def user_batches(
       key: a `funcdp.random` key.
       max_examples_per_user: k >= 1, the most rows a sampled user contributes to a batch.
       steps: number of batches; default one epoch over users, round(1 / q).
-      bucket_size: padded number of users U; default the user count's mean + 6 sd.
+      bucket_size: padded number of users U (a batch holds a whole number of buckets); default
+        the user count's mean + 2 sd.
       start: index of the first step (for resuming).
 
     Raises:
@@ -188,7 +189,7 @@ class UserLoader:
         self.key = key
         self.max_examples_per_user = max_examples_per_user
         self.steps = steps if steps is not None else default_steps(sample_rate)
-        self.bucket_size = bucket_size
+        self.bucket_size = bucket_size or default_bucket_size(self.num_users, self.sample_rate)
         self.next_step = start
 
     @property
@@ -212,7 +213,7 @@ class UserLoader:
         for batch in batches:
             self.next_step += 1
             inputs = tuple(_gather_rows(t, batch.indices, batch.rows) for t in self.tensors)
-            yield Batch((*inputs, batch.rows), batch.mask)
+            yield Batch((*inputs, batch.rows), batch.mask, bucket_size=self.bucket_size)
 
 
 def _gather_rows(tensor: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

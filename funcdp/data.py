@@ -3,7 +3,8 @@
 Privacy amplification by subsampling, which the accountant assumes, holds when every example
 joins each batch independently with probability q. The realised batch size is then random; to
 keep tensor shapes fixed, each batch is padded to a bucket size and carries a boolean mask. A
-batch is never truncated: one larger than the bucket is padded to the next multiple of it.
+batch is never truncated: one larger than the bucket is padded to the next multiple of it, and
+an eager train step computes it one bucket at a time, so every computed piece keeps one shape.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from funcdp._batches import check_shard as _check_shard
 from funcdp._batches import default_bucket_size as default_bucket_size
 from funcdp._batches import default_steps as default_steps
 from funcdp._batches import num_examples as _num_examples
+from funcdp._batches import padded_to_buckets as _padded_to_buckets
 from funcdp._checks import check_sample_rate
 from funcdp._cyclic_sampling import balls_in_bins_batches as balls_in_bins_batches
 from funcdp._cyclic_sampling import cyclic_poisson_batches as cyclic_poisson_batches
@@ -77,7 +79,7 @@ def poisson_batches(
     if secure and world_size > 1:
         raise ValueError("secure=True needs world_size 1: ranks cannot share an OS-entropy draw")
     if bucket_size is None:
-        bucket_size = math.ceil(default_bucket_size(num_examples, sample_rate) / world_size)
+        bucket_size = default_bucket_size(num_examples, sample_rate, world_size)
     _check_counts(steps=steps, bucket_size=bucket_size, start=start)
     if not secure:
         fdr.fold_in(key, 0)  # validates the key now, not at the first batch
@@ -109,14 +111,7 @@ def _generate(
 ) -> Iterator[IndexBatch]:
     for t in step_range:
         chosen = draw(key, t, num_examples) < sample_rate
-        indices = chosen.nonzero().flatten()[rank::world_size]
-        padded = max(bucket, math.ceil(len(indices) / bucket) * bucket)
-        mask = torch.zeros(padded, dtype=torch.bool)
-        mask[: len(indices)] = True
-        # Padding rows point at example 0; the mask removes them from every sum.
-        full = torch.zeros(padded, dtype=torch.long)
-        full[: len(indices)] = indices
-        yield IndexBatch(full, mask)
+        yield _padded_to_buckets(chosen.nonzero().flatten()[rank::world_size], bucket)
 
 
 def shuffled_batches(
@@ -201,7 +196,9 @@ class PoissonLoader:
         self.sample_rate = float(sample_rate)
         self.key = key
         self.steps = default_steps(sample_rate) if steps is None else steps
-        self.bucket_size = bucket_size
+        self.bucket_size = bucket_size or default_bucket_size(
+            self.num_examples, self.sample_rate, world_size
+        )
         self.next_step = start
         self.rank, self.world_size, self.secure = rank, world_size, secure
 
@@ -229,7 +226,7 @@ class PoissonLoader:
         for index_batch in batches:
             self.next_step += 1
             inputs = _gather(self.data, index_batch.indices)
-            yield Batch(inputs, index_batch.mask, (self.rank, self.world_size))
+            yield Batch(inputs, index_batch.mask, (self.rank, self.world_size), self.bucket_size)
 
 
 def _gather(data: Any, indices: torch.Tensor) -> tuple[torch.Tensor, ...]:

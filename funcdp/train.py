@@ -147,7 +147,9 @@ def make_train_step(
         inputs, mask = check_batch(batch, process_group)
         step_key = fdr.fold_in(checked_state(state).key, state.step)
         example_key, loss_key = fdr.split(step_key, 2)
-        compute = lambda: local_sum(state, inputs, mask, example_key)  # noqa: E731
+        compute = lambda: local_sum(  # noqa: E731
+            state, inputs, mask, example_key, batch.bucket_size
+        )
         with _seeded(loss_key, state.params, process_group):
             try:
                 local = (
@@ -297,6 +299,11 @@ def check_batch(
             "a batch needs at least one row (pad an empty Poisson batch with mask false)"
         )
     _check_shard(batch.shard, process_group)
+    bucket = batch.bucket_size
+    if bucket is not None and (
+        not isinstance(bucket, int) or isinstance(bucket, bool) or bucket < 1
+    ):
+        raise ValueError(f"batch.bucket_size must be None or an int >= 1, got {bucket!r}")
     return tuple(inputs), mask
 
 

@@ -227,10 +227,11 @@ def _step_sum(problem_loss, params, mode: str):
         "raise",
     )
 
-    def total(batch, rows: list[int], padding: int):
+    def total(batch, rows: list[int], padding: int, bucket_size: int | None = None):
         index = torch.tensor(rows + [0] * padding, dtype=torch.long)
         mask = torch.arange(len(index)) < len(rows)
-        return local_sum(state, tuple(x[index] for x in batch), mask, fdp.random.key(1)).total
+        inputs = tuple(x[index] for x in batch)
+        return local_sum(state, inputs, mask, fdp.random.key(1), bucket_size).total
 
     return total
 
@@ -239,13 +240,10 @@ def _distance(a, b) -> float:
     return _norm({k: a[k].double() - b[k].double() for k in a})
 
 
-@pytest.mark.parametrize("mode", ["vmap", "ghost", "two_pass"])
-def test_removing_an_example_moves_the_step_by_at_most_c_when_another_is_rounding_noise(mode):
+def _rounding_noise_problem():
     """Example 1's conv inputs share a 1e6 common part under output gradients that cancel, so
     its computed gradient is mostly rounding, and the rounding depends on the kernel's batch
-    shape. The step keeps the padded batch's shape, so removing example 0 leaves example 1's
-    contribution bit for bit the same. Computing only the real rows (2 rows, then 1) moved the
-    sum by up to 1.18 C on 28 of 40 such seeds."""
+    shape. Returns (params, (x, g), loss)."""
     gen = torch.Generator().manual_seed(20)
     channels, out, kernel, length = 3, 4, 3, 16
     params = {
@@ -264,9 +262,30 @@ def test_removing_an_example_moves_the_step_by_at_most_c_when_another_is_roundin
     def loss(params, x, g):
         return (F.conv1d(x[None], params["weight"], params["bias"])[0] * g).sum()
 
+    return params, (x, g), loss
+
+
+@pytest.mark.parametrize("mode", ["vmap", "ghost", "two_pass"])
+def test_removing_an_example_moves_the_step_by_at_most_c_when_another_is_rounding_noise(mode):
+    """The step keeps the padded batch's shape, so removing example 0 leaves example 1's
+    contribution as it was. Computing only the real rows (2 rows, then 1) moved the sum by up
+    to 1.18 C on 28 of 40 such seeds."""
+    params, batch, loss = _rounding_noise_problem()
     total = _step_sum(loss, params, mode)
-    full, rest = total((x, g), [0, 1], 2), total((x, g), [1], 2)
+    full, rest = total(batch, [0, 1], 2), total(batch, [1], 2)
     assert _distance(full, rest) <= C * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("mode", ["vmap", "ghost", "two_pass"])
+def test_a_batch_larger_than_its_bucket_is_computed_bucket_by_bucket(mode):
+    """With buckets of one row, the sampled batch [0, 1] holds two buckets and [1] one: each
+    bucket is computed on its own, so example 1 is computed in the same shape both times.
+    Computed as one piece, the two-row batch rounds example 1 otherwise, which here moves the
+    sum by more than C."""
+    params, batch, loss = _rounding_noise_problem()
+    total = _step_sum(loss, params, mode)
+    assert _distance(total(batch, [0, 1], 0, 1), total(batch, [1], 0, 1)) <= C * (1 + 1e-6)
+    assert _distance(total(batch, [0, 1], 0), total(batch, [1], 0)) > C * (1 + 1e-6)
 
 
 @pytest.mark.parametrize("mode", ["vmap", "ghost", "two_pass"])

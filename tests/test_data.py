@@ -107,10 +107,16 @@ def test_batch_structure(n, q, bucket, seed):
         assert torch.all(batch.indices[~batch.mask] == 0)
 
 
-def test_shapes_are_fixed_with_the_default_bucket():
-    n, q = 1000, 0.02
-    shapes = {b.mask.shape for b in poisson_batches(n, q, key=fdr.key(2), steps=200)}
-    assert shapes == {(default_bucket_size(n, q),)}
+def test_the_default_bucket_is_mean_plus_two_sd_and_rarely_exceeded():
+    """Mean 20, sd 4.43: a bucket of 29 rows, which a batch exceeds (and is then padded to two
+    buckets) as often as Binomial(1000, 0.02) exceeds 29."""
+    n, q, steps = 1000, 0.02, 2000
+    assert default_bucket_size(n, q) == 29
+    batches = list(poisson_batches(n, q, key=fdr.key(2), steps=steps))
+    assert {len(b.mask) for b in batches} == {29, 58}
+    p = sum(math.comb(n, k) * q**k * (1 - q) ** (n - k) for k in range(30, n + 1))
+    over = sum(len(b.mask) > 29 for b in batches)
+    assert abs(over - steps * p) <= 4 * math.sqrt(steps * p * (1 - p))
 
 
 def test_never_truncates():
@@ -248,7 +254,8 @@ def test_loader_properties():
     assert len(loader) == 20 == len(list(loader))
     assert PoissonLoader((x, y), 0.05, key=fdr.key(0), steps=7).__len__() == 7
     bucketed = PoissonLoader((x, y), 0.5, key=fdr.key(0), steps=3, bucket_size=4)
-    assert all(len(b.mask) % 4 == 0 for b in bucketed)
+    assert all(len(b.mask) % 4 == 0 and b.bucket_size == 4 for b in bucketed)
+    assert {b.bucket_size for b in loader} == {default_bucket_size(60, 0.05)}
 
 
 def test_loader_rejects_mismatched_tensors_and_bad_data():

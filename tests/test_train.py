@@ -202,6 +202,8 @@ def test_save_load_resume_is_bit_identical(tmp_path, make_optimizer):
         (lambda b: Batch(b.inputs, b.mask.float()), "mask must be a bool"),
         (lambda b: Batch((b.inputs[0], b.inputs[1][:-1]), b.mask), r"inputs\[1\]"),
         (lambda b: Batch((b.inputs[0][:3], b.inputs[1]), b.mask), "mask"),
+        (lambda b: Batch(b.inputs, b.mask, bucket_size=0), "bucket_size"),
+        (lambda b: Batch(b.inputs, b.mask, bucket_size=2.5), "bucket_size"),
     ],
 )
 def test_bad_batch_raises_and_changes_nothing(make_batch, match):
@@ -600,6 +602,49 @@ def test_micro_batches_of_padding_only_are_not_computed():
     new, metrics = micro(state, empty)  # noise is still added, from the first micro-batch's zero
     assert len(calls) == 1 and metrics["batch_size"] == 0 and new.step == 1
     assert any(not torch.equal(new.params[k], state.params[k]) for k in state.params)
+
+
+@pytest.mark.parametrize(
+    "microbatch_size,bucket_size,real,pieces",
+    [
+        (4, None, 10, [4, 4, 4]),  # the last piece (rows 8-9) padded to 4 rows
+        (None, 5, 7, [5, 5]),
+        (None, 5, 3, [5]),  # the second bucket is padding only
+        (8, 5, 10, [5, 5]),  # the smaller of the two
+        (3, 5, 10, [3, 3, 3, 3]),
+    ],
+)
+def test_a_batch_is_computed_in_pieces_of_one_shape(
+    monkeypatch, microbatch_size, bucket_size, real, pieces
+):
+    """Each piece the engine computes has one shape, whatever the realised batch size, so no
+    example is rounded by a kernel chosen for another shape; the new state is the whole batch's."""
+    import funcdp._local_sum as local_sum
+
+    shapes = []
+    make_engine = local_sum.make_engine
+
+    def recording(*args, **kwargs):
+        engine = make_engine(*args, **kwargs)
+
+        def run(params, buffers, inputs, mask, *rest):
+            shapes.append(mask.shape[0])
+            assert all(x.shape[0] == mask.shape[0] for x in inputs)
+            return engine(params, buffers, inputs, mask, *rest)
+
+        return run
+
+    *_, state, whole = _setup(performance=fdp.Performance(mode="vmap"))
+    batch = _batch(rows=10, real=real)
+    expected, expected_metrics = whole(state, batch)
+    monkeypatch.setattr(local_sum, "make_engine", recording)
+    performance = fdp.Performance(mode="vmap", microbatch_size=microbatch_size)
+    *_, _, step = _setup(performance=performance)
+    new, metrics = step(state, Batch(batch.inputs, batch.mask, bucket_size=bucket_size))
+    assert shapes == pieces
+    assert metrics["batch_size"] == expected_metrics["batch_size"] == real
+    for name, value in expected.params.items():
+        torch.testing.assert_close(new.params[name], value, rtol=1e-6, atol=1e-7)
 
 
 def _raised_by_step(model, privatizer, mode="auto", loss_body=None):

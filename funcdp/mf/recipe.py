@@ -12,6 +12,7 @@ from typing import Any
 
 import funcdp as fdp
 from funcdp import datasets
+from funcdp._cyclic_sampling import default_cyclic_bucket_size
 from funcdp.data import cyclic_poisson_batches, default_steps
 from funcdp.mf.accounting import mechanism as strategy_mechanism
 from funcdp.mf.builders import banded, blt, tree
@@ -105,18 +106,20 @@ def fit_correlated(
     state = fdp.TrainState.create(
         params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=run_key(root)
     )
+    bucket = default_cyclic_bucket_size(n_train, q, groups, world_size)
     indices = cyclic_poisson_batches(
         n_train,
         q,
         key=fdp.random.fold_in(root, 1),
         min_separation=groups,
         steps=steps,
+        bucket_size=bucket,
         rank=rank,
         world_size=world_size,
     )
     shard = None if process_group is None else (rank, world_size)
     batches = (
-        fdp.Batch((data.x_train[i.indices], data.y_train[i.indices]), i.mask, shard)
+        fdp.Batch((data.x_train[i.indices], data.y_train[i.indices]), i.mask, shard, bucket)
         for i in indices
     )
     return run.train(state, batches, data, recipe, on_epoch=on_epoch, on_step=on_step)
