@@ -41,7 +41,7 @@ for name in "${parts[@]}"; do
         --engines nonprivate funcdp opacus-hooks opacus-ghost --warmup 3 --repeats 10 ;;
     compiled) part compiled 180 "${step_time[@]}" --models mlp cnn transformer gpt2-lora-128 \
         --engines nonprivate funcdp-compiled --warmup 3 --repeats 20 ;;
-    padding) part padding 40 python3 bench/poisson_padding.py --device cuda --steps 15 --micro 16 ;;
+    padding) part padding 60 python3 bench/poisson_padding.py --device cuda --steps 30 --micro 16 ;;
     *) echo "unknown part $name" >&2 ;;
     esac
 done
