@@ -27,6 +27,7 @@ from torch.func import grad, grad_and_value, vmap
 from funcdp._autocast import autocast_loss
 from funcdp._certify import matmul_roundoff, norms_upper, with_margin
 from funcdp._checks import check_mask, check_positive
+from funcdp._pieces import piece
 from funcdp.ghost import ghost_clipped_sum
 from funcdp.memory import auto_chunk_size, is_auto
 from funcdp.per_sample import per_sample_grads_and_losses
@@ -253,18 +254,28 @@ def _two_pass_engine(rule: FactorRule, example_loss, chunk_size, zero_nonfinite)
         bound = torch.maximum(first[0], again)
         return _apply_rule(rule, leaves, spec, columns, bound, first[1], mask, zero_nonfinite)
 
+    chosen: dict[tuple, int] = {}  # chunk_size="auto": measured once per row shapes
+
     def engine(params, buffers, rows, mask, state, key):
         del key
-        size = mask.shape[0]
-        chunks = [slice(start, start + chunk_size) for start in range(0, size, chunk_size)]
-        # Helpers, so that a chunk's gradients are freed before the next chunk's are formed.
-        first = [first_pass(params, buffers, tuple(x[c] for x in rows)) for c in chunks]
+        size, chunk = mask.shape[0], chunk_size
+        if is_auto(chunk_size):
+            shapes = tuple((tuple(x.shape), x.dtype) for x in rows)
+            if shapes not in chosen:
+                probe = lambda p, *example: example_loss(p, buffers, *example)  # noqa: E731
+                chosen[shapes] = auto_chunk_size(probe, params, *rows, spec=chunk_size)
+            chunk = chosen[shapes]
+        chunk = min(chunk, size)
+        # Chunks of one shape (the last one padded, masked out); helpers, so that a chunk's
+        # gradients are freed before the next chunk's are formed.
+        chunks = [piece(rows, mask, start, chunk) for start in range(0, size, chunk)]
+        first = [first_pass(params, buffers, chunk_rows) for chunk_rows, _ in chunks]
         total, parts = None, []
-        for c, bound in zip(chunks, first, strict=True):
-            part = second_pass(params, buffers, tuple(x[c] for x in rows), mask[c], bound)
+        for (chunk_rows, chunk_mask), bound in zip(chunks, first, strict=True):
+            part = second_pass(params, buffers, chunk_rows, chunk_mask, bound)
             total = part.grads if total is None else tree_add(total, part.grads)
             parts.append(part._replace(grads=None))
-        merged = [torch.cat([getattr(p, f) for p in parts]) for f in ClippedSum._fields[1:]]
+        merged = [torch.cat([getattr(p, f) for p in parts])[:size] for f in ClippedSum._fields[1:]]
         return ClippedSum(total, *merged), state
 
     return engine

@@ -14,6 +14,7 @@ import torch
 
 from funcdp import random as fdr
 from funcdp._engines import make_engine
+from funcdp._pieces import piece
 from funcdp.performance import Performance
 from funcdp.transforms.base import Split
 from funcdp.tree import tree_add
@@ -54,14 +55,14 @@ def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: 
         total, parts = None, []
         pre_state, _ = split.halves(state.privacy_state)
         for index, start in enumerate(range(0, mask.shape[0], micro)):
-            piece, piece_mask = _piece(inputs, mask, start, micro)
-            if index and not torch.compiler.is_compiling() and not bool(piece_mask.any()):
+            rows, rows_mask = piece(inputs, mask, start, micro)
+            if index and not torch.compiler.is_compiling() and not bool(rows_mask.any()):
                 continue
             part, pre_state = engine(
-                state.params, state.buffers, piece, piece_mask, pre_state, keys[index]
+                state.params, state.buffers, rows, rows_mask, pre_state, keys[index]
             )
             total = part.grads if total is None else tree_add(total, part.grads)
-            parts.append((part, piece_mask))
+            parts.append((part, rows_mask))
         losses, norms, clipped, finite = (
             torch.cat([getattr(part, field) for part, _ in parts])
             for field in ("losses", "norms", "clipped", "finite")
@@ -82,18 +83,6 @@ def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: 
         return LocalSum(total, pre_state, stats, 0)
 
     return local_sum
-
-
-def _piece(inputs, mask: torch.Tensor, start: int, micro: int):
-    """The inputs and mask of the `micro` rows from `start`; a last piece that the batch does
-    not fill is padded with copies of row 0, masked out."""
-    end = start + micro
-    if end <= mask.shape[0]:
-        return tuple(x[start:end] for x in inputs), mask[start:end]
-    rows = torch.arange(start, end, device=mask.device)
-    real = rows < mask.shape[0]
-    rows = torch.where(real, rows, 0)
-    return tuple(x[rows.to(x.device)] for x in inputs), mask[rows] & real
 
 
 def _compiled(fn, compile):

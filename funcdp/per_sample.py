@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch.func import grad, grad_and_value, vmap
 
+from funcdp._pieces import in_whole_chunks
 from funcdp.memory import (
     ChunkSize,
     auto_chunk_size,
@@ -74,6 +75,7 @@ def _over_examples(
                 chosen[shapes] = auto_chunk_size(probe, params, *batch, spec=chunk_size)
             chunk = chosen[shapes]
         # Dropout and other random layers draw independently for each example.
-        return vmap(fn, in_dims=in_dims, chunk_size=chunk, randomness="different")(params, *batch)
+        mapped = vmap(fn, in_dims=in_dims, chunk_size=chunk, randomness="different")
+        return in_whole_chunks(lambda *rows: mapped(params, *rows), chunk, *batch)
 
     return mapped

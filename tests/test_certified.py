@@ -210,7 +210,7 @@ def test_an_amplifying_example_does_not_move_another_examples_share(monkeypatch,
         assert excess <= 1e-6 * C
 
 
-def _step_sum(problem_loss, params, mode: str):
+def _step_sum(problem_loss, params, mode: str, chunk_size=None):
     """`sum(batch, rows, padding)`: the train step's clipped sum (its local sum, no noise) over
     `rows` of `batch` followed by `padding` padded rows (copies of row 0, mask false)."""
     from funcdp._local_sum import local_sum_fn
@@ -223,7 +223,7 @@ def _step_sum(problem_loss, params, mode: str):
     local_sum = local_sum_fn(
         lambda params, buffers, *example: problem_loss(params, *example),
         split_at_reduce(privatizer),
-        fdp.Performance(mode=mode),
+        fdp.Performance(mode=mode, chunk_size=chunk_size),
         "raise",
     )
 
@@ -286,6 +286,18 @@ def test_a_batch_larger_than_its_bucket_is_computed_bucket_by_bucket(mode):
     total = _step_sum(loss, params, mode)
     assert _distance(total(batch, [0, 1], 0, 1), total(batch, [1], 0, 1)) <= C * (1 + 1e-6)
     assert _distance(total(batch, [0, 1], 0), total(batch, [1], 0)) > C * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("mode", ["vmap", "ghost", "two_pass"])
+@pytest.mark.parametrize("chunk_size", [2, "auto"])
+def test_vmap_chunks_keep_one_shape_when_an_example_is_removed(mode, chunk_size):
+    """Chunks of 2 over 3 rows: with a copy of example 0 removed, example 1 moves from the last
+    chunk (1 row) into the first (2 rows). Every chunk has the chunk's shape, so that move does
+    not change how example 1 is rounded."""
+    params, batch, loss = _rounding_noise_problem()
+    total = _step_sum(loss, params, mode, chunk_size)
+    full, rest = total(batch, [0, 0, 1], 0), total(batch, [0, 1], 1)
+    assert _distance(full, rest) <= C * (1 + 1e-6)
 
 
 @pytest.mark.parametrize("mode", ["vmap", "ghost", "two_pass"])

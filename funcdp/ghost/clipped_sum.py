@@ -10,6 +10,7 @@ from torch.func import grad, vmap
 
 from funcdp._certify import matmul_roundoff, norms_upper, squares_upper, with_margin
 from funcdp._checks import check_mask, check_positive
+from funcdp._pieces import in_whole_chunks
 from funcdp._rules import flat_factors
 from funcdp.ghost import capture, matmul, rules, tied
 from funcdp.memory import ChunkSize, auto_chunk_size, check_chunk_option, is_auto
@@ -224,8 +225,8 @@ def _one_pass(loss_fn, params, plan, batch, chunk_size):
     mapped = vmap(
         grad(one, has_aux=True), in_dims=in_dims, chunk_size=chunk_size, randomness="different"
     )
-    (fallback_grads, tap_grads), (losses, inputs) = mapped(
-        (fallback, _zero_taps(plan, batch)), rest, *batch
+    (fallback_grads, tap_grads), (losses, inputs) = in_whole_chunks(
+        lambda *rows: mapped((fallback, _zero_taps(plan, rows)), rest, *rows), chunk_size, *batch
     )
     return _Pass(fallback_grads, tap_grads, losses, inputs)
 
