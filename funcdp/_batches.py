@@ -39,19 +39,26 @@ class Batch(NamedTuple):
     bucket_size: int | None = None
 
 
-def default_bucket_size(num_examples: int, sample_rate: float, world_size: int = 1) -> int:
-    """The padded size of a Poisson batch: its mean + 2 sd, divided among `world_size` ranks.
+# The index samplers' batches are gathered into a `Batch` by hand, which need not say its bucket,
+# so their default is one that a batch exceeds with negligible probability. The loaders pass the
+# bucket on (`Batch.bucket_size`) and the step computes a batch one bucket at a time, so theirs
+# is tight: at 2 sd a batch needs a second bucket in about one step in 40. A looser bucket
+# computes more padding on every step, a tighter one a second bucket more often; at 2 sd the
+# expected cost is within a few percent of the best fixed size on the benchmark models
+# (`bench/poisson_padding.py`), and the rare second bucket costs little where kernels launch
+# anyway (a GPU).
+SAMPLER_SDS, LOADER_SDS = 6.0, 2.0
 
-    A batch exceeds it in about one step in 40 and is then padded to two buckets, which an
-    eager step computes one at a time (a bucket of padding only is skipped). A looser bucket
-    computes more padding on every step, a tighter one a second bucket more often; at 2 sd the
-    expected cost is within a few percent of the best fixed size on the benchmark models
-    (`bench/poisson_padding.py`), and the rare second bucket costs little where kernels launch
-    anyway (a GPU).
-    """
+
+def default_bucket_size(
+    num_examples: int, sample_rate: float, world_size: int = 1, *, sds: float = SAMPLER_SDS
+) -> int:
+    """A Poisson batch's padded size: its mean + `sds` standard deviations (6: exceeded with
+    negligible probability), divided among `world_size` ranks. `PoissonLoader` and `UserLoader`
+    take 2, as they pass the bucket on in `Batch.bucket_size`."""
     mean = num_examples * sample_rate
     sd = math.sqrt(num_examples * sample_rate * (1.0 - sample_rate))
-    return math.ceil(max(1, min(num_examples, math.ceil(mean + 2.0 * sd))) / world_size)
+    return math.ceil(max(1, min(num_examples, math.ceil(mean + sds * sd))) / world_size)
 
 
 def padded_to_buckets(indices: torch.Tensor, bucket: int) -> IndexBatch:

@@ -79,11 +79,16 @@ def cyclic_poisson_batches(
 
 
 def default_cyclic_bucket_size(
-    num_examples: int, sample_rate: float, min_separation: int, world_size: int = 1
+    num_examples: int,
+    sample_rate: float,
+    min_separation: int,
+    world_size: int = 1,
+    *,
+    sds: float = _data.SAMPLER_SDS,
 ) -> int:
     """`cyclic_poisson_batches`' default bucket: `default_bucket_size` of its largest group."""
     largest = math.ceil(num_examples / min_separation)
-    return _data.default_bucket_size(largest, sample_rate, world_size)
+    return _data.default_bucket_size(largest, sample_rate, world_size, sds=sds)
 
 
 def _cyclic(groups, sample_rate, key, step_range, bucket, shard) -> Iterator[_data.IndexBatch]:

@@ -8,6 +8,7 @@ two-pass), and the sums are added.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import torch
@@ -71,9 +72,14 @@ def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: 
         return total, pre_state, _stats(losses, norms, computed, finite, clipped), finite
 
     run = summed if performance.compile is False else _compiled(summed, performance.compile)
+    piece_sizes: set[int] = set()  # seen so far: a second one is warned about, once
 
     def local_sum(state, inputs, mask: torch.Tensor, key, bucket_size: int | None = None):
         micro = min(performance.microbatch_size or mask.shape[0], bucket_size or mask.shape[0])
+        if micro not in piece_sizes:
+            piece_sizes.add(micro)
+            if len(piece_sizes) == 2:
+                warnings.warn(_MIXED_PIECES.format(*sorted(piece_sizes)), stacklevel=3)
         keys = [fdr.fold_in(key, index) for index in range(-(-mask.shape[0] // micro))]
         total, pre_state, stats, finite = run(state, inputs, mask, keys, micro)
         if on_nonfinite != "zero":
@@ -83,6 +89,14 @@ def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: 
         return LocalSum(total, pre_state, stats, 0)
 
     return local_sum
+
+
+_MIXED_PIECES = (
+    "this step has computed batches in pieces of {} and of {} rows: an example's rounding can "
+    "then depend on how many others were sampled, which can move the sum by more than the clip "
+    "norm (docs/sharp_edges.md). Give each Batch the bucket it was padded to "
+    "(Batch(..., bucket_size=B), as PoissonLoader does) or set Performance(microbatch_size=)"
+)
 
 
 def _compiled(fn, compile):

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from funcdp import random as fdr
-from funcdp._batches import Batch, default_bucket_size, default_steps
+from funcdp._batches import LOADER_SDS, Batch, default_bucket_size, default_steps
 from funcdp._batches import check_counts as _check_counts
 from funcdp._batches import num_examples as _num_examples
 from funcdp._checks import check_sample_rate
@@ -69,7 +69,7 @@ def user_batches(
       max_examples_per_user: k >= 1, the most rows a sampled user contributes to a batch.
       steps: number of batches; default one epoch over users, round(1 / q).
       bucket_size: padded number of users U (a batch holds a whole number of buckets); default
-        the user count's mean + 2 sd.
+        the user count's mean + 6 sd (`UserLoader`'s: 2 sd).
       start: index of the first step (for resuming).
 
     Raises:
@@ -149,7 +149,8 @@ class UserLoader:
     The loss of one unit is then `loss_fn(params, buffers, *one_users_tensors, rows)` (see
     `funcdp.federated.user_loss`); `make_train_step` clips each user's gradient, so the
     sensitivity is C per user. One iteration is `steps` batches (default one epoch over users);
-    iterating again continues with new batches.
+    iterating again continues with new batches. Users are padded to a whole number of buckets
+    of `bucket_size` (default mean + 2 sd), which each batch carries (`Batch.bucket_size`).
     """
 
     def __init__(
@@ -189,7 +190,9 @@ class UserLoader:
         self.key = key
         self.max_examples_per_user = max_examples_per_user
         self.steps = steps if steps is not None else default_steps(sample_rate)
-        self.bucket_size = bucket_size or default_bucket_size(self.num_users, self.sample_rate)
+        self.bucket_size = bucket_size or default_bucket_size(
+            self.num_users, self.sample_rate, sds=LOADER_SDS
+        )
         self.next_step = start
 
     @property

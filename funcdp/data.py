@@ -3,8 +3,10 @@
 Privacy amplification by subsampling, which the accountant assumes, holds when every example
 joins each batch independently with probability q. The realised batch size is then random; to
 keep tensor shapes fixed, each batch is padded to a bucket size and carries a boolean mask. A
-batch is never truncated: one larger than the bucket is padded to the next multiple of it, and
-an eager train step computes it one bucket at a time, so every computed piece keeps one shape.
+batch is never truncated: one larger than the bucket is padded to the next multiple of it. The
+loaders say their bucket in each `Batch` (`bucket_size`), and the train step computes such a
+batch one bucket at a time, so every computed piece keeps one shape; as they need not pad for
+rare large batches, their bucket is tight (mean + 2 sd, against the samplers' mean + 6 sd).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import torch
 
 from funcdp import random as fdr
+from funcdp._batches import LOADER_SDS
 from funcdp._batches import Batch as Batch
 from funcdp._batches import IndexBatch as IndexBatch
 from funcdp._batches import check_counts as _check_counts
@@ -170,7 +173,9 @@ class PoissonLoader:
     whose items are tuples of tensors. One iteration is `steps` batches (default one epoch).
     Iterating again continues with new batches; `start` skips steps for resuming. With
     `world_size > 1` each rank gets its shard of the same logical batch, and with `secure=True`
-    membership is drawn from the OS's entropy (see `poisson_batches`).
+    membership is drawn from the OS's entropy (see `poisson_batches`). Batches are padded to a
+    whole number of buckets of `bucket_size` rows (default mean + 2 sd, per rank), which each
+    batch carries, so that the train step computes it one bucket at a time.
     """
 
     def __init__(
@@ -197,7 +202,7 @@ class PoissonLoader:
         self.key = key
         self.steps = default_steps(sample_rate) if steps is None else steps
         self.bucket_size = bucket_size or default_bucket_size(
-            self.num_examples, self.sample_rate, world_size
+            self.num_examples, self.sample_rate, world_size, sds=LOADER_SDS
         )
         self.next_step = start
         self.rank, self.world_size, self.secure = rank, world_size, secure

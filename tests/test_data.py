@@ -107,12 +107,22 @@ def test_batch_structure(n, q, bucket, seed):
         assert torch.all(batch.indices[~batch.mask] == 0)
 
 
-def test_the_default_bucket_is_mean_plus_two_sd_and_rarely_exceeded():
-    """Mean 20, sd 4.43: a bucket of 29 rows, which a batch exceeds (and is then padded to two
-    buckets) as often as Binomial(1000, 0.02) exceeds 29."""
+def test_shapes_are_fixed_with_the_default_bucket():
+    n, q = 1000, 0.02
+    shapes = {b.mask.shape for b in poisson_batches(n, q, key=fdr.key(2), steps=200)}
+    assert shapes == {(default_bucket_size(n, q),)} == {(47,)}  # mean 20 + 6 sd, 4.43 each
+
+
+def test_the_loaders_bucket_is_mean_plus_two_sd_and_passed_on():
+    """Mean 20, sd 4.43: `PoissonLoader` pads to buckets of 29 rows and says so in each batch;
+    a batch exceeds one bucket (and is padded to two) as often as Binomial(1000, 0.02)
+    exceeds 29."""
     n, q, steps = 1000, 0.02, 2000
-    assert default_bucket_size(n, q) == 29
-    batches = list(poisson_batches(n, q, key=fdr.key(2), steps=steps))
+    data = (torch.arange(n),)
+    loader = PoissonLoader(data, q, key=fdr.key(2), steps=steps)
+    assert loader.bucket_size == default_bucket_size(n, q, sds=2.0) == 29
+    batches = list(loader)
+    assert {b.bucket_size for b in batches} == {29}
     assert {len(b.mask) for b in batches} == {29, 58}
     p = sum(math.comb(n, k) * q**k * (1 - q) ** (n - k) for k in range(30, n + 1))
     over = sum(len(b.mask) > 29 for b in batches)
@@ -199,8 +209,9 @@ def test_loader_gathers_the_sampled_rows():
     x, y = _data()
     key = fdr.key(10)
     loader = PoissonLoader((x, y), 0.1, key=key, steps=5)
-    for batch, index_batch in zip(loader, poisson_batches(60, 0.1, key=key, steps=5), strict=True):
-        assert isinstance(batch, Batch)
+    indices = poisson_batches(60, 0.1, key=key, steps=5, bucket_size=loader.bucket_size)
+    for batch, index_batch in zip(loader, indices, strict=True):
+        assert isinstance(batch, Batch) and batch.bucket_size == loader.bucket_size
         assert torch.equal(batch.mask, index_batch.mask)
         assert torch.equal(batch.inputs[0], x[index_batch.indices])
         assert torch.equal(batch.inputs[1], y[index_batch.indices])
@@ -255,7 +266,7 @@ def test_loader_properties():
     assert PoissonLoader((x, y), 0.05, key=fdr.key(0), steps=7).__len__() == 7
     bucketed = PoissonLoader((x, y), 0.5, key=fdr.key(0), steps=3, bucket_size=4)
     assert all(len(b.mask) % 4 == 0 and b.bucket_size == 4 for b in bucketed)
-    assert {b.bucket_size for b in loader} == {default_bucket_size(60, 0.05)}
+    assert {b.bucket_size for b in loader} == {loader.bucket_size}
 
 
 def test_loader_rejects_mismatched_tensors_and_bad_data():

@@ -505,7 +505,8 @@ def test_default_mode_takes_ghost_where_it_can_and_probes_once_per_batch_shape(m
     assert len(probes) == 1  # ghost clipping ran, and probed the model once for 8-row batches
     for name, value in vmap_state.params.items():
         torch.testing.assert_close(auto_state.params[name], value, rtol=1e-5, atol=1e-6)
-    steps["auto"](auto_state, _batch(rows=5, real=5, seed=4))
+    with pytest.warns(UserWarning, match="pieces of 5 and of 8 rows"):  # no bucket_size given
+        steps["auto"](auto_state, _batch(rows=5, real=5, seed=4))
     assert len(probes) == 1  # the probe reads one example: the batch size does not matter
 
 

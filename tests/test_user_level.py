@@ -20,14 +20,7 @@ from scipy import stats
 
 import funcdp as fdp
 from funcdp import federated as fed
-from funcdp.data import (
-    Batch,
-    PoissonLoader,
-    UserIndexBatch,
-    UserLoader,
-    default_bucket_size,
-    user_batches,
-)
+from funcdp.data import Batch, PoissonLoader, UserIndexBatch, UserLoader, user_batches
 from tests.conftest import assert_trees_close, assert_trees_equal
 
 D, CLASSES, CLIP = 4, 3, 0.05
@@ -120,7 +113,7 @@ def test_loader_gathers_zero_padded_units():
     assert loader.expected_batch_size == pytest.approx(1.5)
     assert len(loader) == 4
     for batch in loader:
-        assert isinstance(batch, Batch) and batch.bucket_size == default_bucket_size(3, 0.5) == 3
+        assert isinstance(batch, Batch) and batch.bucket_size == loader.bucket_size == 3
         xs, ys, rows = batch.inputs
         assert xs.shape == (*rows.shape, 2) and ys.shape == rows.shape
         assert bool((xs[~rows] == 0).all()) and bool((ys[~rows] == 0).all())

@@ -12,6 +12,7 @@ from typing import Any
 
 import funcdp as fdp
 from funcdp import datasets
+from funcdp._batches import LOADER_SDS
 from funcdp._cyclic_sampling import default_cyclic_bucket_size
 from funcdp.data import cyclic_poisson_batches, default_steps
 from funcdp.mf.accounting import mechanism as strategy_mechanism
@@ -106,7 +107,7 @@ def fit_correlated(
     state = fdp.TrainState.create(
         params, buffers=buffers, privatizer=privatizer, optimizer=optimizer, key=run_key(root)
     )
-    bucket = default_cyclic_bucket_size(n_train, q, groups, world_size)
+    bucket = default_cyclic_bucket_size(n_train, q, groups, world_size, sds=LOADER_SDS)
     indices = cyclic_poisson_batches(
         n_train,
         q,
