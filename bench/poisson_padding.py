@@ -1,9 +1,9 @@
 """What padding costs: the default step on real Poisson batches from `PoissonLoader` against the
 same step on batches of exactly the realised size, in one process, as ratios of mean step times.
 
-A Poisson batch of expected size B is padded to a whole number of buckets (the default bucket is
-mean + 2 sd: 44 rows for B = 32) and an eager step computes it one bucket at a time, skipping a
-bucket of padding only. Timed per model, on the same sequence of sampled batches:
+A Poisson batch of expected size B is padded to a whole number of buckets (`PoissonLoader`'s
+bucket is mean + 2 sd: 44 rows for B = 32) and an eager step computes it one bucket at a time,
+skipping a bucket of padding only. Timed per model, on the same sequence of sampled batches:
 
 - `exact`: the real rows only (a shape per batch; the baseline);
 - `bucket`: the default, bucket by bucket;
