@@ -66,7 +66,7 @@ def squares_upper(x: torch.Tensor) -> torch.Tensor:
     """
     if x.dtype == torch.float64 or x.numel() <= SMALL_TENSOR:
         # Exact squares (float32 squares fit float64, denormals included), summed in float64.
-        squares = torch.linalg.vector_norm(x.double(), dim=-1).square()
+        squares = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64).square()
         return squares * (1.0 + 2.0 * gamma(x.shape[-1] + 3, _U64))
     x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     bound = _blocked_squares(x)

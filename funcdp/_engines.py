@@ -45,6 +45,7 @@ from funcdp.transforms.base import chain as _chain
 from funcdp.transforms.clipping import clip, group_squares
 from funcdp.tree import (
     all_finite,
+    finite,
     per_example_norms,
     tree_add,
     tree_map,
@@ -339,7 +340,7 @@ def _weighted_sum(leaf: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
 
 def _finite(losses, norms, mask) -> torch.Tensor:
     mask = mask.to(losses.device)
-    return (torch.isfinite(losses) & torch.isfinite(norms.to(losses.device))) | ~mask
+    return (finite(losses) & finite(norms.to(losses.device))) | ~mask
 
 
 def _zeroed(norms, mask) -> torch.Tensor:

@@ -105,3 +105,13 @@ def test_flatten_unflatten_round_trip(trees_equal):
     leaves, spec = fdt.tree_flatten(tree)
     assert len(leaves) == 4
     trees_equal(fdt.tree_unflatten(spec, leaves), tree)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_finite_is_isfinite(dtype):
+    info = torch.finfo(dtype)
+    special = [0.0, -0.0, 1.0, info.max, -info.max, info.tiny, info.tiny / 4]
+    special += [float("inf"), -float("inf"), float("nan")]
+    x = torch.cat([torch.tensor(special, dtype=dtype), torch.randn(1000, dtype=dtype) * 1e3])
+    assert torch.equal(fdt.finite(x), torch.isfinite(x))
+    assert fdt.finite(x).tolist()[: len(special)] == [True] * 7 + [False] * 3
