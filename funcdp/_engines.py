@@ -259,14 +259,8 @@ def _two_pass_engine(rule: FactorRule, example_loss, chunk_size, zero_nonfinite)
 
     def engine(params, buffers, rows, mask, state, key):
         del key
-        size, chunk = mask.shape[0], chunk_size
-        if is_auto(chunk_size):
-            shapes = tuple((tuple(x.shape), x.dtype) for x in rows)
-            if shapes not in chosen:
-                probe = lambda p, *example: example_loss(p, buffers, *example)  # noqa: E731
-                chosen[shapes] = auto_chunk_size(probe, params, *rows, spec=chunk_size)
-            chunk = chosen[shapes]
-        chunk = min(chunk, size)
+        size = mask.shape[0]
+        chunk = min(_chunk(chunk_size, chosen, example_loss, params, buffers, rows), size)
         # Chunks of one shape (the last one padded, masked out); helpers, so that a chunk's
         # gradients are freed before the next chunk's are formed.
         chunks = [piece(rows, mask, start, chunk) for start in range(0, size, chunk)]
@@ -347,19 +341,24 @@ def _zeroed(norms, mask) -> torch.Tensor:
     return torch.where(mask.to(norms.device), norms, torch.zeros((), dtype=norms.dtype))
 
 
+def _chunk(chunk_size, chosen: dict, example_loss, params, buffers, rows):
+    """`chunk_size`, or for "auto" the chunk measured once per row shapes (kept in `chosen`)."""
+    if not is_auto(chunk_size):
+        return chunk_size
+    shapes = tuple((tuple(x.shape), x.dtype) for x in rows)
+    if shapes not in chosen:
+        probe = lambda p, *example: example_loss(p, buffers, *example)  # noqa: E731
+        chosen[shapes] = auto_chunk_size(probe, params, *rows, spec=chunk_size)
+    return chosen[shapes]
+
+
 def _per_example_fn(example_loss, chunk_size, upcast: bool):
     """`fn(params, buffers, *rows) -> (grads [B, ...], losses [B])`, in vmap chunks ("auto":
     measured once per shape)."""
     chosen: dict[tuple, int | None] = {}
 
     def per_example(params, buffers, *rows):
-        chunk = chunk_size
-        if is_auto(chunk_size):
-            shapes = tuple((tuple(x.shape), x.dtype) for x in rows)
-            if shapes not in chosen:
-                probe = lambda p, *example: example_loss(p, buffers, *example)  # noqa: E731
-                chosen[shapes] = auto_chunk_size(probe, params, *rows, spec=chunk_size)
-            chunk = chosen[shapes]
+        chunk = _chunk(chunk_size, chosen, example_loss, params, buffers, rows)
         grads, losses = per_sample_grads_and_losses(
             lambda p, *example: example_loss(p, buffers, *example), chunk_size=chunk
         )(params, *rows)
