@@ -76,8 +76,8 @@ def test_compiled_step_gives_the_eager_parameters_after_five_noisy_steps(mode):
 
 
 def test_compiled_ghost_step_with_stacked_gram_weights_gives_the_eager_parameters(monkeypatch):
-    """A sequence model whose weights all take the Gram form, two of one shape (certified as
-    one stack, their Grams written into one buffer): compiled, the eager parameters."""
+    """A sequence model whose weights all take the Gram form, of three widths (certified as one
+    stack, their Grams written into one buffer): compiled, the eager parameters."""
     from funcdp.ghost import bounds, matmul
 
     monkeypatch.setattr(bounds, "EXPLICIT_ELEMENTS", 0)  # the Gram form wherever not smaller
@@ -116,7 +116,7 @@ def test_compiled_ghost_step_with_stacked_gram_weights_gives_the_eager_parameter
     eager = run(fdp.Performance(mode="ghost"))
     compiled = run(fdp.Performance(mode="ghost", compile={"backend": "aot_eager"}))
     assert_trees_close(compiled, eager, rtol=1e-6, atol=1e-6)
-    assert sorted(set(stacks)) == [1, 2]  # 12 -> 24 and 24 -> 3 alone, the two 24 -> 24 as one
+    assert set(stacks) == {4}  # 12 -> 24, the two 24 -> 24 and 24 -> 3: one stack
 
 
 @pytest.mark.parametrize("mode", ["ghost", "vmap"])

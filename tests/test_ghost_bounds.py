@@ -95,29 +95,35 @@ def test_gram_form_norms_are_upper_bounds_at_every_scale(exponent, positions, ca
         assert float(added.square().sum()) <= float(piece.squared_norms[i])
 
 
-@pytest.mark.parametrize("stacked", [matmul.STACKED_GRAM_ELEMENTS, 2 * 4 * 6 * 6])
-def test_weights_of_one_shape_certified_together_as_each_alone(stacked):
-    """`certify` stacks the Grams of equal-shaped weights (all three, or two and one under a
-    smaller cap) for one run of the bound arithmetic: each piece is what certifying it alone
-    gives, whether its examples are formed (a crafted cancelling example), certified in the
-    Gram form, or of another shape."""
-    size, positions, d, p = 4, 6, 12, 10
+@pytest.mark.parametrize(
+    "stacked, stacks", [(matmul.STACKED_GRAM_ELEMENTS, [5]), (2 * 4 * 6 * 6, [2, 2, 1])]
+)
+def test_weights_certified_together_as_each_alone(stacked, stacks):
+    """`certify` stacks the Grams of weights with one Gram shape (all five, or two, two and one
+    under a smaller cap) for one run of the bound arithmetic, whatever their widths: each piece
+    is what certifying it alone gives, whether its examples are formed (a crafted cancelling
+    example), certified in the Gram form, of the same widths as the others or of other ones."""
+    size, positions = 4, 6
+    widths = [(12, 10), (12, 10), (12, 10), (13, 10), (9, 17)]  # (d, p)
     real = torch.ones(size, dtype=torch.bool)
     jobs = []
-    for seed in range(3):
+    for seed, (d, p) in enumerate(widths):
         a, g = _rows(seed, (size, positions, 1, d), 0), _rows(seed + 9, (size, positions, 1, p), 0)
-        if seed == 1:  # example 2: a large common input part, output gradients that cancel
+        if seed in (1, 4):  # example 2: a large common input part, output gradients that cancel
             a[2] += 1e4 * _rows(99, (1, 1, d), 0)
             g[2, 1] = -g[2, 0] * (1 + 1e-6)
             g[2, 2:] = 0
         jobs.append(matmul.matmul_piece(f"w{seed}", a, g, (p, d), real, matmul.Budget(0)))
-    a, g = _rows(7, (size, positions, 1, d + 1), 0), _rows(8, (size, positions, 1, p), 0)
-    jobs.append(matmul.matmul_piece("other", a, g, (p, d + 1), real, matmul.Budget(0)))
     assert all(isinstance(job, matmul.Pending) for job in jobs)
+    seen, certify_alike = [], matmul._certify_alike
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(matmul, "SMALL_GRAMS", 0)  # float32 Grams, as on large ops
         patch.setattr(matmul, "STACKED_GRAM_ELEMENTS", stacked)
+        patch.setattr(
+            matmul, "_certify_alike", lambda jobs: seen.append(len(jobs)) or certify_alike(jobs)
+        )
         together = matmul.certify(jobs)
+        assert seen == stacks
         alone = [matmul.certify([job])[0] for job in jobs]
     factors = torch.linspace(0.2, 1.0, size)
     for one, other in zip(together, alone, strict=True):
@@ -125,5 +131,6 @@ def test_weights_of_one_shape_certified_together_as_each_alone(stacked):
         assert torch.equal(one.squared_norms, other.squared_norms)
         assert torch.equal(one.exact, other.exact)
         assert torch.equal(one.book(factors), other.book(factors))
-    assert math.isinf(float(together[1].exact[2]))  # the crafted example was formed
-    assert torch.isfinite(together[0].exact).all()
+    assert math.isinf(float(together[1].exact[2]))  # the crafted examples were formed
+    assert math.isinf(float(together[4].exact[2]))
+    assert torch.isfinite(together[0].exact).all() and torch.isfinite(together[3].exact).all()

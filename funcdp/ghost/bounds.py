@@ -30,17 +30,29 @@ WIDE_GRAMS = 4096
 LONG_SEQUENCE = 128
 
 
-def diagonal_norms(gram: torch.Tensor, n: int, u: float) -> torch.Tensor:
+def diagonal_norms(gram: torch.Tensor, n: int | list[int], u: float) -> torch.Tensor:
     """Upper bounds on each position's norm from a Gram matrix's diagonal [N, T, T] -> [N, T].
 
     They only size error terms: a diagonal entry is |x_t|^2 up to gamma_n (u: the product's
     roundoff), plus what underflowed squares can lose (n 2^-126, under sqrt(n) 2^-63); an
-    overflowed one is inf, which sends its example to the formed path.
+    overflowed one is inf, which sends its example to the formed path. `n` is the width of the
+    rows whose products the Gram sums, or one width per equal block of the N matrices (stacked
+    Grams of weights of several widths).
     """
+    widths = [n] if isinstance(n, int) else n
     squares = gram.diagonal(dim1=1, dim2=2).clamp(min=0.0)
-    return torch.add(
-        n**0.5 * 2.0**-63, (squares * (1.0 + 2.0 * gamma(n + 1, u))).sqrt(), alpha=1.0 + u
+    lost = [k**0.5 * 2.0**-63 for k in widths]
+    widen = [1.0 + 2.0 * gamma(k + 1, u) for k in widths]
+    if len(set(widths)) == 1:
+        return torch.add(lost[0], (squares * widen[0]).sqrt(), alpha=1.0 + u)
+    blocks = squares.shape[0] // len(widths)
+    lost_rows, widen_rows = (
+        torch.tensor(c, dtype=squares.dtype, device=squares.device).repeat_interleave(blocks)[
+            :, None
+        ]
+        for c in (lost, widen)
     )
+    return torch.add(lost_rows, (squares * widen_rows).sqrt(), alpha=1.0 + u)
 
 
 def quadratic(norms: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:

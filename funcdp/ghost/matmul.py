@@ -8,8 +8,8 @@ larger than the Grams (2 T^2 >= p d), or, where the pass's formed gradients fit
 fewer operations (p d < T (p + d)), or where the Grams are too wide to certify in float32
 (`bounds.WIDE_GRAMS`: a language model's output layer). The Gram form's error is bounded a priori
 (`funcdp.ghost.rules`, "Certified norms"); an example whose bound is too loose is formed apart.
-The bounds of a pass's Gram-form weights are computed by `certify`, those of one shape together
-(a transformer's layers): on a GPU that arithmetic is a launch per elementwise op.
+The bounds of a pass's Gram-form weights are computed by `certify`, those whose Grams have one
+shape together (a transformer's weights): on a GPU that arithmetic is a launch per elementwise op.
 """
 
 from __future__ import annotations
@@ -78,14 +78,15 @@ def matmul_piece(
 
 
 def certify(pending: list[Pending]) -> list[Piece]:
-    """The pieces of Gram-form weights, in order. Weights of one shape (batch, positions,
-    groups, d, p, dtype, device: a transformer's layers) share one run of the bound arithmetic
-    over their stacked Grams (up to `STACKED_GRAM_ELEMENTS` per Gram stack), about 50
-    elementwise launches (on a GPU, each a launch) whatever their number; the Grams are
-    computed into one buffer, so stacking them copies nothing."""
+    """The pieces of Gram-form weights, in order. Weights whose Grams have one shape and dtype
+    (batch, positions, groups; their widths d and p may differ: a transformer's layers and its
+    attention and feed-forward weights) share one run of the bound arithmetic over their stacked
+    Grams (up to `STACKED_GRAM_ELEMENTS` per Gram stack), about 50 elementwise launches (on a
+    GPU, each a launch) whatever their number, with the widths' error constants per row; the
+    Grams are computed into one buffer, so stacking them copies nothing."""
     kinds: dict[tuple, list[int]] = {}
     for i, job in enumerate(pending):
-        key = (job.a.shape, job.g.shape[-1], job.a.dtype, job.g.dtype, job.a.device)
+        key = (job.a.shape[:3], _gram_dtype(job), job.a.dtype, job.g.dtype, job.a.device)
         kinds.setdefault(key, []).append(i)
     pieces: list[Piece | None] = [None] * len(pending)
     for indices in kinds.values():
@@ -105,12 +106,21 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(size * groups, positions, n)
 
 
+def _gram_dtype(job: Pending) -> torch.dtype:
+    """float64 for small Grams (cheap, and their bound nearly vanishes), else the working dtype."""
+    size, positions, groups, d = job.a.shape
+    if size * groups * positions**2 * (d + job.g.shape[-1]) <= SMALL_GRAMS:
+        return torch.float64
+    return torch.promote_types(job.a.dtype, job.g.dtype)
+
+
 def _certify_alike(jobs: list[Pending]) -> list[Piece]:
-    """`certify` for weights of one shape: their Grams stacked as one batch of K * B rows."""
-    size, positions, groups, d = jobs[0].a.shape
-    p, count = jobs[0].g.shape[-1], len(jobs)
-    small = size * groups * positions**2 * (d + p) <= SMALL_GRAMS  # cheap in float64: near exact
-    dtype = torch.float64 if small else torch.promote_types(jobs[0].a.dtype, jobs[0].g.dtype)
+    """`certify` for weights whose Grams have one shape and dtype: stacked as one batch of
+    K * B rows. The error constants that depend on a weight's widths d and p are per row
+    (`_per_job`), and plain numbers where the widths agree, as they are for one weight alone."""
+    size, positions, groups, _ = jobs[0].a.shape
+    count, dtype = len(jobs), _gram_dtype(jobs[0])
+    widths_a, widths_g = [job.a.shape[-1] for job in jobs], [job.g.shape[-1] for job in jobs]
     rows = size * groups
     grams = torch.empty(2, count * rows, positions, positions, dtype=dtype, device=jobs[0].a.device)
     for k, job in enumerate(jobs):
@@ -121,7 +131,8 @@ def _certify_alike(jobs: list[Pending]) -> list[Piece]:
     total = count * size  # the stacked examples
     estimate = inner_rows(gram_a, gram_g).reshape(total, -1).sum(1)
     v = matmul_roundoff(gram_a.dtype, gram_a.device)
-    na, ng = diagonal_norms(gram_a, d, v), diagonal_norms(gram_g, p, v)  # [K * B * groups, T]
+    na = diagonal_norms(gram_a, widths_a, v)  # [K * B * groups, T]
+    ng = diagonal_norms(gram_g, widths_g, v)
     # reach: sum over positions of |A_t| |G_t|, the size of the terms that can cancel
     reach = (na * ng).sum(1).double()
     if groups > 1:  # the groups' terms make one vector per example
@@ -131,10 +142,28 @@ def _certify_alike(jobs: list[Pending]) -> list[Piece]:
     # adds gamma_(T+1) sum_s |Ga_ts Gg_ts| <= gamma_(T+1) (1 + gamma_d) na^T |Gg| na, and
     # what underflows; then the float64 sum of the rows
     row = gamma(positions + 1, unit_roundoff(gram_a.dtype))
-    error_a = quadratic(na, gram_g.abs()) * (gamma(d, v) + (1.0 + gamma(d, v)) * row)
-    error = torch.add(error_a, quadratic(ng, gram_a.abs()), alpha=gamma(p, v))
-    cross = 3.0 * gamma(d, v) * gamma(p, v) + gamma(groups * positions**2 + 1, _U64)
-    error = torch.addcmul(error.reshape(total, groups).sum(1), reach, reach, value=2.0 * cross)
+    quad_a, quad_g = quadratic(na, gram_g.abs()), quadratic(ng, gram_a.abs())  # float64 [K B G]
+    error_a = quad_a * _per_job([gamma(d, v) + (1.0 + gamma(d, v)) * row for d in widths_a], quad_a)
+    gamma_g = _per_job([gamma(p, v) for p in widths_g], quad_g)
+    error = (
+        torch.add(error_a, quad_g, alpha=gamma_g)
+        if isinstance(gamma_g, float)
+        else torch.addcmul(error_a, quad_g, gamma_g)  # the same products and sums, per row
+    )
+    tail = gamma(groups * positions**2 + 1, _U64)
+    cross = _per_job(
+        [
+            2.0 * (3.0 * gamma(d, v) * gamma(p, v) + tail)
+            for d, p in zip(widths_a, widths_g, strict=True)
+        ],
+        reach,
+    )
+    summed = error.reshape(total, groups).sum(1)
+    error = (
+        torch.addcmul(summed, reach, reach, value=cross)
+        if isinstance(cross, float)
+        else torch.addcmul(summed, reach * cross, reach)
+    )
     error = error + underflow(groups * positions**2, gram_a.dtype)
     # the book-keeping product's rounding, at the precision torch runs it with
     u = matmul_roundoff(jobs[0].a.dtype, jobs[0].a.device)
@@ -148,6 +177,15 @@ def _certify_alike(jobs: list[Pending]) -> list[Piece]:
         _piece(job, bound[r], exact[r], rounding[r], reach[r], flagged[r] if forming else None)
         for job, r in zip(jobs, slices, strict=True)
     ]
+
+
+def _per_job(values: list[float], like: torch.Tensor) -> float | torch.Tensor:
+    """One constant per stacked weight: a number where they agree, else a tensor of each
+    weight's value for each of its rows of `like` (which holds the weights' rows in order)."""
+    if len(set(values)) == 1:
+        return values[0]
+    column = torch.tensor(values, dtype=like.dtype, device=like.device)
+    return column.repeat_interleave(like.shape[0] // len(values))
 
 
 def _piece(job: Pending, bound, exact, rounding, reach, flagged) -> Piece:
