@@ -41,18 +41,28 @@ def diagonal_norms(gram: torch.Tensor, n: int | list[int], u: float) -> torch.Te
     """
     widths = [n] if isinstance(n, int) else n
     squares = gram.diagonal(dim1=1, dim2=2).clamp(min=0.0)
-    lost = [k**0.5 * 2.0**-63 for k in widths]
-    widen = [1.0 + 2.0 * gamma(k + 1, u) for k in widths]
-    if len(set(widths)) == 1:
-        return torch.add(lost[0], (squares * widen[0]).sqrt(), alpha=1.0 + u)
-    blocks = squares.shape[0] // len(widths)
-    lost_rows, widen_rows = (
-        torch.tensor(c, dtype=squares.dtype, device=squares.device).repeat_interleave(blocks)[
-            :, None
-        ]
-        for c in (lost, widen)
+    lost, widen = (
+        _column(per_block(values, squares))
+        for values in (
+            [k**0.5 * 2.0**-63 for k in widths],
+            [1.0 + 2.0 * gamma(k + 1, u) for k in widths],
+        )
     )
-    return torch.add(lost_rows, (squares * widen_rows).sqrt(), alpha=1.0 + u)
+    return torch.add(lost, (squares * widen).sqrt(), alpha=1.0 + u)
+
+
+def per_block(values: list[float], like: torch.Tensor) -> float | torch.Tensor:
+    """One constant per equal block of `like`'s rows (stacked weights, in order): a plain number
+    where they agree (so a lone weight's arithmetic is unchanged), else a tensor [N] holding
+    each block's value for each of its rows."""
+    if len(set(values)) == 1:
+        return values[0]
+    column = torch.tensor(values, dtype=like.dtype, device=like.device)
+    return column.repeat_interleave(like.shape[0] // len(values))
+
+
+def _column(constant: float | torch.Tensor) -> float | torch.Tensor:
+    return constant if isinstance(constant, float) else constant[:, None]
 
 
 def quadratic(norms: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:

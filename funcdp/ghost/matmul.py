@@ -25,6 +25,7 @@ from funcdp.ghost.bounds import (
     certified,
     diagonal_norms,
     inner_rows,
+    per_block,
     quadratic,
     underflow,
 )
@@ -117,7 +118,7 @@ def _gram_dtype(job: Pending) -> torch.dtype:
 def _certify_alike(jobs: list[Pending]) -> list[Piece]:
     """`certify` for weights whose Grams have one shape and dtype: stacked as one batch of
     K * B rows. The error constants that depend on a weight's widths d and p are per row
-    (`_per_job`), and plain numbers where the widths agree, as they are for one weight alone."""
+    (`bounds.per_block`), and plain numbers where the widths agree, as for one weight alone."""
     size, positions, groups, _ = jobs[0].a.shape
     count, dtype = len(jobs), _gram_dtype(jobs[0])
     widths_a, widths_g = [job.a.shape[-1] for job in jobs], [job.g.shape[-1] for job in jobs]
@@ -143,15 +144,17 @@ def _certify_alike(jobs: list[Pending]) -> list[Piece]:
     # what underflows; then the float64 sum of the rows
     row = gamma(positions + 1, unit_roundoff(gram_a.dtype))
     quad_a, quad_g = quadratic(na, gram_g.abs()), quadratic(ng, gram_a.abs())  # float64 [K B G]
-    error_a = quad_a * _per_job([gamma(d, v) + (1.0 + gamma(d, v)) * row for d in widths_a], quad_a)
-    gamma_g = _per_job([gamma(p, v) for p in widths_g], quad_g)
+    error_a = quad_a * per_block(
+        [gamma(d, v) + (1.0 + gamma(d, v)) * row for d in widths_a], quad_a
+    )
+    gamma_g = per_block([gamma(p, v) for p in widths_g], quad_g)
     error = (
         torch.add(error_a, quad_g, alpha=gamma_g)
         if isinstance(gamma_g, float)
         else torch.addcmul(error_a, quad_g, gamma_g)  # the same products and sums, per row
     )
     tail = gamma(groups * positions**2 + 1, _U64)
-    cross = _per_job(
+    cross = per_block(
         [
             2.0 * (3.0 * gamma(d, v) * gamma(p, v) + tail)
             for d, p in zip(widths_a, widths_g, strict=True)
@@ -177,15 +180,6 @@ def _certify_alike(jobs: list[Pending]) -> list[Piece]:
         _piece(job, bound[r], exact[r], rounding[r], reach[r], flagged[r] if forming else None)
         for job, r in zip(jobs, slices, strict=True)
     ]
-
-
-def _per_job(values: list[float], like: torch.Tensor) -> float | torch.Tensor:
-    """One constant per stacked weight: a number where they agree, else a tensor of each
-    weight's value for each of its rows of `like` (which holds the weights' rows in order)."""
-    if len(set(values)) == 1:
-        return values[0]
-    column = torch.tensor(values, dtype=like.dtype, device=like.device)
-    return column.repeat_interleave(like.shape[0] // len(values))
 
 
 def _piece(job: Pending, bound, exact, rounding, reach, flagged) -> Piece:
