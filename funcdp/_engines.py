@@ -197,8 +197,9 @@ def clip_rule(bound) -> FactorRule | None:
 
 def _ghost_engine(rule: FactorRule, example_loss, chunk_size, zero_nonfinite) -> Engine:
     """Ghost clipping; built once so that its probe runs once per batch signature. The loss
-    reads the call's buffers through `current`."""
-    current = {}
+    reads the call's buffers through `current` (its one key set from the start: a compiled step
+    guards on the dict's keys and would recompile for a key added on the first call)."""
+    current = {"buffers": None}
     ghost_fn = ghost_clipped_sum(
         lambda params, *example: example_loss(params, current["buffers"], *example),
         factor_fn=rule.factor_fn,

@@ -41,25 +41,26 @@ def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: 
     bucket (`Batch.bucket_size`) where that is smaller or no micro-batch size is set, or else the
     whole batch. A last piece shorter than the others is padded to their size. So every piece
     has the same shape, and no example's gradient depends on how many rows are real (a kernel
-    chosen by the number of rows can round differently). In eager mode a piece of padding only
-    (after the first) is not computed: its contribution is exactly zero, so padding costs
-    nothing beyond the piece that holds the last real row.
+    chosen by the number of rows can round differently). A piece of padding only (after the
+    first) is not computed: its contribution is exactly zero, so padding costs nothing beyond
+    the piece that holds the last real row.
 
     Piece k hands the privatizer's per-example part the key `fold_in(key, k)`, so a transform
-    that draws randomness draws anew in each piece. With `performance.compile`, the tensor work
-    (`summed`) is compiled; the keys are derived and the batch is refused or accepted around it,
-    so that it runs as one graph.
+    that draws randomness draws anew in each piece. With `performance.compile`, the engine's
+    work on one piece is compiled (`_compiled`): the pieces share its graph, however many a
+    batch has, and the keys, the sums over pieces and the refusal run around it.
     """
     engine = make_engine(loss_fn, split, performance, zero_nonfinite=on_nonfinite == "zero")
+    run = engine if performance.compile is False else _compiled(engine, performance.compile)
 
     def summed(state, inputs, mask: torch.Tensor, keys: list, micro: int):
         total, parts = None, []
         pre_state, _ = split.halves(state.privacy_state)
         for index, start in enumerate(range(0, mask.shape[0], micro)):
             rows, rows_mask = piece(inputs, mask, start, micro)
-            if index and not torch.compiler.is_compiling() and not bool(rows_mask.any()):
+            if index and not bool(rows_mask.any()):
                 continue
-            part, pre_state = engine(
+            part, pre_state = run(
                 state.params, state.buffers, rows, rows_mask, pre_state, keys[index]
             )
             total = part.grads if total is None else tree_add(total, part.grads)
@@ -71,7 +72,6 @@ def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: 
         computed = torch.cat([rows_mask for _, rows_mask in parts])
         return total, pre_state, _stats(losses, norms, computed, finite, clipped), finite
 
-    run = summed if performance.compile is False else _compiled(summed, performance.compile)
     piece_sizes: set[int] = set()  # seen so far: a second one is warned about, once
 
     def local_sum(state, inputs, mask: torch.Tensor, key, bucket_size: int | None = None):
@@ -81,7 +81,7 @@ def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: 
             if len(piece_sizes) == 2:
                 warnings.warn(_MIXED_PIECES.format(*sorted(piece_sizes)), stacklevel=3)
         keys = [fdr.fold_in(key, index) for index in range(-(-mask.shape[0] // micro))]
-        total, pre_state, stats, finite = run(state, inputs, mask, keys, micro)
+        total, pre_state, stats, finite = summed(state, inputs, mask, keys, micro)
         if on_nonfinite != "zero":
             refused = int((~finite).sum())
             if refused:
@@ -102,14 +102,24 @@ _MIXED_PIECES = (
 def _compiled(fn, compile):
     """`torch.compile(fn)` (with the options `compile` gives), traced as one graph: dynamo also
     traces `torch.autograd.grad`, the backward of the ghost pass, where it would split the graph
-    and run the backward eagerly."""
+    and run the backward eagerly.
+
+    The first call runs eagerly: it runs the ghost probe and fills the engines' caches, so the
+    trace (on the second call) finds them filled. Traced on the first call, the probe would
+    split the graph where it ran, for every later step.
+    """
     compiled = torch.compile(fn, **({} if compile is True else compile))
     # A torch without this setting splits the graph there, which is slower, not wrong.
     traced = (
         {"trace_autograd_ops": True} if hasattr(torch._dynamo.config, "trace_autograd_ops") else {}
     )
+    calls = 0
 
     def run(*args):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return fn(*args)
         with torch._dynamo.config.patch(**traced):
             return compiled(*args)
 

@@ -41,16 +41,18 @@ class Performance(NamedTuple):
         summed before the next is differentiated (bounds per-example gradient memory). Without
         it, a batch that carries its bucket (`Batch.bucket_size`, from the loaders) is computed
         one bucket at a time; with it, in pieces of the smaller of the two. Every piece has one
-        shape (the last one padded), and in eager mode a piece of padding only is skipped.
+        shape (the last one padded), and a piece of padding only is skipped.
       autocast_dtype: None, torch.bfloat16 or torch.float16: run the loss (forward and
         backward) under `torch.autocast` in that dtype. Losses, gradients (in ghost mode each
         op's input and output gradient) are widened to float32 before clipping, so norms, noise
         and the optimizer are float32.
       compile: `torch.compile` the step's tensor work: the per-example gradients (or the ghost
-        pass), clipping and summation of each micro-batch, and the optimizer's update. True for
+        pass), clipping and summation of each piece, and the optimizer's update. True for
         the defaults, or a dict of `torch.compile` keyword arguments. Keys, noise, accounting,
         the collective of a process group and the chunk measurement stay eager, so a key's noise
-        does not depend on compilation. The first step of each new batch shape compiles. Inside
+        does not depend on compilation. The first step runs the clipped sum eagerly (the ghost
+        probe runs there) and the second compiles it, as one graph that every piece of one
+        shape reuses; a piece of a new shape compiles on its first use. Inside
         a compiled graph the rare exact paths of certified clipping (examples whose float32
         norm cannot be certified tightly) are not taken: such an example keeps its looser
         certified bound, so it is clipped harder than in eager mode.

@@ -149,22 +149,26 @@ def test_a_warm_compiled_step_does_not_compile_again(mode):
 
 
 @pytest.mark.parametrize("mode", ["ghost", "vmap"])
-def test_the_tensor_work_of_a_warm_step_is_one_graph(mode):
-    """Once the ghost probe has run (eagerly, on the first step), a step's clipped sum is one
-    graph and the optimizer's update another: nothing splits them and runs eagerly between
-    (the ghost pass's backward, key derivation, the finite check)."""
+def test_the_tensor_work_of_a_run_is_one_graph_for_the_pieces_and_one_for_the_optimizer(mode):
+    """The first step runs the clipped sum eagerly (the ghost probe fills its cache there), so
+    the second traces a piece's clipped sum as one graph that every later piece reuses, a batch
+    of two buckets included: nothing splits it and runs eagerly between (the probe, the ghost
+    pass's backward, key derivation, the finite check). The optimizer's graph is traced for
+    the first step's count and again for any count."""
     torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
     step, state, x, y = _start(
         performance=fdp.Performance(mode=mode, compile={"backend": "aot_eager"})
     )
-    for t in range(2):
-        state, _ = step(state, fdp.Batch((x, y), torch.arange(16) < 9 + t))
-    torch._dynamo.reset()  # trace again, now that the probe's plan is known
-    counters = torch._dynamo.utils.counters
-    counters.clear()
-    state, _ = step(state, fdp.Batch((x, y), torch.arange(16) < 12))
+    for t in range(3):
+        state, _ = step(state, fdp.Batch((x, y), torch.arange(16) < 9 + t, bucket_size=16))
+    two_buckets = fdp.Batch(
+        (torch.cat([x, x]), torch.cat([y, y])), torch.arange(32) < 20, bucket_size=16
+    )
+    state, _ = step(state, two_buckets)
     assert dict(counters["graph_break"]) == {}
-    assert counters["stats"]["unique_graphs"] == 2
+    assert counters["stats"]["unique_graphs"] == 3
 
 
 @pytest.mark.parametrize("mode", ["ghost", "vmap"])
