@@ -32,7 +32,7 @@ def test_every_engine_bounds_crafted_examples(layer):
 
 
 def test_every_engine_bounds_crafted_linear_examples_in_the_gram_form(monkeypatch):
-    """Small linear ops mostly take the formed gradient (fewer operations); here every one that
+    """Small linear ops mostly take the formed gradient (it is cheaper); here every one that
     is not smaller formed goes through the Gram form and its error bounds."""
     from funcdp.ghost import bounds
 

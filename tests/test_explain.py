@@ -85,7 +85,8 @@ def test_explain_reports_a_conv_sent_to_vmap_for_speed():
         (8, 4, 1, 4, "one position"),
         (8, 4, 16, 4, "formed: no larger"),
         (64, 512, 4, 4, "Gram form"),
-        (180, 180, 100, 4, "formed: fewer operations"),
+        (180, 180, 100, 4, "formed: cheaper"),
+        (256, 256, 16, 4, "Gram form"),
         (256, 8000, 40, 8, "formed: too wide"),
     ],
 )

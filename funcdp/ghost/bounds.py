@@ -23,6 +23,13 @@ EXPLICIT_ELEMENTS = 1 << 26
 # missed it on every example (relative excess about 4e-3 at T = 128), its 1024- and 1280-wide
 # layers on none.
 WIDE_GRAMS = 4096
+# Forming an op's per-example gradients takes T p d multiply-adds (in B small matrix products, and
+# B p d elements written and read twice); its Gram form T^2 (p + d) and then the book-keeping's
+# T p d (one large product). On this project's CPU (one thread, freed memory kept) forming was
+# the faster while p d < 4 T (p + d): at 64 positions and batch 32, 0.46x to 0.68x the Gram form's
+# time for widths of 128 to 512, and 1.21x for 768 x 768, where p d = 6 T (p + d); the benchmark
+# transformer's step 104 against 111 ms (batch 32), 35 against 37 ms (8), 204 against 216 ms (64).
+FORMING_RATIO = 4
 # From this many positions on, forming an op's per-example gradients (within EXPLICIT_ELEMENTS)
 # beat its Gram form on this project's CPU: at 128 positions full GPT-2's step took 0.61 against
 # 0.68 s, BERT's 0.39 against 0.43 s, the benchmark transformer's 0.125 against 0.137 s; at 64

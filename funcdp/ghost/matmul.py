@@ -4,9 +4,10 @@ The norm is <A A^T, G G^T> (ghost norm, cost O(T^2 (d + p)) and then the book's 
 explicit [B, p, d] gradient is formed (O(T p d)) and both its norm and its share of the sum are
 read from it (Li et al. 2022, Bu et al. 2023). `matmul_form` chooses: formed where it is no
 larger than the Grams (2 T^2 >= p d), or, where the pass's formed gradients fit
-`bounds.EXPLICIT_ELEMENTS` (a `Budget`), on long sequences (`bounds.LONG_SEQUENCE`), where it takes
-fewer operations (p d < T (p + d)), or where the Grams are too wide to certify in float32
-(`bounds.WIDE_GRAMS`: a language model's output layer). The Gram form's error is bounded a priori
+`bounds.EXPLICIT_ELEMENTS` (a `Budget`), on long sequences (`bounds.LONG_SEQUENCE`), where it is
+faster than the Grams and their book-keeping (p d < 4 T (p + d), `bounds.FORMING_RATIO`), or where
+the Grams are too wide to certify in float32 (`bounds.WIDE_GRAMS`: a language model's output
+layer). The Gram form's error is bounded a priori
 (`funcdp.ghost.rules`, "Certified norms"); an example whose bound is too loose is formed apart.
 The bounds of a pass's Gram-form weights are computed by `certify`, those whose Grams have one
 shape together (a transformer's weights): on a GPU that arithmetic is a launch per elementwise op.
@@ -213,17 +214,17 @@ SMALLER = "formed: no larger than its Gram matrices"
 def matmul_form(count: int, positions: int, p: int, d: int, left: int | None = None) -> str:
     """How ghost clipping takes `count` per-example [p, d] gradients over `positions`: GRAM,
     or why it forms them instead: no larger than their Gram matrices (SMALLER); or, within the
-    `left` elements its pass may still form, a long sequence, fewer operations, or Grams too
-    wide to certify in float32 (every example would be formed after them anyway); `left`
-    defaults to `bounds.EXPLICIT_ELEMENTS`."""
+    `left` elements its pass may still form, a long sequence, a cheaper pass than the Gram form
+    and its book-keeping, or Grams too wide to certify in float32 (every example would be
+    formed after them anyway); `left` defaults to `bounds.EXPLICIT_ELEMENTS`."""
     if 2 * positions * positions >= p * d:
         return SMALLER
     if count * p * d > (bounds.EXPLICIT_ELEMENTS if left is None else left):
         return GRAM
     if positions >= bounds.LONG_SEQUENCE:
         return "formed: a long sequence, where the Gram form costs more"
-    if p * d < positions * (p + d):
-        return "formed: fewer operations than its Gram matrices"
+    if p * d < bounds.FORMING_RATIO * positions * (p + d):
+        return "formed: cheaper than its Gram form and book-keeping"
     if p + d >= bounds.WIDE_GRAMS and count * positions**2 * (d + p) > SMALL_GRAMS:
         return "formed: too wide to certify its Gram matrices in float32"
     return GRAM
