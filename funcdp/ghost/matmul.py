@@ -75,8 +75,48 @@ def matmul_piece(
         return Piece(name, squared, _book(a, g, shape, p, d, groups, None))
     if budget.choose(size * groups, positions, p, d) != GRAM:
         explicit = torch.bmm(_rows(g).transpose(1, 2), _rows(a))  # [B * groups, p, d]
-        return explicit_piece(name, explicit.reshape(size, -1), shape)
+        explicit, squared = _row_free(a, g, explicit.reshape(size, -1), real)
+        return explicit_piece(name, explicit, shape, squared)
     return Pending(name, a, g, tuple(shape), real)
+
+
+def _row_free(a, g, explicit, real) -> tuple[torch.Tensor, torch.Tensor]:
+    """`explicit` [B, groups * p * d], with the gradients of amplified examples formed again,
+    each alone, and its rows' squared norms (upper bounds).
+
+    A batched product can round an example's gradient differently by its row (this CPU's
+    batched matmul does, for some shapes), and an example's row depends on which examples were
+    sampled before it. That moves its gradient by at most gamma_T times its terms (reach: the
+    sum over positions of |A_t| |G_t|), a small part of the gradient where the terms are at
+    most AMPLIFICATION times its norm. Terms crafted to cancel leave a gradient that may be
+    mostly rounding: such an example is formed alone, by the same call whatever its row. A
+    compiled graph takes no data-dependent branch: there its share of this weight is zero."""
+    reach = (
+        ((torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(g, dim=-1)).sum(1))
+        .square()
+        .sum(1)
+        .sqrt()
+    )  # [B]: the groups' terms make one vector per example
+    squared = squares_upper(explicit)
+    amplified = real & ~(reach <= bounds.AMPLIFICATION * squared.sqrt())
+    if torch.compiler.is_compiling():
+        zero = torch.zeros((), dtype=explicit.dtype)
+        return torch.where(amplified[:, None], zero, explicit), torch.where(amplified, 0, squared)
+    index = torch.nonzero(amplified).flatten().tolist()
+    if not index:
+        return explicit, squared
+    for i in index:
+        explicit[i] = _formed_alone(a[i], g[i]).flatten()
+    return explicit, squares_upper(explicit)
+
+
+def _formed_alone(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """One example's gradient [groups, p, d] from its a [T, groups, d] and g [T, groups, p],
+    by one product on fresh copies: the same call, and so the same rounding, whatever the
+    example's row in the batch and however many others are formed."""
+    left = g.permute(1, 2, 0).clone(memory_format=torch.contiguous_format)  # [groups, p, T]
+    right = a.transpose(0, 1).clone(memory_format=torch.contiguous_format)  # [groups, T, d]
+    return torch.bmm(left, right)
 
 
 def certify(pending: list[Pending]) -> list[Piece]:
@@ -238,9 +278,8 @@ def _formed_matmul(a, g, flagged):
     if not bool(flagged.any()):
         return None
     index = torch.nonzero(flagged).flatten()
-    left = g[index].permute(0, 2, 3, 1).flatten(0, 1)  # [F * groups, p, T]
-    right = a[index].transpose(1, 2).flatten(0, 1)  # [F * groups, T, d]
-    explicit = torch.bmm(left, right).unflatten(0, (len(index), a.shape[2]))
+    # Each alone: a product over the F flagged examples rounds by F and by row (`_row_free`).
+    explicit = torch.stack([_formed_alone(a[i], g[i]) for i in index.tolist()])
     return index, explicit, sqrt_upper(squares_upper(explicit.flatten(1)))
 
 
