@@ -281,8 +281,13 @@ def _shares(params, plan, keep, passed: _Pass, real):
         found += [(spec, a, g, piece) for piece in rules.pieces(spec, a, g, shapes, real, budget)]
     # The Gram-form weights' bounds, those of one shape computed together.
     certified = iter(matmul.certify([f[3] for f in found if isinstance(f[3], matmul.Pending)]))
+    # The formed weights' amplified examples, read at once and formed again alone.
+    settled = iter(matmul.settle([f[3] for f in found if isinstance(f[3], matmul.Unsettled)]))
     for spec, a, g, piece in found:
-        piece = next(certified) if isinstance(piece, matmul.Pending) else piece
+        if isinstance(piece, matmul.Pending):
+            piece = next(certified)
+        elif isinstance(piece, matmul.Unsettled):
+            piece = next(settled)
         uses.setdefault(piece.name, []).append((spec, a, g, piece))
     for name, entries in uses.items():  # a tied parameter has one entry per use
         piece = entries[0][3] if len(entries) == 1 else tied.combine(name, entries)

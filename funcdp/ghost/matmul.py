@@ -63,51 +63,77 @@ class Pending(NamedTuple):
     transposed: bool = False
 
 
+class Unsettled(NamedTuple):
+    """A weight whose per-example gradients are formed, before `settle` (which reads a pass's
+    weights at once) forms its amplified examples' gradients again, each alone (`_row_free`).
+    `transposed`: as for `Pending`."""
+
+    name: str
+    a: torch.Tensor
+    g: torch.Tensor
+    explicit: torch.Tensor  # [B, groups * p * d]
+    squared: torch.Tensor  # [B], upper bounds of its rows' squared norms
+    reach: torch.Tensor  # [B], the size of its terms: sum over positions of |A_t| |G_t|
+    real: torch.Tensor  # [B] bool
+    shape: tuple[int, ...]
+    transposed: bool = False
+
+
 def matmul_piece(
     name: str, a: torch.Tensor, g: torch.Tensor, shape, real, budget
-) -> Piece | Pending:
+) -> Piece | Pending | Unsettled:
     """g_i = sum_t G[i, t]^T A[i, t] per group; a: [B, T, groups, d], g: [B, T, groups, p].
-    A Piece where the gradient is an outer product or formed; in the Gram form a `Pending`."""
+    A Piece where the gradient is an outer product; formed, an `Unsettled`; in the Gram form a
+    `Pending`."""
     size, positions, groups, d = a.shape
     p = g.shape[-1]
     if positions == 1:  # one position: the gradient is an outer product, ||g||^2 ||a||^2
         squared = (squares_upper(a) * squares_upper(g)).sum((1, 2)) * (1.0 + 4.0 * _U64)
         return Piece(name, squared, _book(a, g, shape, p, d, groups, None))
     if budget.choose(size * groups, positions, p, d) != GRAM:
-        explicit = torch.bmm(_rows(g).transpose(1, 2), _rows(a))  # [B * groups, p, d]
-        explicit, squared = _row_free(a, g, explicit.reshape(size, -1), real)
-        return explicit_piece(name, explicit, shape, squared)
+        explicit = torch.bmm(_rows(g).transpose(1, 2), _rows(a)).reshape(size, -1)
+        reach = (torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(g, dim=-1)).sum(1)
+        if groups > 1:  # the groups' terms make one vector per example
+            reach = torch.linalg.vector_norm(reach, dim=1)
+        squared = squares_upper(explicit)
+        return Unsettled(name, a, g, explicit, squared, reach.flatten(), real, shape)
     return Pending(name, a, g, tuple(shape), real)
 
 
-def _row_free(a, g, explicit, real) -> tuple[torch.Tensor, torch.Tensor]:
-    """`explicit` [B, groups * p * d], with the gradients of amplified examples formed again,
-    each alone, and its rows' squared norms (upper bounds).
+def settle(unsettled: list[Unsettled]) -> list[Piece]:
+    """The pieces of formed weights, in order, with their amplified examples' gradients formed
+    again, each alone; one device read for them all.
 
     A batched product can round an example's gradient differently by its row (this CPU's
     batched matmul does, for some shapes), and an example's row depends on which examples were
-    sampled before it. That moves its gradient by at most gamma_T times its terms (reach: the
-    sum over positions of |A_t| |G_t|), a small part of the gradient where the terms are at
-    most AMPLIFICATION times its norm. Terms crafted to cancel leave a gradient that may be
-    mostly rounding: such an example is formed alone, by the same call whatever its row. A
-    compiled graph takes no data-dependent branch: there its share of this weight is zero."""
-    reach = (
-        ((torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(g, dim=-1)).sum(1))
-        .square()
-        .sum(1)
-        .sqrt()
-    )  # [B]: the groups' terms make one vector per example
-    squared = squares_upper(explicit)
-    amplified = real & ~(reach <= bounds.AMPLIFICATION * squared.sqrt())
-    if torch.compiler.is_compiling():
-        zero = torch.zeros((), dtype=explicit.dtype)
-        return torch.where(amplified[:, None], zero, explicit), torch.where(amplified, 0, squared)
-    index = torch.nonzero(amplified).flatten().tolist()
-    if not index:
-        return explicit, squared
-    for i in index:
-        explicit[i] = _formed_alone(a[i], g[i]).flatten()
-    return explicit, squares_upper(explicit)
+    sampled before it. That moves its gradient by at most gamma_T times its terms, a small part
+    of the gradient where the terms are at most AMPLIFICATION times its norm. Terms crafted to
+    cancel leave a gradient that may be mostly rounding: such an example is formed alone, by
+    the same call whatever its row. A compiled graph takes no data-dependent branch: there its
+    share of the weight is zero."""
+    if not unsettled:
+        return []
+    # Real rows whose terms exceed AMPLIFICATION times their gradient's norm, [K, B] (one
+    # pass: every weight's rows are the same examples).
+    reach = torch.stack([u.reach.to(u.squared.dtype) for u in unsettled])
+    squared = torch.stack([u.squared for u in unsettled])
+    amplified = unsettled[0].real & ~(reach <= bounds.AMPLIFICATION * squared.sqrt())
+    compiling = torch.compiler.is_compiling()
+    redo = [True] * len(unsettled) if compiling else amplified.any(1).tolist()
+    pieces = []
+    for u, rows, any_amplified in zip(unsettled, amplified, redo, strict=True):
+        explicit, squares = u.explicit, u.squared
+        if compiling:
+            zero = torch.zeros((), dtype=explicit.dtype)
+            explicit = torch.where(rows[:, None], zero, explicit)
+            squares = torch.where(rows, 0.0, squares)
+        elif any_amplified:
+            for i in torch.nonzero(rows).flatten().tolist():
+                explicit[i] = _formed_alone(u.a[i], u.g[i]).flatten()
+            squares = squares_upper(explicit)
+        piece = explicit_piece(u.name, explicit, u.shape, squares)
+        pieces.append(transposed(piece) if u.transposed else piece)
+    return pieces
 
 
 def _formed_alone(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -236,10 +262,10 @@ def _piece(job: Pending, bound, exact, rounding, reach, flagged) -> Piece:
     return transposed(piece) if job.transposed else piece
 
 
-def transposed(piece: Piece | Pending) -> Piece | Pending:
+def transposed(piece: Piece | Pending | Unsettled) -> Piece | Pending | Unsettled:
     """`piece` with its clipped sum transposed (addmm's weight is [d, p], the book's [p, d]);
-    a `Pending` one is transposed once `certify` has built its book."""
-    if isinstance(piece, Pending):
+    a `Pending` or `Unsettled` one is transposed once `certify` or `settle` has built its book."""
+    if isinstance(piece, (Pending, Unsettled)):
         return piece._replace(transposed=True)
     return piece._replace(book=lambda factors, book=piece.book: book(factors).T)
 
@@ -278,7 +304,7 @@ def _formed_matmul(a, g, flagged):
     if not bool(flagged.any()):
         return None
     index = torch.nonzero(flagged).flatten()
-    # Each alone: a product over the F flagged examples rounds by F and by row (`_row_free`).
+    # Each alone: a product over the F flagged examples rounds by F and by row (`settle`).
     explicit = torch.stack([_formed_alone(a[i], g[i]) for i in index.tolist()])
     return index, explicit, sqrt_upper(squares_upper(explicit.flatten(1)))
 

@@ -38,7 +38,7 @@ from funcdp._certify import gamma, matmul_roundoff, sqrt_upper, squares_upper, u
 from funcdp.ghost import bounds
 from funcdp.ghost.bounds import certified, diagonal_norms, inner_rows, quadratic, underflow
 from funcdp.ghost.capture import ADDMM, CONV, EMBEDDING, GROUP_NORM, LAYER_NORM, LINEAR, OpSpec
-from funcdp.ghost.matmul import Budget, Pending, matmul_piece, transposed
+from funcdp.ghost.matmul import Budget, Pending, Unsettled, matmul_piece, transposed
 from funcdp.ghost.pieces import Piece, explicit_piece
 
 _U64 = 2.0**-53
@@ -51,9 +51,10 @@ def pieces(
     shapes,
     real: torch.Tensor,
     budget: Budget,
-) -> list[Piece | Pending]:
+) -> list[Piece | Pending | Unsettled]:
     """The pieces of the ghost parameters of one op; a weight in the Gram form is `Pending`
-    until `matmul.certify` computes its bound with the pass's others.
+    until `matmul.certify` computes its bound with the pass's others, a formed one `Unsettled`
+    until `matmul.settle` has read its amplified examples with the pass's others.
 
     Args:
       spec: the op, as planned.
