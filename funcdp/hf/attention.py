@@ -125,17 +125,24 @@ AttentionMaskInterface.register(VMAP_EAGER, _built(eager_mask))
 
 
 def model_configs(model: nn.Module) -> list:
-    """Every distinct HF config held by the model's submodules, sub-configs included."""
-    found: dict[int, object] = {}
+    """Every distinct HF config held by the model's submodules, sub-configs included.
+
+    Distinct by `is`, not `id()`: a compiled step traces this (the loss switches attention
+    inside it), and dynamo fails on `id()` of a config."""
+    found: list = []
+
+    def add(config) -> None:
+        if config is not None and hasattr(config, "_attn_implementation"):
+            if not any(config is seen for seen in found):
+                found.append(config)
+
     for sub in model.modules():
         config = getattr(sub, "config", None)
+        add(config)
         if config is not None and hasattr(config, "_attn_implementation"):
-            found.setdefault(id(config), config)
             for name in getattr(config, "sub_configs", {}) or {}:
-                child = getattr(config, name, None)
-                if child is not None and hasattr(child, "_attn_implementation"):
-                    found.setdefault(id(child), child)
-    return list(found.values())
+                add(getattr(config, name, None))
+    return found
 
 
 def unsupported_implementations(model: nn.Module) -> list[str]:
