@@ -346,7 +346,7 @@ def test_ghost_rounds_an_example_alike_in_every_row_of_a_wide_batch(
     row (this CPU's does, for narrow shapes, from about nine rows on), and without a sampled
     example every later row moves up. Where inputs share a large common part under output
     gradients that cancel, an example's gradient is mostly rounding: removing one example moved
-    the sum by up to 1.98 C, until such examples were formed alone (`matmul._row_free`)."""
+    the sum by up to 1.98 C, until such examples were formed alone (`matmul.settle`)."""
     d, p = (narrow, wide) if narrow_inputs else (wide, narrow)
     gen = torch.Generator().manual_seed(seed)
     x = scale * torch.randn(size, 1, d, generator=gen) + torch.randn(

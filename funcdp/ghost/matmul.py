@@ -65,7 +65,7 @@ class Pending(NamedTuple):
 
 class Unsettled(NamedTuple):
     """A weight whose per-example gradients are formed, before `settle` (which reads a pass's
-    weights at once) forms its amplified examples' gradients again, each alone (`_row_free`).
+    weights at once) forms its amplified examples' gradients again, each alone.
     `transposed`: as for `Pending`."""
 
     name: str
