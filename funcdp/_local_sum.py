@@ -53,25 +53,6 @@ def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: 
     engine = make_engine(loss_fn, split, performance, zero_nonfinite=on_nonfinite == "zero")
     run = engine if performance.compile is False else _compiled(engine, performance.compile)
 
-    def summed(state, inputs, mask: torch.Tensor, keys: list, micro: int):
-        total, parts = None, []
-        pre_state, _ = split.halves(state.privacy_state)
-        for index, start in enumerate(range(0, mask.shape[0], micro)):
-            rows, rows_mask = piece(inputs, mask, start, micro)
-            if index and not bool(rows_mask.any()):
-                continue
-            part, pre_state = run(
-                state.params, state.buffers, rows, rows_mask, pre_state, keys[index]
-            )
-            total = part.grads if total is None else tree_add(total, part.grads)
-            parts.append((part, rows_mask))
-        losses, norms, clipped, finite = (
-            torch.cat([getattr(part, field) for part, _ in parts])
-            for field in ("losses", "norms", "clipped", "finite")
-        )
-        computed = torch.cat([rows_mask for _, rows_mask in parts])
-        return total, pre_state, _stats(losses, norms, computed, finite, clipped), finite
-
     piece_sizes: set[int] = set()  # seen so far: a second one is warned about, once
 
     def local_sum(state, inputs, mask: torch.Tensor, key, bucket_size: int | None = None):
@@ -80,13 +61,27 @@ def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: 
             piece_sizes.add(micro)
             if len(piece_sizes) == 2:
                 warnings.warn(_MIXED_PIECES.format(*sorted(piece_sizes)), stacklevel=3)
-        keys = [fdr.fold_in(key, index) for index in range(-(-mask.shape[0] // micro))]
-        total, pre_state, stats, finite = summed(state, inputs, mask, keys, micro)
+        total, parts = None, []
+        pre_state, _ = split.halves(state.privacy_state)
+        for index, start in enumerate(range(0, mask.shape[0], micro)):
+            rows, rows_mask = piece(inputs, mask, start, micro)
+            if index and not bool(rows_mask.any()):
+                continue
+            part, pre_state = run(
+                state.params, state.buffers, rows, rows_mask, pre_state, fdr.fold_in(key, index)
+            )
+            total = part.grads if total is None else tree_add(total, part.grads)
+            parts.append((part, rows_mask))
+        losses, norms, clipped, finite = (
+            torch.cat([getattr(part, field) for part, _ in parts])
+            for field in ("losses", "norms", "clipped", "finite")
+        )
         if on_nonfinite != "zero":
             refused = int((~finite).sum())
             if refused:
                 return LocalSum(None, pre_state, None, refused)
-        return LocalSum(total, pre_state, stats, 0)
+        computed = torch.cat([rows_mask for _, rows_mask in parts])
+        return LocalSum(total, pre_state, _stats(losses, norms, computed, finite, clipped), 0)
 
     return local_sum
 
