@@ -282,7 +282,8 @@ def _shares(params, plan, keep, passed: _Pass, real):
     # The Gram-form weights' bounds, those of one shape computed together.
     certified = iter(matmul.certify([f[3] for f in found if isinstance(f[3], matmul.Pending)]))
     # The formed weights' amplified examples, read at once and formed again alone.
-    settled = iter(matmul.settle([f[3] for f in found if isinstance(f[3], matmul.Unsettled)]))
+    formed = [f[3] for f in found if isinstance(f[3], matmul.Unsettled)]
+    settled = iter(matmul.settle(formed, real))
     for spec, a, g, piece in found:
         if isinstance(piece, matmul.Pending):
             piece = next(certified)

@@ -74,7 +74,6 @@ class Unsettled(NamedTuple):
     explicit: torch.Tensor  # [B, groups * p * d]
     squared: torch.Tensor  # [B], upper bounds of its rows' squared norms
     reach: torch.Tensor  # [B], the size of its terms: sum over positions of |A_t| |G_t|
-    real: torch.Tensor  # [B] bool
     shape: tuple[int, ...]
     transposed: bool = False
 
@@ -96,13 +95,13 @@ def matmul_piece(
         if groups > 1:  # the groups' terms make one vector per example
             reach = torch.linalg.vector_norm(reach, dim=1)
         squared = squares_upper(explicit)
-        return Unsettled(name, a, g, explicit, squared, reach.flatten(), real, shape)
+        return Unsettled(name, a, g, explicit, squared, reach.flatten(), shape)
     return Pending(name, a, g, tuple(shape), real)
 
 
-def settle(unsettled: list[Unsettled]) -> list[Piece]:
-    """The pieces of formed weights, in order, with their amplified examples' gradients formed
-    again, each alone; one device read for them all.
+def settle(unsettled: list[Unsettled], real: torch.Tensor) -> list[Piece]:
+    """The pieces of one pass's formed weights, in order, with their amplified examples'
+    gradients (of the `real` rows) formed again, each alone; one device read for them all.
 
     A batched product can round an example's gradient differently by its row (this CPU's
     batched matmul does, for some shapes), and an example's row depends on which examples were
@@ -113,11 +112,10 @@ def settle(unsettled: list[Unsettled]) -> list[Piece]:
     share of the weight is zero."""
     if not unsettled:
         return []
-    # Real rows whose terms exceed AMPLIFICATION times their gradient's norm, [K, B] (one
-    # pass: every weight's rows are the same examples).
+    # Real rows whose terms exceed AMPLIFICATION times their gradient's norm, [K, B].
     reach = torch.stack([u.reach.to(u.squared.dtype) for u in unsettled])
     squared = torch.stack([u.squared for u in unsettled])
-    amplified = unsettled[0].real & ~(reach <= bounds.AMPLIFICATION * squared.sqrt())
+    amplified = real & ~(reach <= bounds.AMPLIFICATION * squared.sqrt())
     compiling = torch.compiler.is_compiling()
     redo = [True] * len(unsettled) if compiling else amplified.any(1).tolist()
     pieces = []
