@@ -28,8 +28,8 @@ class Batch(NamedTuple):
     process group refuses a batch that is not its rank's shard.
 
     `bucket_size` is the size the sampler padded to (the batch holds a whole number of buckets,
-    real rows first). The train step computes such a batch bucket by bucket (in eager mode
-    skipping a bucket of padding only), so every computed piece has the bucket's shape; None
+    real rows first). The train step computes such a batch bucket by bucket (skipping a bucket
+    of padding only), so every computed piece has the bucket's shape; None
     computes the whole batch as one piece (unless `Performance(microbatch_size=)` says
     otherwise).
     """

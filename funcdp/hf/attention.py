@@ -130,18 +130,16 @@ def model_configs(model: nn.Module) -> list:
     Distinct by `is`, not `id()`: a compiled step traces this (the loss switches attention
     inside it), and dynamo fails on `id()` of a config."""
     found: list = []
-
-    def add(config) -> None:
-        if config is not None and hasattr(config, "_attn_implementation"):
-            if not any(config is seen for seen in found):
-                found.append(config)
-
     for sub in model.modules():
         config = getattr(sub, "config", None)
-        add(config)
-        if config is not None and hasattr(config, "_attn_implementation"):
-            for name in getattr(config, "sub_configs", {}) or {}:
-                add(getattr(config, name, None))
+        if not hasattr(config, "_attn_implementation"):
+            continue
+        children = (
+            getattr(config, name, None) for name in getattr(config, "sub_configs", {}) or {}
+        )
+        for each in (config, *children):
+            if hasattr(each, "_attn_implementation") and not any(each is seen for seen in found):
+                found.append(each)
     return found
 
 
