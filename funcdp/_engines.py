@@ -22,15 +22,15 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-from torch.func import grad, grad_and_value, vmap
 
 from funcdp._autocast import autocast_loss
 from funcdp._certify import matmul_roundoff, norms_upper, with_margin
 from funcdp._checks import check_mask, check_positive
 from funcdp._pieces import piece
 from funcdp.ghost import ghost_clipped_sum
+from funcdp.ghost.rows import per_example_fn as rows_apart
+from funcdp.ghost.rows import total_squares
 from funcdp.memory import auto_chunk_size, is_auto
-from funcdp.per_sample import per_sample_grads_and_losses
 from funcdp.performance import Performance
 from funcdp.transforms.aggregation import aggregate
 from funcdp.transforms.base import (
@@ -224,8 +224,9 @@ def _ghost_engine(rule: FactorRule, example_loss, chunk_size, zero_nonfinite) ->
 def _vmap_engine(rule: FactorRule, per_example, zero_nonfinite) -> Engine:
     def engine(params, buffers, rows, mask, state, key):
         del key
-        grads, losses = per_example(params, buffers, *rows)
-        leaves, spec, columns, squares = group_squares(grads, rule.groups, rule.group_names)
+        _, losses, (leaves, spec, columns, squares) = per_example(
+            params, buffers, rows, mask, lambda g: group_squares(g, rule.groups, rule.group_names)
+        )
         return _apply_rule(
             rule, leaves, spec, columns, squares, losses, mask, zero_nonfinite
         ), state
@@ -240,19 +241,17 @@ def _two_pass_engine(rule: FactorRule, example_loss, chunk_size, zero_nonfinite)
     depend on which other rows are real (a kernel chosen by the number of rows can round
     differently). Both passes must see the same function: random layers raise."""
 
-    def gradients(params, buffers, rows, with_losses):
-        loss = lambda p, *example: example_loss(p, buffers, *example)  # noqa: E731
-        one = grad_and_value(loss) if with_losses else grad(loss)
-        in_dims = (None,) + (0,) * len(rows)
-        return vmap(one, in_dims=in_dims, randomness="error")(params, *rows)
+    gradients = rows_apart(example_loss, randomness="error")
 
-    def first_pass(params, buffers, rows):
-        grads, losses = gradients(params, buffers, rows, True)
-        return group_squares(grads, rule.groups, rule.group_names)[3], losses.detach()
+    def measure(grads):
+        return group_squares(grads, rule.groups, rule.group_names)
+
+    def first_pass(params, buffers, rows, mask):
+        _, losses, measured = gradients(params, buffers, rows, mask, None, measure)
+        return measured[3], losses
 
     def second_pass(params, buffers, rows, mask, first):
-        grads = gradients(params, buffers, rows, False)
-        leaves, spec, columns, again = group_squares(grads, rule.groups, rule.group_names)
+        _, _, (leaves, spec, columns, again) = gradients(params, buffers, rows, mask, None, measure)
         bound = torch.maximum(first[0], again)
         return _apply_rule(rule, leaves, spec, columns, bound, first[1], mask, zero_nonfinite)
 
@@ -265,7 +264,7 @@ def _two_pass_engine(rule: FactorRule, example_loss, chunk_size, zero_nonfinite)
         # Chunks of one shape (the last one padded, masked out); helpers, so that a chunk's
         # gradients are freed before the next chunk's are formed.
         chunks = [piece(rows, mask, start, chunk) for start in range(0, size, chunk)]
-        first = [first_pass(params, buffers, chunk_rows) for chunk_rows, _ in chunks]
+        first = [first_pass(params, buffers, *chunk) for chunk in chunks]
         total, parts = None, []
         for (chunk_rows, chunk_mask), bound in zip(chunks, first, strict=True):
             part = second_pass(params, buffers, chunk_rows, chunk_mask, bound)
@@ -283,7 +282,7 @@ def _transform_engine(split: Split, per_example, zero_nonfinite) -> Engine:
     through_sum, sensitivity = split.through_sum, split.head[0].sensitivity
 
     def engine(params, buffers, rows, mask, state, key):
-        grads, losses = per_example(params, buffers, *rows)
+        grads, losses, _ = per_example(params, buffers, rows, mask, lambda g: (total_squares(g),))
         norms = per_example_norms(grads).detach()
         finite = _finite(losses, norms, mask)
         real = mask & finite if zero_nonfinite else mask  # left out like padding
@@ -354,17 +353,24 @@ def _chunk(chunk_size, chosen: dict, example_loss, params, buffers, rows):
 
 
 def _per_example_fn(example_loss, chunk_size, upcast: bool):
-    """`fn(params, buffers, *rows) -> (grads [B, ...], losses [B])`, in vmap chunks ("auto":
-    measured once per shape)."""
+    """`fn(params, buffers, rows, mask, measure) -> (grads [B, ...], losses [B], measured)`, in
+    vmap chunks ("auto": measured once per shape), no example's gradient rounded by its row:
+    `measured` is `measure(grads)`, a tuple ending in the squares [B, G] that
+    `funcdp.ghost.rows` reads."""
     chosen: dict[tuple, int | None] = {}
+    gradients = rows_apart(example_loss)
 
-    def per_example(params, buffers, *rows):
+    def per_example(params, buffers, rows, mask, measure):
         chunk = _chunk(chunk_size, chosen, example_loss, params, buffers, rows)
-        grads, losses = per_sample_grads_and_losses(
-            lambda p, *example: example_loss(p, buffers, *example), chunk_size=chunk
-        )(params, *rows)
-        if upcast:  # half-precision gradients (of half parameters) are clipped in float32
-            grads = tree_map(upcast_half, grads)
-        return grads, losses.detach()
+
+        def upcast_then_measure(grads):
+            if upcast:  # half-precision gradients (of half parameters) are clipped in float32
+                grads = tree_map(upcast_half, grads)
+            return grads, *measure(grads)
+
+        _, losses, (grads, *measured) = gradients(
+            params, buffers, rows, mask, chunk, upcast_then_measure
+        )
+        return grads, losses, measured
 
     return per_example

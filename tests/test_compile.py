@@ -178,12 +178,49 @@ def test_a_compiled_step_leaves_out_nan_in_padded_rows(mode):
     results = []
     for compile in (False, {"backend": "aot_eager"}):
         step, state, x, y = _start(performance=fdp.Performance(mode=mode, compile=compile))
+        state, _ = step(state, fdp.Batch((x, y), torch.ones(16, dtype=torch.bool)))  # eager
         x = x.clone()
         x[12:] = float("nan")  # padded rows
-        state, _ = step(state, fdp.Batch((x, y), torch.arange(16) < 12))
+        state, _ = step(state, fdp.Batch((x, y), torch.arange(16) < 12))  # compiled
         results.append(state.params)
     assert all(torch.isfinite(p).all() for p in results[1].values())
     assert_trees_close(results[1], results[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode,shared", [("ghost", False), ("ghost", True), ("vmap", False)])
+def test_a_compiled_step_leaves_out_an_example_whose_rounding_could_follow_its_row(mode, shared):
+    """An example whose linear terms cancel is computed alone in eager mode, whatever its row
+    (`matmul.settle`, `funcdp.ghost.rows`); a compiled graph cannot branch on it, so there its
+    share is zero: the compiled step equals the eager step without that example."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    size, positions, d, p = 12, 16, 5, 3
+    x, g = torch.randn(size, positions, d, generator=gen), torch.randn(size, positions, p)
+    x[4] += 1e8 * torch.randn(1, d, generator=gen)  # a large common part ...
+    g[4] = torch.randn(1, p, generator=gen) * torch.tensor([1.0, -1.0] * 8)[:, None]  # cancels
+
+    def loss_fn(params, buffers, x, g):
+        second_use = 0.0 * params["weight"].sum() if shared else 0.0  # sends it to vmap
+        return (F.linear(x, params["weight"]) * g).sum() + second_use
+
+    privatizer = fdp.chain(fdp.clip(1.0), fdp.aggregate())
+    optimizer = fdp.optim.sgd(1.0)
+    state = fdp.TrainState.create(
+        {"weight": torch.randn(p, d, generator=gen)},
+        privatizer=privatizer,
+        optimizer=optimizer,
+        key=fdp.random.key(0),
+    )
+    everyone, without = torch.ones(size, dtype=torch.bool), torch.arange(size) != 4
+    performance = fdp.Performance(mode=mode, compile={"backend": "aot_eager"})
+    compiled = fdp.make_train_step(loss_fn, privatizer, optimizer, performance=performance)
+    eager = fdp.make_train_step(loss_fn, privatizer, optimizer, performance=fdp.Performance(mode))
+    alone, _ = compiled(state, fdp.Batch((x, g), everyone))  # the first call runs eagerly
+    assert_trees_close(alone.params, eager(state, fdp.Batch((x, g), everyone))[0].params)
+    left_out, _ = compiled(state, fdp.Batch((x, g), everyone))
+    expected, _ = eager(state, fdp.Batch((x, g), without))
+    assert_trees_close(left_out.params, expected.params, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(left_out.params["weight"], alone.params["weight"], atol=1e-3)
 
 
 def test_compiled_step_refuses_a_nonfinite_example_and_keeps_the_state():

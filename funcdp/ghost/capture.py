@@ -16,6 +16,9 @@ layers).
   output of each planned op (`y + tap`, so the gradient of the loss w.r.t. the tap is the op's
   output gradient B) and records the op's input A, which the train pass returns as auxiliary
   output.
+- A linear (or addmm) op over several positions whose weight goes to the vmap fallback is
+  tapped too ("checked"): vmap's batched kernels can round its per-example gradient by the
+  example's row, and its A and B bound how far (`funcdp.ghost.rows`).
 """
 
 from __future__ import annotations
@@ -104,6 +107,8 @@ class OpSpec(NamedTuple):
         embedding: padding_idx, num_embeddings; norms: normalized_shape or num_groups, eps).
       out_shape: the op's output shape for one example (the tap's shape).
       out_dtype: the output's dtype.
+      checked: name of the fallback parameter in the weight slot of a linear or addmm op whose
+        rounding by row is checked (`funcdp.ghost.rows`), or None.
     """
 
     kind: str
@@ -112,10 +117,12 @@ class OpSpec(NamedTuple):
     config: dict[str, Any]
     out_shape: tuple[int, ...]
     out_dtype: torch.dtype
+    checked: str | None = None
 
 
 class Plan(NamedTuple):
-    """The probe's result: the tapped ops in call order and the parameters left to vmap.
+    """The probe's result: the tapped ops in call order (ghost or checked, or both) and the
+    parameters left to vmap.
 
     `uses` lists, per parameter, how the forward used it: "ghost <op>.<slot>" for a slot ghost
     clipping handles, "<op>.<slot>" for another slot of a known op, or the name of any other
@@ -237,8 +244,10 @@ def plan(
     batch,
     *,
     conv_explicit: str = "vmap",
+    vmap_all: bool = False,
 ) -> Plan:
-    """Runs the loss on the first example and decides which parameters ghost clipping handles.
+    """Runs the loss on the first example and decides which parameters ghost clipping handles
+    (none with `vmap_all`: the vmap engine's plan, whose ops are the checked ones only).
 
     The probe works on detached copies that require grad (so that layers which branch on
     `requires_grad` take the path they take in training); the caller's tensors are untouched.
@@ -259,19 +268,29 @@ def plan(
     # The probe's random draws (dropout) must not move torch's generators: fork them.
     with torch.random.fork_rng(devices=cuda), torch.enable_grad(), spy:
         vmap(lambda *example: loss_fn(copies, *example), randomness="different")(*first)
-    ghost = {name for name, uses in spy.uses.items() if handled(uses)}
+    ghost = set() if vmap_all else {name for name, uses in spy.uses.items() if handled(uses)}
     if conv_explicit == "vmap":
         for kind, weight, bias, config, out in spy.candidates:
             if kind != CONV or weight not in ghost:
                 continue
             if _explicit_is_cheaper(copies[weight], out, config):
                 ghost.difference_update({weight, bias})  # the bias alone is not worth a tap
+    # Fallback weights of a product over several positions; every linear use of one is checked.
+    checked = {
+        weight
+        for kind, weight, _, _, out in spy.candidates
+        if kind in (LINEAR, ADDMM)
+        and weight is not None
+        and weight not in ghost
+        and out.numel() > out.shape[-1]
+    }
     ops = []
     for kind, weight, bias, config, out in spy.candidates:
+        check = weight if weight in checked and kind in (LINEAR, ADDMM) else None
         weight = weight if weight in ghost else None
         bias = bias if bias in ghost else None
-        if weight is not None or bias is not None:
-            ops.append(OpSpec(kind, weight, bias, config, tuple(out.shape), out.dtype))
+        if weight is not None or bias is not None or check is not None:
+            ops.append(OpSpec(kind, weight, bias, config, tuple(out.shape), out.dtype, check))
     fallback = tuple(name for name in params if name not in ghost)
     uses = {name: tuple(found) for name, found in spy.uses.items()}
     return Plan(tuple(ops), frozenset(ghost), fallback, uses)
@@ -295,17 +314,20 @@ class Tapper(TorchFunctionMode):
     """Adds `taps[k]` to the output of the k-th planned op and records the op's input.
 
     Used inside `vmap(grad(...))` over one example; `inputs` holds the recorded inputs in op
-    order once the loss has run. Raises if the forward leaves the path the probe saw.
+    order once the loss has run. `params` maps the names the ops hold to the tensors the loss
+    receives. Raises if the forward leaves the path the probe saw.
     """
 
     def __init__(
-        self, ghost: Mapping[str, torch.Tensor], ops: tuple[OpSpec, ...], taps: list
+        self, params: Mapping[str, torch.Tensor], ops: tuple[OpSpec, ...], taps: list
     ) -> None:
         super().__init__()
-        self.ghost = ghost
         self.ops = ops
         self.taps = taps
         self.inputs: list[torch.Tensor] = []
+        self.ghost = {n for op in ops for n in (op.weight, op.bias) if n is not None}
+        self.checked = {op.checked for op in ops if op.checked is not None}
+        self.params = {n: params[n] for n in self.ghost | self.checked}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -314,31 +336,38 @@ class Tapper(TorchFunctionMode):
             return out
         values = _bind(func, args, kwargs)
         weight, bias = self._name_of(values.get("weight")), self._name_of(values.get("bias"))
-        if weight is None and bias is None:
+        productive = _SIGNATURES[func][0] in (LINEAR, ADDMM)
+        seen = (
+            weight if weight in self.ghost else None,
+            bias if bias in self.ghost else None,
+            weight if productive and weight in self.checked else None,
+        )
+        if seen == (None, None, None):
             return out
         index = len(self.inputs)
         spec = self.ops[index] if index < len(self.ops) else None
-        if spec is None or (spec.weight, spec.bias) != (weight, bias):
+        if spec is None or (spec.weight, spec.bias, spec.checked) != seen:
             raise RuntimeError(
-                f"ghost clipping: the forward called op {index} with parameters "
-                f"({weight}, {bias}), but the probe saw "
-                f"{None if spec is None else (spec.weight, spec.bias)}; the loss must take the "
-                "same path for every example (use mode='vmap' for this model)"
+                f"funcdp's tapped pass: the forward called op {index} with parameters {seen}, "
+                "but the probe saw "
+                f"{None if spec is None else (spec.weight, spec.bias, spec.checked)}; the loss "
+                "must take the same path for every example and every call"
             )
         self.inputs.append(values["input"])
         return out + self.taps[index]
 
     def _name_of(self, tensor) -> str | None:
-        """The ghost parameter that `tensor` is, by identity (`is`, not `id()`, which a
+        """The tapped parameter that `tensor` is, by identity (`is`, not `id()`, which a
         compiled step would guard on and recompile for at every new parameter tensor)."""
         if tensor is None:
             return None
-        return next((name for name, p in self.ghost.items() if p is tensor), None)
+        return next((name for name, p in self.params.items() if p is tensor), None)
 
     def check_complete(self) -> None:
         """Raises unless every planned op was seen."""
         if len(self.inputs) != len(self.ops):
             raise RuntimeError(
-                f"ghost clipping: the forward ran {len(self.inputs)} of the {len(self.ops)} ops "
-                "the probe saw; the loss must take the same path for every example"
+                f"funcdp's tapped pass: the forward ran {len(self.inputs)} of the {len(self.ops)} "
+                "ops the probe saw; the loss must take the same path for every example and every "
+                "call"
             )

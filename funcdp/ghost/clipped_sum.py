@@ -6,13 +6,11 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
-from torch.func import grad, vmap
 
 from funcdp._certify import matmul_roundoff, norms_upper, squares_upper, with_margin
 from funcdp._checks import check_mask, check_positive
-from funcdp._pieces import in_whole_chunks
 from funcdp._rules import flat_factors
-from funcdp.ghost import capture, matmul, rules, tied
+from funcdp.ghost import capture, matmul, rows, rules, tapped, tied
 from funcdp.memory import ChunkSize, auto_chunk_size, check_chunk_option, is_auto
 from funcdp.tree import all_finite, upcast_half, zero_rows
 
@@ -60,7 +58,8 @@ def ghost_clipped_sum(
     c * B (book-keeping, Bu et al. 2023); an embedding tied to its output layer sums its two
     uses with a certified cross term (`funcdp.ghost.tied`). Parameters used anywhere else
     (recurrent weights, other shared weights, a parameter read by the loss itself) get
-    per-example gradients by `vmap(grad)` over just them, in the same pass. See
+    per-example gradients by `vmap(grad)` over just them, in the same pass (an example whose
+    linear terms there cancel is computed again alone, `funcdp.ghost.rows`). See
     `funcdp.ghost.capture` for how ops are found without hooks, and `funcdp.explain` for
     which parameters take which path.
 
@@ -141,7 +140,8 @@ def ghost_clipped_sum(
         column = {name: names.index(groups(name)) if groups else 0 for name in params}
         keep = _keep(mask, batch[0].shape[0], batch[0].device)
         plan, chunk = plan_for(params, batch)
-        passed = _one_pass(loss_fn, params, plan, batch, chunk)
+        passed = tapped.one_pass(loss_fn, params, plan, batch, chunk)
+        passed = rows.settle(loss_fn, params, plan, batch, passed, keep)
         # Each example's norm reads its own rows only, so padded rows are left in; in the sums
         # their factor 0 zeroes them exactly unless they hold inf or NaN (see below). A compiled
         # graph takes no data-dependent branch: it selects padded rows away from the start.
@@ -190,86 +190,7 @@ def _auto_chunk(spec, loss_fn, params, plan, batch) -> int | None:
     return auto_chunk_size(fallback_loss, fallback, *batch, spec=spec)
 
 
-class _Pass(NamedTuple):
-    """What the one vmap(grad) pass returns, stacked over examples."""
-
-    fallback: dict[str, torch.Tensor]  # per-example gradients of the fallback parameters
-    taps: list[torch.Tensor]  # B of each tapped op
-    losses: torch.Tensor
-    inputs: tuple[torch.Tensor, ...]  # A of each tapped op
-
-
-def _one_pass(loss_fn, params, plan, batch, chunk_size):
-    """One pass: fallback gradients, tap gradients (B), losses and op inputs (A).
-
-    With fallback parameters (or chunks), `vmap(grad)` over the examples. Without, only the
-    forward is vmapped and one plain backward of the summed losses gives every tap's gradient
-    (each example's loss depends on its own tap rows only): no grad transform, whose per-op
-    wrapping costs more than the small model's arithmetic.
-    """
-    if not plan.fallback and chunk_size is None:
-        return _forward_pass(loss_fn, params, plan, batch)
-    fallback = {name: params[name] for name in plan.fallback}
-    rest = {name: p for name, p in params.items() if name not in fallback}
-
-    # The parameters are arguments, not closures: a compiled step would otherwise guard on
-    # (and recompile for) each step's parameter tensors.
-    def one(diff, rest, *example):
-        own, example_taps = diff
-        full = {name: own[name] if name in own else rest[name] for name in params}
-        ghost = {name: rest[name] for name in plan.ghost}
-        loss, inputs = _tapped_loss(loss_fn, full, ghost, plan, example_taps, example)
-        return loss, (loss, inputs)
-
-    in_dims = ((None, 0), None) + (0,) * len(batch)
-    mapped = vmap(
-        grad(one, has_aux=True), in_dims=in_dims, chunk_size=chunk_size, randomness="different"
-    )
-    (fallback_grads, tap_grads), (losses, inputs) = in_whole_chunks(
-        lambda *rows: mapped((fallback, _zero_taps(plan, rows)), rest, *rows), chunk_size, *batch
-    )
-    return _Pass(fallback_grads, tap_grads, losses, inputs)
-
-
-def _forward_pass(loss_fn, params, plan, batch):
-    """`_one_pass` with no fallback parameters: a vmapped forward, then one backward."""
-    params = {name: p.detach() for name, p in params.items()}
-    taps = [tap.requires_grad_() for tap in _zero_taps(plan, batch)]
-
-    def one(example_taps, params, *example):  # params as an argument: see _one_pass
-        return _tapped_loss(loss_fn, params, params, plan, example_taps, example)
-
-    in_dims = (0, None) + (0,) * len(batch)
-    with torch.enable_grad():
-        losses, inputs = vmap(one, in_dims=in_dims, randomness="different")(taps, params, *batch)
-        grads = torch.autograd.grad(losses.sum(), taps, allow_unused=True, materialize_grads=True)
-    inputs = tuple(a.detach() for a in inputs)
-    return _Pass({}, list(grads), losses.detach(), inputs)
-
-
-def _zero_taps(plan, batch) -> list[torch.Tensor]:
-    """One zero tap per planned op, [B, *its output shape for one example].
-
-    Each is one zero broadcast to that shape (stride 0): nothing is filled or read but that
-    one element, and its gradient still has the full shape.
-    """
-    size, device = batch[0].shape[0], batch[0].device
-    return [
-        torch.zeros((), dtype=op.out_dtype, device=device).expand(size, *op.out_shape)
-        for op in plan.ops
-    ]
-
-
-def _tapped_loss(loss_fn, params, ghost, plan, taps, example):
-    """One example's loss with the planned ops tapped; returns it and the ops' inputs (A)."""
-    tapper = capture.Tapper(ghost, plan.ops, taps)
-    with tapper:
-        loss = loss_fn(params, *example)
-    tapper.check_complete()
-    return loss, tuple(tapper.inputs)
-
-
-def _shares(params, plan, keep, passed: _Pass, real):
+def _shares(params, plan, keep, passed: tapped.Pass, real):
     """Squared per-example norms (float64 upper bounds) and clipped-sum builders for every
     parameter; `keep` zeroes padded rows first (None: leave them), `real` marks the rows that
     may take the rules' exact path."""
@@ -277,6 +198,8 @@ def _shares(params, plan, keep, passed: _Pass, real):
     squares, books, uses, found = {}, {}, {}, []
     budget = matmul.Budget()
     for spec, a, g in zip(plan.ops, passed.inputs, passed.taps, strict=True):
+        if spec.weight is None and spec.bias is None:  # checked only (`rows`)
+            continue
         a, g = _zero_padded(upcast_half(a), keep), _zero_padded(upcast_half(g), keep)
         found += [(spec, a, g, piece) for piece in rules.pieces(spec, a, g, shapes, real, budget)]
     # The Gram-form weights' bounds, those of one shape computed together.

@@ -1,0 +1,139 @@
+"""Per-example gradients from vmap's batched kernels that do not depend on the example's row.
+
+A batched matrix product can round an example's sum over positions differently by the
+example's row in the batch (this CPU's does, for narrow shapes, from about nine rows on), and
+an example's row depends on which examples were sampled before it. The rounding moves a linear
+op's per-example gradient by at most gamma_T times its terms, sum_t |A_t| |G_t| (and its bias's
+by gamma_T sum_t |G_t|): a few roundings of an ordinary example's gradient, but an example
+whose terms cancel (inputs with a large common part under output gradients of opposite signs)
+has a gradient that is mostly rounding, and removing another example moved a clipped sum by
+twice the clip bound.
+
+So the vmap fallback's linear and addmm ops over several positions are tapped ("checked",
+`funcdp.ghost.capture`), and an example whose terms exceed AMPLIFICATION times its fallback
+gradient's norm is computed again alone, on fresh copies of its inputs: the same call whatever
+its row. A compiled graph takes no data-dependent branch: there such an example's fallback
+gradient is zero. Other products of a parameter (`matmul`, `einsum`, a linear op on a view of
+a parameter such as torch's packed attention projections) are not checked (docs/sharp_edges.md).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from funcdp._certify import squares_upper
+from funcdp.ghost import capture, tapped
+from funcdp.ghost.bounds import AMPLIFICATION
+from funcdp.tree import upcast_half, zero_rows
+
+
+def settle(loss_fn, params, plan, batch, passed: tapped.Pass, real, randomness="different"):
+    """`passed` with the fallback gradients of its amplified `real` examples computed alone."""
+    squares = total_squares(passed.fallback).sum(1) if _checked(plan) and passed.fallback else None
+    return _settled(loss_fn, params, plan, batch, passed, squares, real, randomness)
+
+
+def per_example_fn(example_loss, randomness="different"):
+    """`fn(params, buffers, rows, real, chunk_size, measure) -> (grads, losses, measured)`:
+    every parameter's per-example gradient by `vmap(grad)`, the checked ops' amplified examples
+    (of the `real` rows) computed alone, and `measure(grads)`, whose last element must be the
+    examples' squared norms [B, G] (float64 upper bounds, as `group_squares` gives): the check
+    reads them, so that the caller's measure is its only pass over the gradients (again where
+    an example was computed alone). The probe runs once per signature. A loss whose ops the
+    tapper cannot follow (a path that changes between calls) has every example computed alone."""
+    plans: dict[tuple, capture.Plan | None] = {}
+
+    def fn(params, buffers, rows, real, chunk_size, measure):
+        loss = lambda p, *example: example_loss(p, buffers, *example)  # noqa: E731
+        key = (
+            tuple((n, p.shape, p.dtype, p.device) for n, p in params.items()),
+            tuple((x.shape[1:], x.dtype, x.device) for x in rows),
+        )
+        if key not in plans:
+            plans[key] = capture.plan(loss, params, rows, vmap_all=True)
+        plan = plans[key]
+        if plan is not None:
+            try:
+                passed = tapped.one_pass(loss, params, plan, rows, chunk_size, randomness)
+            except RuntimeError as error:
+                if torch.compiler.is_compiling() or "tapped pass" not in str(error):
+                    raise
+                warnings.warn(
+                    f"{str(error).splitlines()[0]}; each example is computed alone from now on "
+                    "(slower), so that no gradient depends on its row",
+                    stacklevel=3,
+                )
+                plans[key] = plan = None
+        if plan is None:
+            alone = _alone(
+                loss,
+                params,
+                capture.Plan((), frozenset(), tuple(params)),
+                rows,
+                range(rows[0].shape[0]),
+                randomness,
+            )
+            losses = torch.cat([one.losses for one in alone]).detach()
+            grads = {name: torch.cat([one.fallback[name] for one in alone]) for name in params}
+            return grads, losses, measure(grads)
+        measured = measure(passed.fallback)
+        squares = measured[-1].sum(1) if _checked(plan) else None
+        settled = _settled(loss, params, plan, rows, passed, squares, real, randomness)
+        if settled is not passed:
+            measured = measure(settled.fallback)
+        return settled.fallback, settled.losses.detach(), measured
+
+    return fn
+
+
+def _settled(loss_fn, params, plan, batch, passed, squares, real, randomness) -> tapped.Pass:
+    """`passed` with its amplified examples' fallback gradients computed alone (zero in a
+    compiled graph); `passed` itself where none is (`squares` None: no op is checked)."""
+    if squares is None:
+        return passed
+    reach = sum(_reach(passed.inputs[i], passed.taps[i]) for i in _checked(plan))
+    amplified = real.to(reach.device) & ~(reach <= AMPLIFICATION * squares.sqrt())
+    if torch.compiler.is_compiling():
+        kept = {name: zero_rows(g, ~amplified) for name, g in passed.fallback.items()}
+        return passed._replace(fallback=kept)
+    rows = torch.nonzero(amplified).flatten()
+    if rows.numel() == 0:
+        return passed
+    alone = _alone(loss_fn, params, plan, batch, rows.tolist(), randomness)
+    fallback = {
+        name: g.index_copy(0, rows, torch.cat([one.fallback[name] for one in alone]))
+        for name, g in passed.fallback.items()
+    }
+    return passed._replace(fallback=fallback)
+
+
+def _alone(loss_fn, params, plan, batch, rows, randomness) -> list[tapped.Pass]:
+    """The pass of each of `rows` alone, on fresh copies of its inputs (a view's offset could
+    change a kernel's path): the same call whatever the example's row."""
+    return [
+        tapped.one_pass(
+            loss_fn, params, plan, tuple(x[i : i + 1].clone() for x in batch), None, randomness
+        )
+        for i in rows
+    ]
+
+
+def _checked(plan) -> list[int]:
+    return [i for i, op in enumerate(plan.ops) if op.checked is not None]
+
+
+def total_squares(grads) -> torch.Tensor:
+    """[B, 1]: float64 upper bounds on each example's squared norm over every leaf."""
+    return sum(squares_upper(upcast_half(g).flatten(1)) for g in grads.values())[:, None]
+
+
+def _reach(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """[B] float64: sum over positions of |A_t| |G_t| + |G_t|, a linear op's weight's and
+    bias's terms (the bias's whether or not it has one: a bound either way)."""
+    a, g = upcast_half(a), upcast_half(g)
+    size = g.shape[0]
+    a_norms = torch.linalg.vector_norm(a.reshape(size, -1, a.shape[-1]), dim=-1)
+    g_norms = torch.linalg.vector_norm(g.reshape(size, -1, g.shape[-1]), dim=-1)
+    return ((a_norms.double() + 1.0) * g_norms.double()).sum(1)
