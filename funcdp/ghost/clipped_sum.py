@@ -196,7 +196,8 @@ def _shares(params, plan, keep, passed: tapped.Pass, real):
     may take the rules' exact path."""
     shapes = {name: p.shape for name, p in params.items()}
     squares, books, uses, found = {}, {}, {}, []
-    budget = matmul.Budget()
+    tied_names = (name for name, used in plan.uses.items() if tuple(sorted(used)) == capture.TIED)
+    budget = matmul.Budget(fixed_layout=frozenset(tied_names))
     for spec, a, g in zip(plan.ops, passed.inputs, passed.taps, strict=True):
         if spec.weight is None and spec.bias is None:  # checked only (`rows`)
             continue
