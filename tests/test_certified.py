@@ -280,16 +280,17 @@ def test_removing_an_example_moves_the_step_by_at_most_c_when_another_is_roundin
 def test_a_batch_larger_than_its_bucket_is_computed_bucket_by_bucket(mode):
     """With buckets of one row, the sampled batch [0, 1] holds two buckets and [1] one: each
     bucket is computed on its own, so example 1 is computed in the same shape both times.
-    Computed as one piece, the two-row batch rounds example 1 otherwise, which here moves the
-    sum by more than C."""
+    Computed as one piece, the two-row batch rounded example 1 otherwise, which moved the sum
+    by more than C; the step says so, and example 1, whose terms cancel, is now computed alone
+    in every engine (`funcdp.ghost.rows`), so even then the sum moves by at most C."""
     params, batch, loss = _rounding_noise_problem()
     total = _step_sum(loss, params, mode)
     assert _distance(total(batch, [0, 1], 0, 1), total(batch, [1], 0, 1)) <= C * (1 + 1e-6)
     total = _step_sum(loss, params, mode)
     full = total(batch, [0, 1], 0)
-    with pytest.warns(UserWarning, match="pieces of 1 and of 2 rows"):  # and the step says so
+    with pytest.warns(UserWarning, match="pieces of 1 and of 2 rows"):
         rest = total(batch, [1], 0)
-    assert _distance(full, rest) > C * (1 + 1e-6)
+    assert _distance(full, rest) <= C * (1 + 1e-6)
 
 
 @pytest.mark.parametrize("mode", ["vmap", "ghost", "two_pass"])
@@ -364,6 +365,44 @@ def test_an_example_is_rounded_alike_in_every_row_of_a_wide_batch(
     def loss(params, x, g):
         second_use = 0.0 * params["weight"].sum() if shared else 0.0  # sends it to vmap
         return (F.linear(x, params["weight"]) * g).sum() + second_use
+
+    removed = data.draw(st.integers(0, size - 2))
+    total = _step_sum(loss, params, mode)
+    full = total((x, g), list(range(size)), 0)
+    rest = total((x, g), [i for i in range(size) if i != removed], 1)
+    assert _distance(full, rest) <= C * (1 + 1e-6 + 2 * size * size * 2.0**-24)
+
+
+@pytest.mark.parametrize("mode", ["ghost", "vmap", "two_pass"])
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    size=st.integers(9, 40),
+    length=st.integers(2, 20).map(lambda n: 2 * n),
+    channels=st.integers(1, 12),
+    out_channels=st.integers(1, 40),
+    kernel=st.sampled_from([1, 1, 2, 3]),
+    scale=st.sampled_from([1e4, 1e6, 1e7, 1e8]),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
+def test_a_conv_example_is_rounded_alike_in_every_row_of_a_wide_batch(
+    mode, size, length, channels, out_channels, kernel, scale, seed, data
+):
+    """vmap's batched conv backward rounds an example's weight gradient by its row too (21 of
+    150 random shapes on this CPU, mostly 1x1 kernels): removing one example moved the sum by up
+    to 6.9 C, in ghost mode too (a conv weight whose gradient is cheaper formed goes to vmap),
+    until conv ops were checked like linear ones (`funcdp.ghost.rows`)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = scale * torch.randn(size, channels, 1, generator=gen) + torch.randn(
+        size, channels, length, generator=gen
+    )
+    positions = length - kernel + 1
+    sign = torch.where(torch.arange(positions) < positions // 2, 1.0, -1.0)
+    g = torch.randn(size, out_channels, 1, generator=gen) * sign
+    params = {"weight": torch.randn(out_channels, channels, kernel, generator=gen)}
+
+    def loss(params, x, g):
+        return (F.conv1d(x[None], params["weight"])[0] * g).sum()
 
     removed = data.draw(st.integers(0, size - 2))
     total = _step_sum(loss, params, mode)

@@ -16,13 +16,14 @@ layers).
   output of each planned op (`y + tap`, so the gradient of the loss w.r.t. the tap is the op's
   output gradient B) and records the op's input A, which the train pass returns as auxiliary
   output.
-- A linear (or addmm) op over several positions whose weight goes to the vmap fallback is
+- A linear, addmm or conv op over several positions whose weight goes to the vmap fallback is
   tapped too ("checked"): vmap's batched kernels can round its per-example gradient by the
   example's row, and its A and B bound how far (`funcdp.ghost.rows`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -69,6 +70,8 @@ _SIGNATURES: dict[Callable[..., Any], tuple[str, tuple[str, ...], dict[str, Any]
     torch.addmm: (ADDMM, ("bias", "input", "weight"), {"beta": 1, "alpha": 1}),
 }
 _ADDMM_KEYWORDS = {"input": "bias", "mat1": "input", "mat2": "weight"}
+# The ops whose weight's gradient is a product summed over positions: rounded by row in vmap.
+PRODUCTS = (LINEAR, ADDMM, CONV)
 _CONV_DIMS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 
 # Reading these does not use a parameter's value.
@@ -107,8 +110,8 @@ class OpSpec(NamedTuple):
         embedding: padding_idx, num_embeddings; norms: normalized_shape or num_groups, eps).
       out_shape: the op's output shape for one example (the tap's shape).
       out_dtype: the output's dtype.
-      checked: name of the fallback parameter in the weight slot of a linear or addmm op whose
-        rounding by row is checked (`funcdp.ghost.rows`), or None.
+      checked: name of the fallback parameter in the weight slot of a linear, addmm or conv op
+        whose rounding by row is checked (`funcdp.ghost.rows`), or None.
     """
 
     kind: str
@@ -275,18 +278,18 @@ def plan(
                 continue
             if _explicit_is_cheaper(copies[weight], out, config):
                 ghost.difference_update({weight, bias})  # the bias alone is not worth a tap
-    # Fallback weights of a product over several positions; every linear use of one is checked.
+    # Fallback weights of a product over several positions; every product use of one is checked.
     checked = {
         weight
-        for kind, weight, _, _, out in spy.candidates
-        if kind in (LINEAR, ADDMM)
+        for kind, weight, _, config, out in spy.candidates
+        if kind in PRODUCTS
         and weight is not None
         and weight not in ghost
-        and out.numel() > out.shape[-1]
+        and _positions(kind, config, out) > 1
     }
     ops = []
     for kind, weight, bias, config, out in spy.candidates:
-        check = weight if weight in checked and kind in (LINEAR, ADDMM) else None
+        check = weight if weight in checked and kind in PRODUCTS else None
         weight = weight if weight in ghost else None
         bias = bias if bias in ghost else None
         if weight is not None or bias is not None or check is not None:
@@ -294,6 +297,14 @@ def plan(
     fallback = tuple(name for name in params if name not in ghost)
     uses = {name: tuple(found) for name, found in spy.uses.items()}
     return Plan(tuple(ops), frozenset(ghost), fallback, uses)
+
+
+def _positions(kind: str, config, out: torch.Tensor) -> int:
+    """How many positions (of all its leading dimensions) a product op's output holds: a
+    linear's features are its last dimension, a conv's channels precede its nd spatial ones."""
+    if kind == CONV:
+        return math.prod(out.shape[-config["nd"] :]) * math.prod(out.shape[: -config["nd"] - 1])
+    return out.numel() // max(out.shape[-1], 1)
 
 
 def _explicit_is_cheaper(weight: torch.Tensor, out: torch.Tensor, config) -> bool:
@@ -336,11 +347,10 @@ class Tapper(TorchFunctionMode):
             return out
         values = _bind(func, args, kwargs)
         weight, bias = self._name_of(values.get("weight")), self._name_of(values.get("bias"))
-        productive = _SIGNATURES[func][0] in (LINEAR, ADDMM)
         seen = (
             weight if weight in self.ghost else None,
             bias if bias in self.ghost else None,
-            weight if productive and weight in self.checked else None,
+            weight if _SIGNATURES[func][0] in PRODUCTS and weight in self.checked else None,
         )
         if seen == (None, None, None):
             return out

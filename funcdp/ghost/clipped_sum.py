@@ -141,12 +141,12 @@ def ghost_clipped_sum(
         keep = _keep(mask, batch[0].shape[0], batch[0].device)
         plan, chunk = plan_for(params, batch)
         passed = tapped.one_pass(loss_fn, params, plan, batch, chunk)
-        passed = rows.settle(loss_fn, params, plan, batch, passed, keep)
+        passed, known = rows.settle(loss_fn, params, plan, batch, passed, keep)
         # Each example's norm reads its own rows only, so padded rows are left in; in the sums
         # their factor 0 zeroes them exactly unless they hold inf or NaN (see below). A compiled
         # graph takes no data-dependent branch: it selects padded rows away from the start.
         compiling = torch.compiler.is_compiling()
-        squares, books = _shares(params, plan, keep if compiling else None, passed, keep)
+        squares, books = _shares(params, plan, keep if compiling else None, passed, keep, known)
         grouped = _grouped_squares(squares, column, len(names), keep)
         real, clean, masked = keep, grouped, compiling
         if zero_nonfinite:
@@ -190,10 +190,11 @@ def _auto_chunk(spec, loss_fn, params, plan, batch) -> int | None:
     return auto_chunk_size(fallback_loss, fallback, *batch, spec=spec)
 
 
-def _shares(params, plan, keep, passed: tapped.Pass, real):
+def _shares(params, plan, keep, passed: tapped.Pass, real, known=None):
     """Squared per-example norms (float64 upper bounds) and clipped-sum builders for every
     parameter; `keep` zeroes padded rows first (None: leave them), `real` marks the rows that
-    may take the rules' exact path."""
+    may take the rules' exact path; `known` holds fallback gradients' squares already read
+    (`rows.settle`), of rows left as they are."""
     shapes = {name: p.shape for name, p in params.items()}
     squares, books, uses, found = {}, {}, {}, []
     tied_names = (name for name, used in plan.uses.items() if tuple(sorted(used)) == capture.TIED)
@@ -219,7 +220,8 @@ def _shares(params, plan, keep, passed: tapped.Pass, real):
         squares[name], books[name] = piece.squared_norms, piece.book
     for name, per_example in passed.fallback.items():
         flat = _zero_padded(upcast_half(per_example), keep).flatten(1)
-        squares[name] = squares_upper(flat)
+        reusable = keep is None and name in (known or {})
+        squares[name] = known[name] if reusable else squares_upper(flat)
         books[name] = lambda c, flat=flat, shape=shapes[name]: (c.to(flat.dtype) @ flat).reshape(
             shape
         )

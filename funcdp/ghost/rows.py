@@ -9,7 +9,7 @@ whose terms cancel (inputs with a large common part under output gradients of op
 has a gradient that is mostly rounding, and removing another example moved a clipped sum by
 twice the clip bound.
 
-So the vmap fallback's linear and addmm ops over several positions are tapped ("checked",
+So the vmap fallback's linear, addmm and conv ops over several positions are tapped ("checked",
 `funcdp.ghost.capture`), and an example whose terms exceed AMPLIFICATION times its fallback
 gradient's norm is computed again alone, on fresh copies of its inputs: the same call whatever
 its row. A compiled graph takes no data-dependent branch: there such an example's fallback
@@ -22,6 +22,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from funcdp._certify import squares_upper
 from funcdp.ghost import capture, tapped
@@ -30,9 +31,15 @@ from funcdp.tree import upcast_half, zero_rows
 
 
 def settle(loss_fn, params, plan, batch, passed: tapped.Pass, real, randomness="different"):
-    """`passed` with the fallback gradients of its amplified `real` examples computed alone."""
-    squares = total_squares(passed.fallback).sum(1) if _checked(plan) and passed.fallback else None
-    return _settled(loss_fn, params, plan, batch, passed, squares, real, randomness)
+    """`passed` with the fallback gradients of its amplified `real` examples computed alone,
+    and the squared-norm bounds [B] of each fallback gradient's rows (`squares_upper`) that the
+    check read, for the caller to reuse: {} where it read none or the gradients changed."""
+    if not _checked(plan) or not passed.fallback:
+        return passed, {}
+    leaves = {name: squares_upper(upcast_half(g).flatten(1)) for name, g in passed.fallback.items()}
+    squares = torch.stack(list(leaves.values())).sum(0)
+    settled = _settled(loss_fn, params, plan, batch, passed, squares, real, randomness)
+    return settled, (leaves if settled is passed else {})
 
 
 def per_example_fn(example_loss, randomness="different"):
@@ -93,7 +100,10 @@ def _settled(loss_fn, params, plan, batch, passed, squares, real, randomness) ->
     compiled graph); `passed` itself where none is (`squares` None: no op is checked)."""
     if squares is None:
         return passed
-    reach = sum(_reach(passed.inputs[i], passed.taps[i]) for i in _checked(plan))
+    reach = sum(
+        _reach(plan.ops[i], passed.inputs[i], passed.taps[i], params[plan.ops[i].checked].shape)
+        for i in _checked(plan)
+    )
     amplified = real.to(reach.device) & ~(reach <= AMPLIFICATION * squares.sqrt())
     if torch.compiler.is_compiling():
         kept = {name: zero_rows(g, ~amplified) for name, g in passed.fallback.items()}
@@ -129,11 +139,25 @@ def total_squares(grads) -> torch.Tensor:
     return sum(squares_upper(upcast_half(g).flatten(1)) for g in grads.values())[:, None]
 
 
-def _reach(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """[B] float64: sum over positions of |A_t| |G_t| + |G_t|, a linear op's weight's and
-    bias's terms (the bias's whether or not it has one: a bound either way)."""
+def _reach(op, a: torch.Tensor, g: torch.Tensor, weight_shape) -> torch.Tensor:
+    """[B] float64: sum over positions of (|A_t| + 1) |G_t|, the size of the terms of a product
+    op's weight gradient and of its bias's (whether or not it has one: a bound either way).
+    A conv's A_t is the input patch that output position t reads (its norm from a convolution
+    of the squared input with ones, over all input channels: a bound for grouped convs too)."""
     a, g = upcast_half(a), upcast_half(g)
     size = g.shape[0]
-    a_norms = torch.linalg.vector_norm(a.reshape(size, -1, a.shape[-1]), dim=-1)
-    g_norms = torch.linalg.vector_norm(g.reshape(size, -1, g.shape[-1]), dim=-1)
+    if op.kind == capture.CONV:
+        nd, config = op.config["nd"], op.config
+        # [N, C, *spatial]; channels summed by a plain reduction (vector_norm over a middle
+        # dimension runs ten times slower on this CPU), the window by a one-channel conv.
+        a = a.reshape(-1, *a.shape[-nd - 1 :]).square().sum(1, keepdim=True)
+        g = g.reshape(-1, *g.shape[-nd - 1 :])
+        ones = torch.ones((1, 1, *weight_shape[2:]), dtype=a.dtype, device=a.device)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+        patches = conv(a, ones, None, config["stride"], config["padding"], config["dilation"])
+        a_norms = patches.clamp(min=0.0).sqrt().reshape(size, -1)
+        g_norms = g.square().sum(1).sqrt().reshape(size, -1)
+    else:
+        a_norms = torch.linalg.vector_norm(a.reshape(size, -1, a.shape[-1]), dim=-1)
+        g_norms = torch.linalg.vector_norm(g.reshape(size, -1, g.shape[-1]), dim=-1)
     return ((a_norms.double() + 1.0) * g_norms.double()).sum(1)
