@@ -148,6 +148,33 @@ def test_auto_takes_vmap_where_ghost_clipping_cannot_follow_the_loss():
         fdp.clipped_sum(unit_loss, max_norm=0.5, mode="ghost")(params, buffers, x, y)
 
 
+def test_vmap_computes_each_example_alone_where_the_tapper_cannot_follow_the_loss():
+    """The vmap engine taps its linear ops over several positions to check their rounding by
+    row (`funcdp.ghost.rows`). A loss whose path differs from the probe's (here its first call,
+    the probe, runs a second linear op) cannot be tapped: the engine says so and computes each
+    example alone, which gives the per-example loop's gradients."""
+    gen = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(3, 4, generator=gen), "v": torch.randn(3, 3, generator=gen)}
+    x, y = torch.randn(5, 6, 4, generator=gen), torch.randn(5, 6, 3, generator=gen)
+    calls = []
+
+    def loss(params, buffers, x, y):
+        calls.append(1)
+        out = F.linear(x, params["w"])
+        if len(calls) == 1:  # the probe's path only
+            out = F.linear(out, params["v"])
+        return (out * y).sum()
+
+    engine = fdp.clipped_sum(loss, max_norm=0.5, mode="vmap")
+    with pytest.warns(UserWarning, match="each example is computed alone"):
+        result = engine(params, {}, x, y)
+    rows = [torch.func.grad(loss)(params, {}, x[i], y[i]) for i in range(5)]
+    norms = torch.stack([torch.linalg.vector_norm(r["w"]) for r in rows])
+    expected = sum(r["w"] * min(1.0, 0.5 / float(n)) for r, n in zip(rows, norms, strict=True))
+    torch.testing.assert_close(result.grads["w"], expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(result.grads["v"], torch.zeros(3, 3))
+
+
 def _bound_between(low: float, high: float, under: torch.Tensor) -> float:
     """A bound in (low, high) where min(1, C / n) in float32, as computed before, came out one
     unit below 1 for a norm n under it."""

@@ -147,6 +147,11 @@ def handled(uses: list[str] | tuple[str, ...]) -> bool:
     """Whether ghost clipping handles a parameter used this way."""
     if len(uses) == 1:
         return uses[0].startswith("ghost ")
+    return tied(uses)
+
+
+def tied(uses: list[str] | tuple[str, ...]) -> bool:
+    """Whether a parameter used this way is an embedding tied to a linear output layer."""
     return tuple(sorted(uses)) == TIED
 
 

@@ -197,8 +197,8 @@ def _shares(params, plan, keep, passed: tapped.Pass, real, known=None):
     (`rows.settle`), of rows left as they are."""
     shapes = {name: p.shape for name, p in params.items()}
     squares, books, uses, found = {}, {}, {}, []
-    tied_names = (name for name, used in plan.uses.items() if tuple(sorted(used)) == capture.TIED)
-    budget = matmul.Budget(fixed_layout=frozenset(tied_names))
+    tied_names = frozenset(name for name, used in plan.uses.items() if capture.tied(used))
+    budget = matmul.Budget(fixed_layout=tied_names)
     for spec, a, g in zip(plan.ops, passed.inputs, passed.taps, strict=True):
         if spec.weight is None and spec.bias is None:  # checked only (`rows`)
             continue
