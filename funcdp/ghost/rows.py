@@ -19,6 +19,7 @@ a parameter such as torch's packed attention projections) are not checked (docs/
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -97,18 +98,31 @@ def per_example_fn(example_loss, randomness="different"):
 
 def _settled(loss_fn, params, plan, batch, passed, squares, real, randomness) -> tapped.Pass:
     """`passed` with its amplified examples' fallback gradients computed alone (zero in a
-    compiled graph); `passed` itself where none is (`squares` None: no op is checked)."""
+    compiled graph); `passed` itself where none is (`squares` None: no op is checked). The
+    terms' sizes are first bounded cheaply from whole-example norms; only where that bound
+    is not conclusive (rarely) are they summed position by position."""
     if squares is None:
         return passed
-    reach = sum(
-        _reach(plan.ops[i], passed.inputs[i], passed.taps[i], params[plan.ops[i].checked].shape)
-        for i in _checked(plan)
-    )
-    amplified = real.to(reach.device) & ~(reach <= AMPLIFICATION * squares.sqrt())
+    limit = AMPLIFICATION * squares.sqrt()
+    real = real.to(limit.device)
+
+    def exceeding(size_of):
+        terms = sum(
+            size_of(
+                plan.ops[i], passed.inputs[i], passed.taps[i], params[plan.ops[i].checked].shape
+            )
+            for i in _checked(plan)
+        )
+        return real & ~(terms <= limit)
+
     if torch.compiler.is_compiling():
+        amplified = exceeding(_reach)
         kept = {name: zero_rows(g, ~amplified) for name, g in passed.fallback.items()}
         return passed._replace(fallback=kept)
-    rows = torch.nonzero(amplified).flatten()
+    suspect = exceeding(_reach_bound)
+    if not bool(suspect.any()):  # the one device read of the common case
+        return passed
+    rows = torch.nonzero(suspect & exceeding(_reach)).flatten()
     if rows.numel() == 0:
         return passed
     alone = _alone(loss_fn, params, plan, batch, rows.tolist(), randomness)
@@ -137,6 +151,23 @@ def _checked(plan) -> list[int]:
 def total_squares(grads) -> torch.Tensor:
     """[B, 1]: float64 upper bounds on each example's squared norm over every leaf."""
     return sum(squares_upper(upcast_half(g).flatten(1)) for g in grads.values())[:, None]
+
+
+def _reach_bound(op, a: torch.Tensor, g: torch.Tensor, weight_shape) -> torch.Tensor:
+    """[B] float64, at least `_reach`: by Cauchy-Schwarz, sum_t (|A_t| + 1) |G_t| <=
+    (sqrt(sum_t |A_t|^2) + sqrt(T)) ||G||, and a conv's patches hold each input element at most
+    k (its kernel's size) times, so sum_t |A_t|^2 <= k ||A||^2. Two plain reductions; on
+    ordinary data within about 10% (a CNN) to 40% (ResNet-18) of the exact sum."""
+    a, g = upcast_half(a), upcast_half(g)
+    size = g.shape[0]
+    if op.kind == capture.CONV:
+        overlap, features = math.prod(weight_shape[2:]), weight_shape[0]
+    else:
+        overlap, features = 1, g.shape[-1]
+    positions = g[0].numel() // features
+    a_norms = torch.linalg.vector_norm(a.reshape(size, -1), dim=1).double()
+    g_norms = torch.linalg.vector_norm(g.reshape(size, -1), dim=1).double()
+    return (math.sqrt(overlap) * a_norms + math.sqrt(positions)) * g_norms
 
 
 def _reach(op, a: torch.Tensor, g: torch.Tensor, weight_shape) -> torch.Tensor:
