@@ -7,14 +7,15 @@ op's per-example gradient by at most gamma_T times its terms, sum_t |A_t| |G_t| 
 by gamma_T sum_t |G_t|): a few roundings of an ordinary example's gradient, but an example
 whose terms cancel (inputs with a large common part under output gradients of opposite signs)
 has a gradient that is mostly rounding, and removing another example moved a clipped sum by
-twice the clip bound.
+up to twice the clip bound (a linear op), 6.9 times (a 1x1 conv).
 
 So the vmap fallback's linear, addmm and conv ops over several positions are tapped ("checked",
 `funcdp.ghost.capture`), and an example whose terms exceed AMPLIFICATION times its fallback
 gradient's norm is computed again alone, on fresh copies of its inputs: the same call whatever
 its row. A compiled graph takes no data-dependent branch: there such an example's fallback
-gradient is zero. Other products of a parameter (`matmul`, `einsum`, a linear op on a view of
-a parameter such as torch's packed attention projections) are not checked (docs/sharp_edges.md).
+gradient is zero. Other products of a parameter (`matmul`, `einsum`, `conv_transpose`, a linear
+op on a view of a parameter such as torch's packed attention projections, funcdp's recurrent
+time loop) are not checked (docs/sharp_edges.md, "Nor on its row").
 """
 
 from __future__ import annotations
