@@ -31,6 +31,7 @@ from funcdp.ghost.bounds import (
     underflow,
 )
 from funcdp.ghost.pieces import Piece, explicit_piece
+from funcdp.tree import zero_rows
 
 _U64 = 2.0**-53
 
@@ -137,9 +138,7 @@ def settle(unsettled: list[Unsettled], real: torch.Tensor) -> list[Piece]:
     for u, rows, any_amplified in zip(unsettled, amplified, redo, strict=True):
         explicit, squares = u.explicit, u.squared
         if compiling:
-            zero = torch.zeros((), dtype=explicit.dtype)
-            explicit = torch.where(rows[:, None], zero, explicit)
-            squares = torch.where(rows, 0.0, squares)
+            explicit, squares = zero_rows(explicit, ~rows), zero_rows(squares, ~rows)
         elif any_amplified:
             for i in torch.nonzero(rows).flatten().tolist():
                 explicit[i] = _formed_alone(u.a[i], u.g[i], u.wide_last).flatten()

@@ -38,7 +38,7 @@ def settle(loss_fn, params, plan, batch, passed: tapped.Pass, real, randomness="
     check read, for the caller to reuse: {} where it read none or the gradients changed."""
     if not _checked(plan) or not passed.fallback:
         return passed, {}
-    leaves = {name: squares_upper(upcast_half(g).flatten(1)) for name, g in passed.fallback.items()}
+    leaves = _leaf_squares(passed.fallback)
     squares = torch.stack(list(leaves.values())).sum(0)
     settled = _settled(loss_fn, params, plan, batch, passed, squares, real, randomness)
     return settled, (leaves if settled is passed else {})
@@ -151,7 +151,12 @@ def _checked(plan) -> list[int]:
 
 def total_squares(grads) -> torch.Tensor:
     """[B, 1]: float64 upper bounds on each example's squared norm over every leaf."""
-    return sum(squares_upper(upcast_half(g).flatten(1)) for g in grads.values())[:, None]
+    return sum(_leaf_squares(grads).values())[:, None]
+
+
+def _leaf_squares(grads) -> dict[str, torch.Tensor]:
+    """[B] per leaf: float64 upper bounds on each example's squared norm of that leaf."""
+    return {name: squares_upper(upcast_half(g).flatten(1)) for name, g in grads.items()}
 
 
 def _reach_bound(op, a: torch.Tensor, g: torch.Tensor, weight_shape) -> torch.Tensor:
