@@ -30,7 +30,7 @@ from funcdp._pieces import piece
 from funcdp.ghost import ghost_clipped_sum
 from funcdp.ghost.rows import per_example_fn as rows_apart
 from funcdp.ghost.rows import total_squares
-from funcdp.memory import auto_chunk_size, is_auto
+from funcdp.memory import examples_in_budget, is_auto
 from funcdp.performance import Performance
 from funcdp.transforms.aggregation import aggregate
 from funcdp.transforms.base import (
@@ -342,14 +342,15 @@ def _zeroed(norms, mask) -> torch.Tensor:
 
 
 def _chunk(chunk_size, chosen: dict, example_loss, params, buffers, rows):
-    """`chunk_size`, or for "auto" the chunk measured once per row shapes (kept in `chosen`)."""
+    """`chunk_size`, or for "auto" the chunk measured once per row shapes (kept in `chosen`),
+    up to the batch's size: an eager step's batches vary in size."""
     if not is_auto(chunk_size):
         return chunk_size
-    shapes = tuple((tuple(x.shape), x.dtype) for x in rows)
+    shapes = tuple((tuple(x.shape[1:]), x.dtype) for x in rows)
     if shapes not in chosen:
         probe = lambda p, *example: example_loss(p, buffers, *example)  # noqa: E731
-        chosen[shapes] = auto_chunk_size(probe, params, *rows, spec=chunk_size)
-    return chosen[shapes]
+        chosen[shapes] = examples_in_budget(probe, params, *rows, spec=chunk_size)
+    return min(chosen[shapes], rows[0].shape[0])
 
 
 def _per_example_fn(example_loss, chunk_size, upcast: bool):

@@ -37,36 +37,49 @@ class LocalSum(NamedTuple):
 def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: str):
     """`local_sum(state, inputs, mask, key, bucket_size=None) -> LocalSum` over micro-batches.
 
-    The batch is computed in pieces of one size: `performance.microbatch_size`, or the batch's
-    bucket (`Batch.bucket_size`) where that is smaller or no micro-batch size is set, or else the
-    whole batch. A last piece shorter than the others is padded to their size. So every piece
-    has the same shape, and no example's gradient depends on how many rows are real (a kernel
-    chosen by the number of rows can round differently). A piece of padding only (after the
-    first) is not computed: its contribution is exactly zero, so padding costs nothing beyond
-    the piece that holds the last real row.
+    Eager, the step computes the real rows only, in micro-batches of
+    `performance.microbatch_size` (the last one shorter) or at once: padding costs nothing. An
+    example's rounding may then depend on how many others were sampled, as it may on its row
+    in any batch; every engine bounds that by computing alone each example whose gradient could
+    be mostly rounding (`funcdp.ghost.rows`, `funcdp.ghost.matmul.settle`).
+
+    Compiled (`performance.compile`), every piece has one shape, so that one graph serves them
+    all: `performance.microbatch_size`, or the batch's bucket (`Batch.bucket_size`) where that is
+    smaller or no micro-batch size is set, or else the whole batch; a last piece shorter than
+    the others is padded to their size, and a piece of padding only (after the first) is not
+    computed. The engine's work on one piece is compiled (`_compiled`); the keys, the sums over
+    pieces and the refusal run around it.
 
     Piece k hands the privatizer's per-example part the key `fold_in(key, k)`, so a transform
-    that draws randomness draws anew in each piece. With `performance.compile`, the engine's
-    work on one piece is compiled (`_compiled`): the pieces share its graph, however many a
-    batch has, and the keys, the sums over pieces and the refusal run around it.
+    that draws randomness draws anew in each piece.
     """
     engine = make_engine(loss_fn, split, performance, zero_nonfinite=on_nonfinite == "zero")
     run = engine if performance.compile is False else _compiled(engine, performance.compile)
 
-    piece_sizes: set[int] = set()  # seen so far: a second one is warned about, once
+    piece_sizes: set[int] = set()  # compiled, seen so far: a second one is warned about, once
 
-    def local_sum(state, inputs, mask: torch.Tensor, key, bucket_size: int | None = None):
+    def pieces(inputs, mask: torch.Tensor, bucket_size: int | None):
+        """The (rows, mask) pieces the engine computes, in order."""
+        if performance.compile is False:
+            rows, real = _real_rows(inputs, mask)
+            micro = performance.microbatch_size or real.shape[0]
+            for start in range(0, real.shape[0], micro):
+                yield tuple(x[start : start + micro] for x in rows), real[start : start + micro]
+            return
         micro = min(performance.microbatch_size or mask.shape[0], bucket_size or mask.shape[0])
         if micro not in piece_sizes:
             piece_sizes.add(micro)
             if len(piece_sizes) == 2:
-                warnings.warn(_MIXED_PIECES.format(*sorted(piece_sizes)), stacklevel=3)
-        total, parts = None, []
-        pre_state, _ = split.halves(state.privacy_state)
+                warnings.warn(_MIXED_PIECES.format(*sorted(piece_sizes)), stacklevel=4)
         for index, start in enumerate(range(0, mask.shape[0], micro)):
             rows, rows_mask = piece(inputs, mask, start, micro)
-            if index and not bool(rows_mask.any()):
-                continue
+            if index == 0 or bool(rows_mask.any()):
+                yield rows, rows_mask
+
+    def local_sum(state, inputs, mask: torch.Tensor, key, bucket_size: int | None = None):
+        total, parts = None, []
+        pre_state, _ = split.halves(state.privacy_state)
+        for index, (rows, rows_mask) in enumerate(pieces(inputs, mask, bucket_size)):
             part, pre_state = run(
                 state.params, state.buffers, rows, rows_mask, pre_state, fdr.fold_in(key, index)
             )
@@ -86,8 +99,17 @@ def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: 
     return local_sum
 
 
+def _real_rows(inputs, mask: torch.Tensor):
+    """A batch's real rows and their mask (all true); without any, its row 0 masked out, whose
+    contribution is exactly zero, so that the engine still sees a batch."""
+    index = torch.nonzero(mask).flatten()
+    if index.numel() == 0:
+        return tuple(x[:1] for x in inputs), mask[:1]
+    return tuple(x[index.to(x.device)] for x in inputs), mask[index]
+
+
 _MIXED_PIECES = (
-    "this step has computed batches in pieces of {} and of {} rows: an example's rounding can "
+    "this compiled step has computed batches in pieces of {} and of {} rows: an example's rounding can "
     "then depend on how many others were sampled, which can move the sum by more than the clip "
     "norm (docs/sharp_edges.md). Give each Batch the bucket it was padded to "
     "(Batch(..., bucket_size=B), as PoissonLoader does) or set Performance(microbatch_size=)"

@@ -1,10 +1,11 @@
-"""Pieces of one shape: a batch computed in pieces (micro-batches, vmap chunks) of equal size.
+"""Pieces of one shape: a batch computed in pieces (a compiled step's buckets or micro-batches,
+vmap chunks) of equal size.
 
-A kernel chosen by the number of rows can round differently, and an example's position moves
-when another example joins or leaves the batch. If pieces differed in size, an example could
-move from a short last piece into a full one and be rounded otherwise, so its gradient would
-depend on who else was sampled (`docs/sharp_edges.md`). So a last piece that the batch does not
-fill is padded with copies of row 0, which are masked out or cut off again.
+One compiled graph serves every piece of its shape. And a kernel chosen by the number of rows
+can round differently: if vmap chunks differed in size, an example could move from a short last
+chunk into a full one when another example joins or leaves the batch, and be rounded otherwise
+(`docs/sharp_edges.md`). So a last piece that the batch does not fill is padded with copies of
+row 0, which are masked out or cut off again.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ half the free CUDA memory of the device, or half the available RAM on the CPU. P
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -172,15 +173,27 @@ def auto_chunk_size(
     Returns:
       An int in [1, B]: 1 when even one example passes the budget (it cannot go lower).
     """
+    return min(batch[0].shape[0], examples_in_budget(loss_fn, params, *batch, spec=spec))
+
+
+def examples_in_budget(
+    loss_fn: Callable[..., torch.Tensor],
+    params: Any,
+    *batch: torch.Tensor,
+    spec: AutoChunk | str = "auto",
+) -> int:
+    """How many examples' per-example gradients and activations fit the budget (at least 1;
+    `sys.maxsize` when an example allocates nothing), measured on the batch's first row: the
+    chunk of any batch of rows shaped like it, up to its size. The train step measures once per
+    row shape, however many rows each batch has."""
     check_chunk_option(spec)
     if not batch or batch[0].dim() == 0 or batch[0].shape[0] < 1:
         raise ValueError("auto_chunk_size needs a batch with at least one row")
-    size = batch[0].shape[0]
     leaves = [p for p in tree_leaves(params) if isinstance(p, torch.Tensor)]
     device = leaves[0].device if leaves else batch[0].device
     budget = memory_budget(device, spec)
     cost = example_cost(loss_fn, params, *(x[0] for x in batch))
-    return chunk_for_budget(cost.total, budget, size)
+    return chunk_for_budget(cost.total, budget, sys.maxsize)
 
 
 def chunk_for_budget(example_bytes: int, budget_bytes: int, batch_size: int) -> int:

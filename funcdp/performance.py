@@ -35,13 +35,15 @@ class Performance(NamedTuple):
         default 32); the loss must be deterministic (random layers raise).
       chunk_size: vmap at most this many examples at once (bounds activation memory); "auto"
         or a `funcdp.memory.AutoChunk` picks the largest chunk under a memory budget, measured
-        once per micro-batch shape (in ghost mode: for the vmapped parameters only). A last
-        chunk that the micro-batch does not fill is padded to the chunk's shape.
+        once per example shape (in ghost mode: for the vmapped parameters only). A last chunk
+        that the micro-batch does not fill is padded to the chunk's shape.
       microbatch_size: split the batch into micro-batches of this many rows, each clipped and
-        summed before the next is differentiated (bounds per-example gradient memory). Without
-        it, a batch that carries its bucket (`Batch.bucket_size`, from the loaders) is computed
-        one bucket at a time; with it, in pieces of the smaller of the two. Every piece has one
-        shape (the last one padded), and a piece of padding only is skipped.
+        summed before the next is differentiated (bounds per-example gradient memory). An eager
+        step computes the real rows only, in micro-batches of this size (the last one shorter)
+        or at once. A compiled step computes a batch that carries its bucket
+        (`Batch.bucket_size`, from the loaders) one bucket at a time, or in pieces of the
+        smaller of the two; every compiled piece has one shape (the last one padded), and a
+        piece of padding only is skipped.
       autocast_dtype: None, torch.bfloat16 or torch.float16: run the loss (forward and
         backward) under `torch.autocast` in that dtype. Losses, gradients (in ghost mode each
         op's input and output gradient) are widened to float32 before clipping, so norms, noise

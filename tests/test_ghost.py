@@ -308,15 +308,16 @@ def test_auto_chunks_size_the_fallback_gradients_only(monkeypatch):
         asked.append((args[1], original(*args, **kwargs)))
         return asked[-1][1]
 
-    original = clipped_sum.auto_chunk_size
-    monkeypatch.setattr(clipped_sum, "auto_chunk_size", spy)
+    original = clipped_sum.examples_in_budget
+    monkeypatch.setattr(clipped_sum, "examples_in_budget", spy)
     tiny = fdp.AutoChunk(budget_bytes=1)  # one example per chunk
     for name, fallback in (("mlp", False), ("lstm", True)):
         loss_fn, params, batch, mask = _problem(name, "finite")
         whole = ghost_clipped_sum(loss_fn, max_norm=0.3)(params, *batch, mask=mask)
         fn = ghost_clipped_sum(loss_fn, max_norm=0.3, chunk_size=tiny)
-        for _ in range(2):  # sized once per batch signature
+        for _ in range(2):  # sized once per example signature
             _assert_close_relative(fn(params, *batch, mask=mask).grads, whole.grads)
+        fn(params, *(x[:3] for x in batch), mask=mask[:3])  # another batch size: not again
         if fallback:  # the budget covered the fallback parameters, not the ghost ones
             ((measured, chunk),) = asked
             assert set(measured) == set(plan(loss_fn, params, batch).fallback) and chunk == 1

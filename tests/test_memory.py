@@ -215,13 +215,13 @@ def test_auto_train_step_equals_the_unchunked_step(performance, mode):
 
 def test_auto_train_step_measures_once_and_keeps_the_state_pure(monkeypatch):
     calls = []
-    original = memory.auto_chunk_size
+    original = memory.examples_in_budget
 
     def counting(*args, **kwargs):
         calls.append(kwargs["spec"])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr("funcdp._engines.auto_chunk_size", counting)
+    monkeypatch.setattr("funcdp._engines.examples_in_budget", counting)
     loss_fn, privatizer, optimizer, params, buffers, batch = _train_problem()
     step = fdp.make_train_step(
         loss_fn, privatizer, optimizer, performance=fdp.Performance(chunk_size="auto", mode="vmap")
@@ -231,8 +231,8 @@ def test_auto_train_step_measures_once_and_keeps_the_state_pure(monkeypatch):
     )
     before = {k: v.clone() for k, v in state.params.items()}
     new, _ = step(state, batch)
-    step(new, batch)
-    assert calls == ["auto"]  # measured on the first step only
+    step(new, fdp.Batch(batch.inputs, torch.arange(16) < 7))  # 7 real rows computed, not 13
+    assert calls == ["auto"]  # measured on the first step only, whatever the batch's size
     assert_trees_equal(state.params, before)  # the probe changed nothing
 
 

@@ -11,7 +11,7 @@ from funcdp._certify import matmul_roundoff, norms_upper, squares_upper, with_ma
 from funcdp._checks import check_mask, check_positive
 from funcdp._rules import flat_factors
 from funcdp.ghost import capture, matmul, rows, rules, tapped, tied
-from funcdp.memory import ChunkSize, auto_chunk_size, check_chunk_option, is_auto
+from funcdp.memory import ChunkSize, check_chunk_option, examples_in_budget, is_auto
 from funcdp.tree import all_finite, upcast_half, zero_rows
 
 LossFn = Callable[..., Any]
@@ -108,7 +108,7 @@ def ghost_clipped_sum(
         raise ValueError(f'conv_explicit must be "vmap" or "unfold", got {conv_explicit!r}')
     check_chunk_option(chunk_size)
     plans: dict[tuple, capture.Plan] = {}  # by parameter and example signature
-    chunks: dict[tuple, int | None] = {}  # chunk_size="auto": by that and the batch size
+    chunks: dict[tuple, int | None] = {}  # chunk_size="auto": examples in budget, by that too
 
     def plan_for(params, batch) -> tuple[capture.Plan, int | None]:
         """The probe's plan, run once per signature (the tapper checks each pass against
@@ -121,10 +121,10 @@ def ghost_clipped_sum(
             plans[key] = capture.plan(loss_fn, params, batch, conv_explicit=conv_explicit)
         if not is_auto(chunk_size):
             return plans[key], chunk_size
-        sized = (key, batch[0].shape[0])
-        if sized not in chunks:
-            chunks[sized] = _auto_chunk(chunk_size, loss_fn, params, plans[key], batch)
-        return plans[key], chunks[sized]
+        if key not in chunks:
+            chunks[key] = _auto_chunk(chunk_size, loss_fn, params, plans[key], batch)
+        chunk = chunks[key]
+        return plans[key], None if chunk is None else min(chunk, batch[0].shape[0])
 
     def fn(params: Mapping[str, torch.Tensor], *batch: Any, mask=None) -> GhostResult:
         if not isinstance(params, Mapping):
@@ -178,8 +178,8 @@ def ghost_clipped_sum(
 
 
 def _auto_chunk(spec, loss_fn, params, plan, batch) -> int | None:
-    """The largest chunk whose fallback gradients and activations fit the budget of `spec`;
-    None (one piece) when there are no fallback parameters: nothing per-example is formed."""
+    """How many examples' fallback gradients and activations fit the budget of `spec`; None
+    (one piece) when there are no fallback parameters: nothing per-example is formed."""
     if not plan.fallback:
         return None
     fallback = {name: params[name] for name in plan.fallback}
@@ -187,7 +187,7 @@ def _auto_chunk(spec, loss_fn, params, plan, batch) -> int | None:
     def fallback_loss(own, *example):
         return loss_fn({**params, **own}, *example)
 
-    return auto_chunk_size(fallback_loss, fallback, *batch, spec=spec)
+    return examples_in_budget(fallback_loss, fallback, *batch, spec=spec)
 
 
 def _shares(params, plan, keep, passed: tapped.Pass, real, known=None):
