@@ -100,9 +100,12 @@ def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: 
 
 
 def _real_rows(inputs, mask: torch.Tensor):
-    """A batch's real rows and their mask (all true); without any, its row 0 masked out, whose
-    contribution is exactly zero, so that the engine still sees a batch."""
+    """A batch's real rows and their mask (all true), the batch itself where every row is real;
+    without any, its row 0 masked out, whose contribution is exactly zero, so that the engine
+    still sees a batch."""
     index = torch.nonzero(mask).flatten()
+    if index.numel() == mask.shape[0]:
+        return inputs, mask
     if index.numel() == 0:
         return tuple(x[:1] for x in inputs), mask[:1]
     return tuple(x[index.to(x.device)] for x in inputs), mask[index]
