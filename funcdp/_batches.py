@@ -28,10 +28,11 @@ class Batch(NamedTuple):
     process group refuses a batch that is not its rank's shard.
 
     `bucket_size` is the size the sampler padded to (the batch holds a whole number of buckets,
-    real rows first). An eager train step computes the real rows only, whatever it is; a
-    compiled one computes such a batch bucket by bucket (skipping a bucket of padding only), so
-    every compiled piece has the bucket's shape, and None computes the whole batch as one piece
-    (unless `Performance(microbatch_size=)` says otherwise).
+    real rows first). An eager train step whose gradients are row-free computes the real rows
+    only, whatever it is (`funcdp.ghost.capture.row_free`); other steps compute such a batch
+    bucket by bucket (skipping a bucket of padding only), so every piece has the bucket's
+    shape, and None computes the whole batch as one piece (unless
+    `Performance(microbatch_size=)` says otherwise).
     """
 
     inputs: tuple[torch.Tensor, ...]
@@ -42,12 +43,12 @@ class Batch(NamedTuple):
 
 # The index samplers' batches are gathered into a `Batch` by hand, which need not say its bucket,
 # so their default is one that a batch exceeds with negligible probability. The loaders pass the
-# bucket on (`Batch.bucket_size`) and a compiled step computes a batch one bucket at a time (an
-# eager one, the real rows only), so theirs is tight: at 2 sd a batch needs a second bucket in about one step in 40. A looser bucket
-# computes more padding on every step, a tighter one a second bucket more often; at 2 sd the
-# expected cost is within a few percent of the best fixed size on the benchmark models
-# (`bench/poisson_padding.py`), and the rare second bucket costs little where kernels launch
-# anyway (a GPU).
+# bucket on (`Batch.bucket_size`) and a step computes a batch one bucket at a time (an eager one
+# whose gradients are row-free, the real rows only), so theirs is tight: at 2 sd a batch needs a
+# second bucket in about one step in 40. A looser bucket computes more padding on every step, a
+# tighter one a second bucket more often; at 2 sd the expected cost is within a few percent of the
+# best fixed size on the benchmark models (`bench/poisson_padding.py`), and the rare second bucket
+# costs little where kernels launch anyway (a GPU).
 SAMPLER_SDS, LOADER_SDS = 6.0, 2.0
 
 

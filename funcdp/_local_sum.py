@@ -14,8 +14,10 @@ from typing import Any, NamedTuple
 import torch
 
 from funcdp import random as fdr
+from funcdp._autocast import autocast_loss
 from funcdp._engines import make_engine
 from funcdp._pieces import piece
+from funcdp.ghost import capture
 from funcdp.performance import Performance
 from funcdp.transforms.base import Split
 from funcdp.tree import tree_add
@@ -37,30 +39,43 @@ class LocalSum(NamedTuple):
 def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: str):
     """`local_sum(state, inputs, mask, key, bucket_size=None) -> LocalSum` over micro-batches.
 
-    Eager, the step computes the real rows only, in micro-batches of
+    Eager, where the loss's per-example gradients are row-free (`capture.row_free`, probed once
+    per signature), the step computes the real rows only, in micro-batches of
     `performance.microbatch_size` (the last one shorter) or at once: padding costs nothing. An
-    example's rounding may then depend on how many others were sampled, as it may on its row
-    in any batch; every engine bounds that by computing alone each example whose gradient could
-    be mostly rounding (`funcdp.ghost.rows`, `funcdp.ghost.matmul.settle`).
+    example's rounding may then depend on how many others were sampled, as it may on its row in
+    any batch; every engine bounds that by computing alone each example whose gradient could be
+    mostly rounding (`funcdp.ghost.rows`, `funcdp.ghost.matmul.settle`).
 
-    Compiled (`performance.compile`), every piece has one shape, so that one graph serves them
-    all: `performance.microbatch_size`, or the batch's bucket (`Batch.bucket_size`) where that is
-    smaller or no micro-batch size is set, or else the whole batch; a last piece shorter than
-    the others is padded to their size, and a piece of padding only (after the first) is not
-    computed. The engine's work on one piece is compiled (`_compiled`); the keys, the sums over
-    pieces and the refusal run around it.
+    Otherwise, and compiled (`performance.compile`, so that one graph serves every piece), each
+    piece has one shape: `performance.microbatch_size`, or the batch's bucket
+    (`Batch.bucket_size`) where that is smaller or no micro-batch size is set, or else the whole
+    batch; a last piece shorter than the others is padded to their size, and a piece of padding
+    only (after the first) is not computed. The engine's work on one piece is compiled
+    (`_compiled`); the keys, the sums over pieces and the refusal run around it.
 
     Piece k hands the privatizer's per-example part the key `fold_in(key, k)`, so a transform
     that draws randomness draws anew in each piece.
     """
     engine = make_engine(loss_fn, split, performance, zero_nonfinite=on_nonfinite == "zero")
+    example_loss = autocast_loss(loss_fn, performance.autocast_dtype)  # as the engine runs it
     run = engine if performance.compile is False else _compiled(engine, performance.compile)
 
-    piece_sizes: set[int] = set()  # compiled, seen so far: a second one is warned about, once
+    piece_sizes: set[int] = set()  # of one shape, seen so far: a second one is warned about, once
+    free: dict[tuple, bool] = {}  # `capture.row_free`, by parameter and example signature
 
-    def pieces(inputs, mask: torch.Tensor, bucket_size: int | None):
+    def row_free(state, inputs) -> bool:
+        key = (
+            tuple((n, p.shape, p.dtype, p.device) for n, p in state.params.items()),
+            tuple((x.shape[1:], x.dtype, x.device) for x in inputs),
+        )
+        if key not in free:
+            loss = lambda params, *example: example_loss(params, state.buffers, *example)  # noqa: E731
+            free[key] = capture.row_free(capture.plan(loss, state.params, inputs, vmap_all=True))
+        return free[key]
+
+    def pieces(state, inputs, mask: torch.Tensor, bucket_size: int | None):
         """The (rows, mask) pieces the engine computes, in order."""
-        if performance.compile is False:
+        if performance.compile is False and row_free(state, inputs):
             rows, real = _real_rows(inputs, mask)
             micro = performance.microbatch_size or real.shape[0]
             for start in range(0, real.shape[0], micro):
@@ -79,7 +94,7 @@ def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: 
     def local_sum(state, inputs, mask: torch.Tensor, key, bucket_size: int | None = None):
         total, parts = None, []
         pre_state, _ = split.halves(state.privacy_state)
-        for index, (rows, rows_mask) in enumerate(pieces(inputs, mask, bucket_size)):
+        for index, (rows, rows_mask) in enumerate(pieces(state, inputs, mask, bucket_size)):
             part, pre_state = run(
                 state.params, state.buffers, rows, rows_mask, pre_state, fdr.fold_in(key, index)
             )
@@ -112,7 +127,7 @@ def _real_rows(inputs, mask: torch.Tensor):
 
 
 _MIXED_PIECES = (
-    "this compiled step has computed batches in pieces of {} and of {} rows: an example's rounding can "
+    "this step has computed batches in pieces of {} and of {} rows: an example's rounding can "
     "then depend on how many others were sampled, which can move the sum by more than the clip "
     "norm (docs/sharp_edges.md). Give each Batch the bucket it was padded to "
     "(Batch(..., bucket_size=B), as PoissonLoader does) or set Performance(microbatch_size=)"

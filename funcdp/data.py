@@ -4,9 +4,9 @@ Privacy amplification by subsampling, which the accountant assumes, holds when e
 joins each batch independently with probability q. The realised batch size is then random; to
 keep tensor shapes fixed, each batch is padded to a bucket size and carries a boolean mask. A
 batch is never truncated: one larger than the bucket is padded to the next multiple of it. The
-loaders say their bucket in each `Batch` (`bucket_size`): an eager train step computes the real
-rows only, and a compiled one computes a batch one bucket at a time, so every compiled piece
-keeps one shape; as they need not pad for rare large batches, their bucket is tight (mean + 2 sd,
+loaders say their bucket in each `Batch` (`bucket_size`): an eager train step whose gradients
+are row-free computes the real rows only, and other steps compute a batch one bucket at a time,
+so every piece keeps one shape; as they need not pad for rare large batches, their bucket is tight (mean + 2 sd,
 against the samplers' mean + 6 sd).
 """
 
@@ -176,7 +176,8 @@ class PoissonLoader:
     `world_size > 1` each rank gets its shard of the same logical batch, and with `secure=True`
     membership is drawn from the OS's entropy (see `poisson_batches`). Batches are padded to a
     whole number of buckets of `bucket_size` rows (default mean + 2 sd, per rank), which each
-    batch carries, so that a compiled train step computes it one bucket at a time.
+    batch carries, so that a train step that needs pieces of one shape (compiled, or with
+    gradients that are not row-free) computes it one bucket at a time.
     """
 
     def __init__(

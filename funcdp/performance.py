@@ -39,11 +39,11 @@ class Performance(NamedTuple):
         that the micro-batch does not fill is padded to the chunk's shape.
       microbatch_size: split the batch into micro-batches of this many rows, each clipped and
         summed before the next is differentiated (bounds per-example gradient memory). An eager
-        step computes the real rows only, in micro-batches of this size (the last one shorter)
-        or at once. A compiled step computes a batch that carries its bucket
-        (`Batch.bucket_size`, from the loaders) one bucket at a time, or in pieces of the
-        smaller of the two; every compiled piece has one shape (the last one padded), and a
-        piece of padding only is skipped.
+        step whose gradients are row-free (`funcdp.ghost.capture.row_free`) computes the real
+        rows only, in micro-batches of this size (the last one shorter) or at once. Other steps
+        (compiled ones included) compute a batch that carries its bucket (`Batch.bucket_size`,
+        from the loaders) one bucket at a time, or in pieces of the smaller of the two; every
+        such piece has one shape (the last one padded), and a piece of padding only is skipped.
       autocast_dtype: None, torch.bfloat16 or torch.float16: run the loss (forward and
         backward) under `torch.autocast` in that dtype. Losses, gradients (in ghost mode each
         op's input and output gradient) are widened to float32 before clipping, so norms, noise

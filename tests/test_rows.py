@@ -1,16 +1,21 @@
-"""The row check's cheap bound on an op's terms (`funcdp.ghost.rows`): it decides alone which
-examples are not amplified, so it must never fall below the exact sum it stands in for."""
+"""The row check (`funcdp.ghost.rows`): its cheap bound on an op's terms decides alone which
+examples are not amplified, so it must never fall below the exact sum it stands in for; and
+`capture.row_free` tells which losses it covers whole (their eager steps compute real rows
+only)."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import funcdp as fdp
 from funcdp.ghost import capture, rows
+from tests import models
 
 
 def _op(kind, **config):
@@ -78,3 +83,39 @@ def test_the_linear_bound_is_at_least_the_exact_terms(positions, d, p, common, s
     bound = rows._reach_bound(op, a, g, (p, d))
     assert bool((bound >= exact * (1 - 1e-5)).all())
     assert math.isfinite(float(bound.max()))
+
+
+def _row_free(module, *example) -> bool:
+    apply_fn, params, buffers = fdp.functionalize(module)
+
+    def loss(params, *example):
+        out = apply_fn(params, buffers, *(x[None] for x in example))
+        return (out[0] if isinstance(out, tuple) else out).square().sum()
+
+    return capture.row_free(capture.plan(loss, params, example, vmap_all=True))
+
+
+@pytest.mark.parametrize(
+    "name,free",
+    [
+        ("linear_layernorm", True),
+        ("conv2d", True),
+        ("embedding", True),
+        ("tied", True),
+        ("frozen", True),
+        ("multihead_attention", False),  # torch's own attention: the weights' views
+    ],
+)
+def test_row_free_where_every_parameter_has_one_use_the_check_covers(name, free):
+    module, x, _ = models.make(name, 3)
+    assert _row_free(module, x) == free
+
+
+def test_not_row_free_where_a_parameter_is_used_otherwise_or_not_seen():
+    x = torch.randn(3, 4, 5)
+    assert not _row_free(fdp.nn.LSTM(5, 3, batch_first=True), x)  # its recurrent time loop
+    assert not _row_free(torch.nn.ConvTranspose1d(4, 2, 3), x)
+    assert not _row_free(fdp.nn.Bilinear(5, 5, 2), x, x)
+    unused = torch.nn.Sequential(torch.nn.Linear(5, 2))
+    unused.register_parameter("spare", torch.nn.Parameter(torch.zeros(2)))
+    assert not _row_free(unused, x)

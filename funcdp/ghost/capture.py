@@ -155,6 +155,20 @@ def tied(uses: list[str] | tuple[str, ...]) -> bool:
     return tuple(sorted(uses)) == TIED
 
 
+def row_free(plan: Plan) -> bool:
+    """Whether every per-example gradient the loss gives is free of its row and of the batch's
+    size, as far as the row check bounds (`funcdp.ghost.rows`): each parameter used once, in a
+    slot of a supported op (or an embedding tied to its output layer). Then a product over
+    several positions is checked, one over a single position is an outer product (nothing
+    summed), and the other ops sum over the example's own positions (torch's reductions, which
+    a scan found independent of the batch's size). A parameter used otherwise (a recurrent time
+    loop, `conv_transpose`, `einsum`, a view of it, an elementwise use), or by nothing the probe
+    saw (unused, or read by a `torch.ops` call), is not: crafted `conv_transpose` examples moved
+    a sum by 1.07 C between batches of 2 and 1 rows, and by at most C in batches of one shape.
+    Run on a plan with `vmap_all`."""
+    return all(handled(uses) for uses in plan.uses.values())
+
+
 def _bind(func: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     kind, names, defaults = _SIGNATURES[func]
     values = dict(defaults)
