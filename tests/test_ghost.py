@@ -472,8 +472,9 @@ def test_a_forward_that_changes_path_is_refused():
             params = {**params, "4.weight": params["4.weight"] * 1.0}
         return loss_fn(params, x, y)
 
-    with pytest.raises(RuntimeError, match="probe saw"):
+    with pytest.raises(RuntimeError, match="probe saw") as raised:
         ghost_clipped_sum(changing, max_norm=1.0)(params, *batch)
+    assert 'Performance(mode="vmap") takes it' in str(raised.value)
 
 
 @pytest.mark.parametrize(

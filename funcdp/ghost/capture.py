@@ -340,6 +340,13 @@ def _explicit_is_cheaper(weight: torch.Tensor, out: torch.Tensor, config) -> boo
     return positions * (out_channels + inputs) >= out_channels * inputs
 
 
+# The first line of the tapper's errors is the cause; this second line, what a user can do.
+_PATH_HINT = (
+    '\nGhost clipping cannot follow a loss whose path changes; Performance(mode="vmap") '
+    "takes it (each example computed alone, slower)"
+)
+
+
 class Tapper(TorchFunctionMode):
     """Adds `taps[k]` to the output of the k-th planned op and records the op's input.
 
@@ -380,7 +387,7 @@ class Tapper(TorchFunctionMode):
                 f"funcdp's tapped pass: the forward called op {index} with parameters {seen}, "
                 "but the probe saw "
                 f"{None if spec is None else (spec.weight, spec.bias, spec.checked)}; the loss "
-                "must take the same path for every example and every call"
+                "must take the same path for every example and every call" + _PATH_HINT
             )
         self.inputs.append(values["input"])
         return out + self.taps[index]
@@ -398,5 +405,5 @@ class Tapper(TorchFunctionMode):
             raise RuntimeError(
                 f"funcdp's tapped pass: the forward ran {len(self.inputs)} of the {len(self.ops)} "
                 "ops the probe saw; the loss must take the same path for every example and every "
-                "call"
+                "call" + _PATH_HINT
             )
