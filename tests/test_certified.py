@@ -241,29 +241,41 @@ def _distance(a, b) -> float:
     return _norm({k: a[k].double() - b[k].double() for k in a})
 
 
-def _rounding_noise_problem():
-    """Example 1's conv inputs share a 1e6 common part under output gradients that cancel, so
-    its computed gradient is mostly rounding, and the rounding depends on the kernel's batch
-    shape. Returns (params, (x, g), loss)."""
-    gen = torch.Generator().manual_seed(20)
-    channels, out, kernel, length = 3, 4, 3, 16
+def _crafted_conv_problem(seed: int, conv, weight_shape, positions: int, rows: int = 2):
+    """Example 1's inputs share a 1e6 common part under output gradients that cancel, so its
+    computed gradient is mostly rounding, and the rounding depends on the kernel's batch
+    shape. `conv(x, weight, bias)` maps one example's [1, 3, 16] input to [1, 4, positions];
+    `rows` examples are drawn and the first two kept. Returns (params, (x, g), loss)."""
+    gen = torch.Generator().manual_seed(seed)
+    channels, out, length = 3, 4, 16
     params = {
-        "weight": torch.randn(out, channels, kernel, generator=gen),
+        "weight": torch.randn(*weight_shape, generator=gen),
         "bias": torch.randn(out, generator=gen),
     }
-    x = torch.randn(2, channels, length, generator=gen)
+    x = torch.randn(rows, channels, length, generator=gen)
     x[1] = 1e6 * torch.randn(channels, 1, generator=gen) + torch.randn(
         channels, length, generator=gen
     )
-    positions = length - kernel + 1
     v = 1e6 * torch.randn(out, 1, generator=gen)
-    g = torch.randn(2, out, positions, generator=gen)
+    g = torch.randn(rows, out, positions, generator=gen)
     g[1] = torch.cat([v, -v] * (positions // 2), dim=1)
 
     def loss(params, x, g):
-        return (F.conv1d(x[None], params["weight"], params["bias"])[0] * g).sum()
+        return (conv(x[None], params["weight"], params["bias"])[0] * g).sum()
 
-    return params, (x, g), loss
+    return params, (x[:2], g[:2]), loss
+
+
+def _rounding_noise_problem():
+    """`_crafted_conv_problem` through a conv (kernel 3)."""
+    return _crafted_conv_problem(20, F.conv1d, (4, 3, 3), 16 - 3 + 1)
+
+
+def _transposed_conv_problem():
+    """`_crafted_conv_problem` through a transposed conv (kernel 3), whose per-example gradients
+    the row check does not cover. Seed 19: of 40 seeds, the one where computing only the real
+    rows moved the sum most."""
+    return _crafted_conv_problem(19, F.conv_transpose1d, (3, 4, 3), 16 + 3 - 1, rows=4)
 
 
 @pytest.mark.parametrize("amplification", [AMPLIFICATION, float("inf")])
@@ -289,31 +301,6 @@ def test_removing_an_example_moves_the_step_by_at_most_c_when_another_is_roundin
             assert _distance(full, rest) > C * (1 + 1e-6)
         else:
             assert _distance(full, rest) <= C * (1 + 1e-6)
-
-
-def _transposed_conv_problem():
-    """`_rounding_noise_problem` through a transposed conv, whose per-example gradients the row
-    check does not cover. Seed 19: of 40 seeds, the one where computing only the real rows
-    moved the sum most. Returns (params, (x, g), loss)."""
-    gen = torch.Generator().manual_seed(19)
-    channels, out, kernel, length = 3, 4, 3, 16
-    params = {
-        "weight": torch.randn(channels, out, kernel, generator=gen),
-        "bias": torch.randn(out, generator=gen),
-    }
-    x = torch.randn(4, channels, length, generator=gen)
-    x[1] = 1e6 * torch.randn(channels, 1, generator=gen) + torch.randn(
-        channels, length, generator=gen
-    )
-    positions = length + kernel - 1
-    v = 1e6 * torch.randn(out, 1, generator=gen)
-    g = torch.randn(4, out, positions, generator=gen)
-    g[1] = torch.cat([v, -v] * (positions // 2), dim=1)
-
-    def loss(params, x, g):
-        return (F.conv_transpose1d(x[None], params["weight"], params["bias"])[0] * g).sum()
-
-    return params, (x[:2], g[:2]), loss
 
 
 @pytest.mark.parametrize("mode", ["vmap", "ghost", "two_pass"])
