@@ -6,8 +6,8 @@ keep tensor shapes fixed, each batch is padded to a bucket size and carries a bo
 batch is never truncated: one larger than the bucket is padded to the next multiple of it. The
 loaders say their bucket in each `Batch` (`bucket_size`): an eager train step whose gradients
 are row-free computes the real rows only, and other steps compute a batch one bucket at a time,
-so every piece keeps one shape; as they need not pad for rare large batches, their bucket is tight (mean + 2 sd,
-against the samplers' mean + 6 sd).
+so every piece keeps one shape; as they need not pad for rare large batches, their bucket is
+tight (mean + 2 sd, against the samplers' mean + 6 sd).
 """
 
 from __future__ import annotations

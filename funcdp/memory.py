@@ -173,7 +173,8 @@ def auto_chunk_size(
     Returns:
       An int in [1, B]: 1 when even one example passes the budget (it cannot go lower).
     """
-    return min(batch[0].shape[0], examples_in_budget(loss_fn, params, *batch, spec=spec))
+    chunk = examples_in_budget(loss_fn, params, *batch, spec=spec)  # checks the batch first
+    return min(batch[0].shape[0], chunk)
 
 
 def examples_in_budget(

@@ -587,8 +587,8 @@ def test_default_mode_takes_vmap_where_ghost_cannot_go(monkeypatch):
 
 
 def test_micro_batches_of_padding_only_are_not_computed():
-    """Padding costs nothing beyond the micro-batch of the last real row: a micro-batch of
-    padded rows only is skipped (its share is exactly zero), with the same new state."""
+    """Padding costs nothing: an eager step computes micro-batches of the real rows only (the
+    loss is row-free), with the same new state."""
     model = nn.Sequential(nn.Linear(3, 2))
     apply_fn, params, buffers = fdp.functionalize(model)
     calls = []
@@ -613,7 +613,7 @@ def test_micro_batches_of_padding_only_are_not_computed():
     micro(state, batch)  # its probe (for the rounding check) runs on the first call only
     calls.clear()
     new, metrics = micro(state, batch)
-    assert len(calls) == 2  # the real rows 0-3 and 4
+    assert len(calls) == 2  # the real rows 0-3, then 4
     assert metrics["batch_size"] == expected_metrics["batch_size"] == 5
     for name, value in expected.params.items():
         torch.testing.assert_close(new.params[name], value, rtol=1e-6, atol=1e-7)
