@@ -44,7 +44,11 @@ def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: 
     `performance.microbatch_size` (the last one shorter) or at once: padding costs nothing. An
     example's rounding may then depend on how many others were sampled, as it may on its row in
     any batch; every engine bounds that by computing alone each example whose gradient could be
-    mostly rounding (`funcdp.ghost.rows`, `funcdp.ghost.matmul.settle`).
+    mostly rounding (`funcdp.ghost.rows`, `funcdp.ghost.matmul.settle`). But a piece of one row
+    is computed as two (the second a masked copy), unless every piece has one row
+    (`microbatch_size=1`): with several threads torch sums a long reduction whose output is one
+    number in two passes, so a lone row's bias gradient over many positions rounds otherwise
+    than the same row's among others (one crafted example moved a ghost sum by 1.02 C).
 
     Otherwise, and compiled (`performance.compile`, so that one graph serves every piece), each
     piece has one shape: `performance.microbatch_size`, or the batch's bucket
@@ -79,7 +83,9 @@ def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: 
             rows, real = _real_rows(inputs, mask)
             micro = performance.microbatch_size or real.shape[0]
             for start in range(0, real.shape[0], micro):
-                yield tuple(x[start : start + micro] for x in rows), real[start : start + micro]
+                part = tuple(x[start : start + micro] for x in rows), real[start : start + micro]
+                lone = part[1].shape[0] == 1 and performance.microbatch_size != 1
+                yield piece(*part, 0, 2) if lone else part
             return
         micro = min(performance.microbatch_size or mask.shape[0], bucket_size or mask.shape[0])
         if micro not in piece_sizes:

@@ -17,7 +17,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import funcdp as fdp
-from funcdp.ghost.bounds import AMPLIFICATION
 from funcdp.testing import check_engine_sensitivity, sequence_examples
 
 C = 1.0
@@ -278,29 +277,29 @@ def _transposed_conv_problem():
     return _crafted_conv_problem(19, F.conv_transpose1d, (3, 4, 3), 16 + 3 - 1, rows=4)
 
 
-@pytest.mark.parametrize("amplification", [AMPLIFICATION, float("inf")])
 @pytest.mark.parametrize("mode", ["vmap", "ghost", "two_pass"])
 def test_removing_an_example_moves_the_step_by_at_most_c_when_another_is_rounding_noise(
-    monkeypatch, mode, amplification
+    monkeypatch, mode
 ):
-    """The eager step computes the real rows only: the sampled batches [0, 1] and [1] in shapes
-    of 2 and 1 rows however they were padded and bucketed, so example 1 is rounded otherwise in
-    each. Its terms cancel, so every engine computes it alone (`funcdp.ghost.rows`) and the sum
-    moves by at most C. Without that check (amplification inf) the sum moved by 1.04 C here
-    (1.18 C on 28 of 40 such seeds)."""
+    """The eager step computes the real rows only: the sampled batches [0, 1] and [1], however
+    they were padded and bucketed, as 2 rows and as 1 row computed as two (a masked copy).
+    Example 1's terms cancel, so every engine also computes it alone (`funcdp.ghost.rows`),
+    and the sum moves by at most C. A lone row computed as one rounds example 1 otherwise than
+    two rows do: without the check, that moved the sum by 1.04 C here (1.18 C on 28 of 40 such
+    seeds when the step first computed only the real rows)."""
     from funcdp.ghost import bounds, rows
 
-    monkeypatch.setattr(bounds, "AMPLIFICATION", amplification)
-    monkeypatch.setattr(rows, "AMPLIFICATION", amplification)
     params, batch, loss = _rounding_noise_problem()
     total = _step_sum(loss, params, mode)
     for padding, bucket_size in [(0, None), (2, None), (0, 1), (3, 2)]:
         full = total(batch, [0, 1], padding, bucket_size)
         rest = total(batch, [1], padding + 1, bucket_size)
-        if amplification == float("inf"):
-            assert _distance(full, rest) > C * (1 + 1e-6)
-        else:
-            assert _distance(full, rest) <= C * (1 + 1e-6)
+        assert _distance(full, rest) <= C * (1 + 1e-6)
+    monkeypatch.setattr(bounds, "AMPLIFICATION", float("inf"))
+    monkeypatch.setattr(rows, "AMPLIFICATION", float("inf"))
+    engine = fdp.clipped_sum(lambda p, b, *example: loss(p, *example), max_norm=C, mode=mode)
+    alone = engine(params, {}, *(x[1:] for x in batch)).grads
+    assert _distance(engine(params, {}, *batch).grads, alone) > C * (1 + 1e-3)
 
 
 @pytest.mark.parametrize("mode", ["vmap", "ghost", "two_pass"])
@@ -317,6 +316,48 @@ def test_a_step_whose_gradients_are_not_row_free_computes_pieces_of_one_shape(mo
     engine = fdp.clipped_sum(lambda p, buffers, *example: loss(p, *example), max_norm=C, mode=mode)
     cut = engine(params, {}, *batch).grads, engine(params, {}, *(x[1:] for x in batch)).grads
     assert _distance(*cut) > C * (1 + 1e-3)
+
+
+def _long_bias_problem():
+    """A linear op with one output over 70,000 positions; example 1's output gradients cancel
+    (+-1e6) over inputs with a common part, so its gradient, bias included, is mostly rounding.
+    Seed 3: of 10 seeds, the one where a lone row rounded most otherwise."""
+    gen = torch.Generator().manual_seed(3)
+    positions, features = 70000, 2
+    params = {
+        "weight": torch.randn(1, features, generator=gen),
+        "bias": torch.randn(1, generator=gen),
+    }
+    x = torch.randn(2, positions, features, generator=gen)
+    x[1] = 1e3 * torch.randn(1, features, generator=gen) + 1e-3 * torch.randn(
+        positions, features, generator=gen
+    )
+    g = torch.randn(2, positions, 1, generator=gen)
+    v = 1e6 * torch.randn(1, 1, generator=gen)
+    g[1] = torch.cat([v, -v] * (positions // 2)) + torch.randn(positions, 1, generator=gen)
+
+    def loss(params, x, g):
+        return (F.linear(x, params["weight"], params["bias"]) * g).sum()
+
+    return params, (x, g), loss
+
+
+def test_a_lone_row_is_computed_as_two(monkeypatch):
+    """With several threads torch sums a reduction whose output is one number in two passes,
+    so a lone row's bias gradient over many positions (ghost clipping's, which the row check
+    does not read) rounds otherwise than the same row's among others: computed alone, removing
+    example 0 moved the sum by 1.02 C. The step computes a piece of one row as two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        params, batch, loss = _long_bias_problem()
+        total = _step_sum(loss, params, "ghost")
+        assert _distance(total(batch, [0, 1], 0), total(batch, [1], 1)) <= C * (1 + 1e-6)
+        engine = fdp.clipped_sum(lambda p, b, *ex: loss(p, *ex), max_norm=C, mode="ghost")
+        alone = engine(params, {}, *(x[1:] for x in batch)).grads
+        assert _distance(engine(params, {}, *batch).grads, alone) > C * (1 + 1e-3)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("mode", ["vmap", "ghost", "two_pass"])

@@ -631,17 +631,20 @@ def test_micro_batches_of_padding_only_are_not_computed():
         (None, 5, 7, [7], [5, 5]),
         (None, 5, 3, [3], [5]),  # compiled, the second bucket is padding only
         (8, 5, 10, [8, 2], [5, 5]),  # compiled, the smaller of the two
-        (3, 5, 10, [3, 3, 3, 1], [3, 3, 3, 3]),
-        (None, 5, 0, [1], [5]),  # no real row: one masked row (one bucket) for the zero sum
+        (3, 5, 10, [3, 3, 3, 2], [3, 3, 3, 3]),  # eager, a lone row computed as two
+        (None, 5, 1, [2], [5]),
+        (1, 5, 3, [1, 1, 1], [1, 1, 1]),  # every piece has one row
+        (None, 5, 0, [2], [5]),  # no real row: masked rows (one bucket) for the zero sum
     ],
 )
 @pytest.mark.parametrize("compile", [False, True])
 def test_a_batch_is_computed_on_its_real_rows_eager_and_in_pieces_of_one_shape_compiled(
     monkeypatch, microbatch_size, bucket_size, real, eager, compiled, compile
 ):
-    """Eager, the engine sees the real rows only (padding costs nothing); compiled, every piece
-    has one shape, so that one graph serves them all (compilation itself is stubbed out here).
-    Either way the new state is the whole batch's."""
+    """Eager, the engine sees the real rows only (padding costs nothing; a piece of one row is
+    computed as two, `funcdp._local_sum`); compiled, every piece has one shape, so that one
+    graph serves them all (compilation itself is stubbed out here). Either way the new state is
+    the whole batch's."""
     import funcdp._local_sum as local_sum
 
     torch.manual_seed(0)
@@ -657,8 +660,7 @@ def test_a_batch_is_computed_on_its_real_rows_eager_and_in_pieces_of_one_shape_c
     *_, _, step = _setup(performance=performance, model=model)
     new, metrics = step(state, Batch(batch.inputs, batch.mask, bucket_size=bucket_size))
     assert shapes == (compiled if compile else eager)
-    if not compile:
-        assert bool(torch.cat(masks).all()) == (real > 0)  # no padded row computed
+    assert int(torch.cat(masks).sum()) == real  # eager: no padded row but a lone row's copy
     assert metrics["batch_size"] == expected_metrics["batch_size"] == real
     for name, value in expected.params.items():
         torch.testing.assert_close(new.params[name], value, rtol=1e-6, atol=1e-7)

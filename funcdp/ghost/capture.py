@@ -163,9 +163,9 @@ def row_free(plan: Plan) -> bool:
     summed), and the other ops sum over the example's own positions (torch's reductions, which
     a scan found independent of the batch's size). A parameter used otherwise (a recurrent time
     loop, `conv_transpose`, `einsum`, a view of it, an elementwise use), or by nothing the probe
-    saw (unused, or read by a `torch.ops` call), is not: crafted `conv_transpose` examples moved
-    a sum by 1.07 C between batches of 2 and 1 rows, and by at most C in batches of one shape.
-    Run on a plan with `vmap_all`."""
+    saw (unused, or read by a `torch.ops` call), is not: its per-example gradient may round by
+    row and by the batch's size without a bound (a crafted `conv_transpose` example moved a sum
+    by 1.07 C between a lone row and two). Run on a plan with `vmap_all`."""
     return all(handled(uses) for uses in plan.uses.values())
 
 
