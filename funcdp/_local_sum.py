@@ -68,10 +68,7 @@ def local_sum_fn(loss_fn, split: Split, performance: Performance, on_nonfinite: 
     free: dict[tuple, bool] = {}  # `capture.row_free`, by parameter and example signature
 
     def row_free(state, inputs) -> bool:
-        key = (
-            tuple((n, p.shape, p.dtype, p.device) for n, p in state.params.items()),
-            tuple((x.shape[1:], x.dtype, x.device) for x in inputs),
-        )
+        key = capture.signature(state.params, inputs)
         if key not in free:
             loss = lambda params, *example: example_loss(params, state.buffers, *example)  # noqa: E731
             free[key] = capture.row_free(capture.plan(loss, state.params, inputs, vmap_all=True))

@@ -259,6 +259,15 @@ class _Spy(TorchFunctionMode):
         return out
 
 
+def signature(params: Mapping[str, torch.Tensor], batch) -> tuple:
+    """What a plan depends on, to run the probe once per value: each parameter's name, shape,
+    dtype and device, and one example's shapes, dtypes and devices (not the batch's size)."""
+    return (
+        tuple((n, p.shape, p.dtype, p.device) for n, p in params.items()),
+        tuple((x.shape[1:], x.dtype, x.device) for x in batch),
+    )
+
+
 @torch.compiler.disable  # a probe, run once per signature: eager inside a compiled step
 def plan(
     loss_fn: Callable[..., Any],

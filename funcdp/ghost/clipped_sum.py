@@ -113,10 +113,7 @@ def ghost_clipped_sum(
     def plan_for(params, batch) -> tuple[capture.Plan, int | None]:
         """The probe's plan, run once per signature (the tapper checks each pass against
         it), and the vmap chunk."""
-        key = (
-            tuple((n, p.shape, p.dtype, p.device) for n, p in params.items()),
-            tuple((x.shape[1:], x.dtype, x.device) for x in batch),
-        )
+        key = capture.signature(params, batch)
         if key not in plans:
             plans[key] = capture.plan(loss_fn, params, batch, conv_explicit=conv_explicit)
         if not is_auto(chunk_size):

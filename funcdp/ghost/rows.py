@@ -56,10 +56,7 @@ def per_example_fn(example_loss, randomness="different"):
 
     def fn(params, buffers, rows, real, chunk_size, measure):
         loss = lambda p, *example: example_loss(p, buffers, *example)  # noqa: E731
-        key = (
-            tuple((n, p.shape, p.dtype, p.device) for n, p in params.items()),
-            tuple((x.shape[1:], x.dtype, x.device) for x in rows),
-        )
+        key = capture.signature(params, rows)
         if key not in plans:
             plans[key] = capture.plan(loss, params, rows, vmap_all=True)
         plan = plans[key]
